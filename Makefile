@@ -1,0 +1,39 @@
+# EdgeFleet developer entry points. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench protos clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgefleet demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	@rm -rf build/typecheck && mkdir -p build/typecheck/edgefleet && \
+	  for d in agent controller firmware protos; do ln -s ../../../$$d build/typecheck/edgefleet/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+	  -p edgefleet.agent -p edgefleet.controller -p edgefleet.firmware
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -s tests/bench $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(PY) -m edgefleet.protos.generate
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""The agent's link to the controller: enroll once, then keep one Session stream open.
+
+A lost connection is retried with jittered exponential backoff (tenacity's
+wait_random_exponential); the backoff starts over after every session that was accepted, so a
+controller restart is followed by a quick reconnect instead of an ever-growing wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+
+from edgefleet.agent import __version__
+from edgefleet.agent.identity import Identity
+from edgefleet.protos.capability import CAPABILITY_VERSION
+from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
+
+log = logging.getLogger("edgefleet.agent.session")
+
+DEVICE_ID_HEADER = "edgefleet-device-id"
+DEVICE_SECRET_HEADER = "edgefleet-device-secret"
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+_PERMANENT = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+class Refused(Exception):
+    """The controller said no for good (bad token, unknown identity): retrying cannot help."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() not in _PERMANENT
+    return isinstance(exc, (asyncio.TimeoutError, ConnectionError, SessionLost))
+
+
+class SessionLost(Exception):
+    pass
+
+
+def _raise_refused(exc: grpc.aio.AioRpcError, what: str) -> None:
+    if exc.code() in _PERMANENT:
+        raise Refused(f"{what} refused by the controller: {exc.details()}") from None
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning(
+        "controller unreachable, retrying",
+        extra={"attempt": state.attempt_number, "retry_in_s": round(wait, 2), "error": detail},
+    )
+
+
+def backoff(base_s: float, max_s: float) -> AsyncRetrying:
+    return AsyncRetrying(
+        wait=wait_random_exponential(multiplier=base_s, max=max_s),
+        retry=retry_if_exception(_transient),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+
+
+async def enroll(
+    controller: str,
+    token: str,
+    profile: profile_pb2.HardwareProfile,
+    labels: dict[str, str],
+    *,
+    backoff_base_s: float = 0.5,
+    backoff_max_s: float = 30.0,
+) -> Identity:
+    """Trade the token for an identity. Network failures are retried; a refusal is final."""
+    request = fleet_pb2.EnrollRequest(
+        token=token,
+        capability_version=CAPABILITY_VERSION,
+        agent_version=__version__,
+        profile=profile,
+        labels=labels,
+    )
+    async for attempt in backoff(backoff_base_s, backoff_max_s):
+        with attempt:
+            async with grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS) as channel:
+                try:
+                    reply = await fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=15)
+                except grpc.aio.AioRpcError as exc:
+                    _raise_refused(exc, "enrollment")
+                    raise
+    return Identity(
+        device_id=reply.device_id,
+        device_secret=reply.device_secret,
+        controller=controller,
+        labels=dict(reply.labels),
+        enrolled_at_unix_ms=int(time.time() * 1000),
+    )
+
+
+class AgentSession:
+    def __init__(
+        self,
+        controller: str,
+        identity: Identity,
+        profile: Callable[[], profile_pb2.HardwareProfile],
+        *,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        connect_timeout_s: float = 15.0,
+    ) -> None:
+        self.controller = controller
+        self.identity = identity
+        self.profile = profile
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.connect_timeout_s = connect_timeout_s
+        self.connected = False
+        self.sessions_opened = 0
+        self.last_rtt_ms: float | None = None
+        self._started = time.monotonic()
+
+    async def run(self) -> None:
+        """Stay connected until cancelled; raises Refused when the controller rejects this identity."""
+        while True:
+            async for attempt in backoff(self.backoff_base_s, self.backoff_max_s):
+                with attempt:
+                    await self._connect_and_serve()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((DEVICE_ID_HEADER, self.identity.device_id), (DEVICE_SECRET_HEADER, self.identity.device_secret))
+
+    async def _connect_and_serve(self) -> None:
+        """Raises on a failure before the session is accepted; returns once an accepted session ends."""
+        async with grpc.aio.insecure_channel(self.controller, options=CHANNEL_OPTIONS) as channel:
+            call: Any = fleet_pb2_grpc.FleetStub(channel).Session(metadata=self._metadata())
+            try:
+                accepted = await self._handshake(call)
+            except grpc.aio.AioRpcError as exc:
+                _raise_refused(exc, f"session for {self.identity.device_id}")
+                raise
+            interval_s = max(0.05, accepted.heartbeat_interval_ms / 1000)
+            self.connected = True
+            self.sessions_opened += 1
+            log.info(
+                "session open",
+                extra={"device": self.identity.device_id, "controller": self.controller,
+                       "heartbeat_s": interval_s, "capability": accepted.capability_version},
+            )
+            heartbeats = asyncio.create_task(self._heartbeat_loop(call, interval_s))
+            try:
+                await self._read_loop(call)
+            except grpc.aio.AioRpcError as exc:
+                _raise_refused(exc, f"session for {self.identity.device_id}")
+                log.warning("session lost", extra={"device": self.identity.device_id, "error": exc.details()})
+            finally:
+                self.connected = False
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await heartbeats
+                call.cancel()
+
+    async def _handshake(self, call: Any) -> fleet_pb2.SessionAccepted:
+        hello = fleet_pb2.Hello(
+            capability_version=CAPABILITY_VERSION, agent_version=__version__, profile=self.profile()
+        )
+        await call.write(fleet_pb2.AgentMessage(hello=hello))
+        first = await asyncio.wait_for(call.read(), timeout=self.connect_timeout_s)
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "accepted":
+            code = await call.code()
+            raise SessionLost(f"controller ended the session before accepting it ({code})")
+        accepted: fleet_pb2.SessionAccepted = first.accepted
+        return accepted
+
+    async def _heartbeat_loop(self, call: Any, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await call.write(
+                fleet_pb2.AgentMessage(
+                    heartbeat=fleet_pb2.Heartbeat(
+                        sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
+                    )
+                )
+            )
+
+    async def _read_loop(self, call: Any) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                log.warning("session closed by the controller", extra={"device": self.identity.device_id})
+                return
+            if message.WhichOneof("body") == "heartbeat_ack":
+                self.last_rtt_ms = time.time() * 1000 - message.heartbeat_ack.sent_at_unix_ms

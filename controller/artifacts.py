@@ -1,0 +1,82 @@
+"""Content-addressed artifact storage: bundles and models are stored once, named by sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgefleet.controller.errors import InvalidArgument, NotFound
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_CHUNK = 256 * 1024
+MAX_CHUNK = 2 * 1024 * 1024
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA_RE.match(sha256):
+            raise InvalidArgument(f"field 'sha256' must be 64 lowercase hex characters, got {sha256[:80]!r}")
+        return self.root / sha256[:2] / sha256
+
+    def put_file(self, source: Path) -> str:
+        """Copy a file in, hashing as it goes; an existing identical artifact is kept as is."""
+        hasher = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while block := src.read(1 << 20):
+                    hasher.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = hasher.hexdigest()
+            target = self.path(sha)
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
+            return sha
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if not target.exists():
+            target.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=self.root)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, target)
+        return sha
+
+    def size(self, sha256: str) -> int:
+        path = self.path(sha256)
+        if not path.exists():
+            raise NotFound(f"no artifact {sha256}")
+        return path.stat().st_size
+
+    def read_chunks(self, sha256: str, offset: int, chunk_size: int) -> Iterator[tuple[int, bytes, int]]:
+        """Yield (offset, data, total_size) from `offset` to the end."""
+        path = self.path(sha256)
+        if not path.exists():
+            raise NotFound(f"no artifact {sha256}")
+        chunk_size = min(chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+        total = path.stat().st_size
+        if offset > total:
+            raise InvalidArgument(f"field 'offset' is {offset}, past the artifact's end ({total} bytes)")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while block := f.read(chunk_size):
+                yield offset, block, total
+                offset += len(block)

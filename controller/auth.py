@@ -1,0 +1,63 @@
+"""Credentials: operator tokens, enrollment tokens and device secrets.
+
+Only sha256 digests are stored. The secrets are 192+ bits of randomness, so a plain digest
+(not a slow password hash) is the right tool, and lookups stay O(1) on the hot Session path.
+Prefixes make a leaked value recognisable: efo_ operator, efe_ enrollment, efd_ device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+
+from edgefleet.agent.files import atomic_write_bytes
+from edgefleet.controller.store.base import Store
+
+OPERATOR_TOKEN_FILE = "operator-token"
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def same_digest(secret: str, stored_digest: str) -> bool:
+    return hmac.compare_digest(digest(secret), stored_digest)
+
+
+def new_operator_token() -> str:
+    return "efo_" + secrets.token_urlsafe(32)
+
+
+def new_enrollment_token() -> str:
+    return "efe_" + secrets.token_urlsafe(24)
+
+
+def new_device_secret() -> str:
+    return "efd_" + secrets.token_urlsafe(32)
+
+
+def new_device_id() -> str:
+    return "dev-" + secrets.token_hex(5)
+
+
+def new_token_id() -> str:
+    return "tok-" + secrets.token_hex(4)
+
+
+def ensure_operator_token(store: Store, state_dir: Path) -> Path:
+    """On first start write an operator token (0600) to the state dir and register its digest.
+
+    Later starts re-register the digest of whatever the file holds, so an operator can rotate
+    the token by replacing the file's contents and restarting.
+    """
+    path = state_dir / OPERATOR_TOKEN_FILE
+    if not path.exists():
+        atomic_write_bytes(path, (new_operator_token() + "\n").encode(), mode=0o600)
+    os.chmod(path, 0o600)
+    token = path.read_text().strip()
+    store.add_operator_token(digest(token), int(time.time() * 1000))
+    return path

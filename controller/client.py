@@ -1,0 +1,133 @@
+"""How the operator CLI finds and talks to a controller.
+
+Address: --controller, else EDGEFLEET_CONTROLLER, else `controller` in the config file, else the
+endpoint a local controller wrote into its state dir, else 127.0.0.1:50051.
+Token: EDGEFLEET_TOKEN, else `token` in the config file, else the state dir's operator-token.
+The config file is EDGEFLEET_CONFIG or ~/.config/edgefleet/config.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+from edgefleet.controller.auth import OPERATOR_TOKEN_FILE
+from edgefleet.controller.server import read_endpoint
+from edgefleet.protos.v1 import control_pb2_grpc
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("EDGEFLEET_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgefleet" / "controller"
+
+
+def config_path() -> Path:
+    env = os.environ.get("EDGEFLEET_CONFIG")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "edgefleet" / "config.toml"
+
+
+def load_config() -> dict[str, Any]:
+    path = config_path()
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read config file {path}: {exc}; fix it or point EDGEFLEET_CONFIG elsewhere") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    address: str
+    token: str
+    token_source: str
+
+    @classmethod
+    def resolve(cls, controller: str | None, state_dir: Path | None) -> Connection:
+        config = load_config()
+        state_dir = state_dir or Path(config.get("state_dir") or default_state_dir())
+        endpoint = read_endpoint(state_dir) or {}
+        address = (
+            controller
+            or os.environ.get("EDGEFLEET_CONTROLLER")
+            or config.get("controller")
+            or str(endpoint.get("grpc") or "")
+            or DEFAULT_ADDRESS
+        )
+        token, source = os.environ.get("EDGEFLEET_TOKEN", ""), "EDGEFLEET_TOKEN"
+        if not token and config.get("token"):
+            token, source = str(config["token"]), str(config_path())
+        if not token:
+            token_file = state_dir / OPERATOR_TOKEN_FILE
+            try:
+                token, source = token_file.read_text().strip(), str(token_file)
+            except OSError:
+                source = "none"
+        return cls(address=str(address), token=token, token_source=source)
+
+    def control(self) -> ControlClient:
+        if not self.token:
+            raise UserError(
+                "no operator token found; set EDGEFLEET_TOKEN, add `token = ...` to "
+                f"{config_path()}, or pass --state-dir pointing at the controller's state dir"
+            )
+        return ControlClient(self)
+
+
+class ControlClient:
+    """A thin synchronous wrapper: every call carries the token, every failure becomes one line."""
+
+    def __init__(self, connection: Connection, timeout_s: float = 10.0) -> None:
+        self.connection = connection
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(connection.address)
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(
+                request,
+                timeout=self.timeout_s,
+                metadata=(("authorization", f"Bearer {self.connection.token}"),),
+            )
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise UserError(
+                    f"cannot reach the controller at {self.connection.address}; start it with "
+                    "`edgefleet controller serve` or pass --controller HOST:PORT"
+                ) from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise UserError(
+                    f"the controller at {self.connection.address} refused the operator token from "
+                    f"{self.connection.token_source}: {details}"
+                ) from None
+            raise UserError(f"{details} ({code.name.lower()})") from None
+
+    def close(self) -> None:
+        self._channel.close()

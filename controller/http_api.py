@@ -1,0 +1,77 @@
+"""The controller's HTTP side: /healthz for load balancers and Prometheus /metrics.
+
+Served by the standard library's WSGI server on a thread, so the gRPC event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.store.base import Store
+
+
+class FleetCollector(Collector):
+    """Gauges computed at scrape time from the store and the live sessions."""
+
+    def __init__(self, store: Store, presence: PresenceTracker) -> None:
+        self.store = store
+        self.presence = presence
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        devices = self.store.list_devices()
+        online = sum(1 for d in devices if self.presence.presence(d).online)
+        gauge = GaugeMetricFamily("edgefleet_devices", "Enrolled devices by presence", labels=["state"])
+        gauge.add_metric(["online"], online)
+        gauge.add_metric(["offline"], len(devices) - online)
+        yield gauge
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # access logs would drown the key=value log
+        pass
+
+
+class HttpApi:
+    def __init__(self, store: Store, presence: PresenceTracker) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(FleetCollector(store, presence))
+        self._metrics = make_wsgi_app(self.registry)
+        self.presence = presence
+        self._server: WSGIServer | None = None
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            body = json.dumps({"status": "ok", "sessions": self.presence.online_count()}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found; try /metrics or /healthz\n"]
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and serve on a daemon thread; returns the bound port (0 picks a free one)."""
+        self._server = make_server(host, port, self.app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,133 @@
+"""Presence: which devices are online, kept from their open Session streams and heartbeats.
+
+A device is online while its stream is open and it has spoken within 3 heartbeat intervals.
+Heartbeats update memory only; last_seen is flushed to the store in batches (every
+`flush_interval_s`), so a large fleet's 1 Hz heartbeats do not turn into 1 write each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from edgefleet.agent.units import format_duration
+from edgefleet.controller.store.base import DeviceRecord, Store
+
+log = logging.getLogger("edgefleet.controller.presence")
+
+SILENT_INTERVALS = 3
+
+
+@dataclasses.dataclass
+class LiveSession:
+    session_id: int
+    device_id: str
+    opened_at_ms: int
+    last_seen_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Presence:
+    online: bool
+    reason: str
+    last_seen_ms: int
+
+
+class PresenceTracker:
+    def __init__(
+        self,
+        store: Store,
+        heartbeat_interval_s: float,
+        clock: Callable[[], float] = time.time,
+        flush_interval_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.flush_interval_s = flush_interval_s
+        self.clock = clock
+        self._live: dict[str, LiveSession] = {}
+        self._dirty: dict[str, int] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def silence_limit_s(self) -> float:
+        return SILENT_INTERVALS * self.heartbeat_interval_s
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def session_opened(
+        self,
+        device_id: str,
+        *,
+        agent_version: str,
+        capability_version: int,
+        hardware_class: str,
+        profile: bytes,
+        hostname: str,
+    ) -> LiveSession:
+        """Register a new stream. A second stream for the same device replaces the first."""
+        now = self._now_ms()
+        session = LiveSession(next(self._ids), device_id, now, now)
+        replaced = self._live.get(device_id)
+        self._live[device_id] = session
+        self._dirty.pop(device_id, None)
+        self.store.update_device_session(
+            device_id,
+            connected=True,
+            last_seen_ms=now,
+            agent_version=agent_version,
+            capability_version=capability_version,
+            hardware_class=hardware_class,
+            profile=profile,
+            hostname=hostname,
+        )
+        log.info(
+            "device online",
+            extra={"device": device_id, "session": session.session_id, "replaced": bool(replaced)},
+        )
+        return session
+
+    def seen(self, session: LiveSession) -> None:
+        now = self._now_ms()
+        session.last_seen_ms = now
+        if self._live.get(session.device_id) is session:
+            self._dirty[session.device_id] = now
+
+    def session_closed(self, session: LiveSession, reason: str) -> None:
+        if self._live.get(session.device_id) is not session:
+            return  # superseded by a newer stream; that one owns the device's presence
+        del self._live[session.device_id]
+        self._dirty.pop(session.device_id, None)
+        self.store.update_device_session(session.device_id, connected=False, last_seen_ms=session.last_seen_ms)
+        log.info("device offline", extra={"device": session.device_id, "reason": reason})
+
+    def is_current(self, session: LiveSession) -> bool:
+        return self._live.get(session.device_id) is session
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        self.store.touch_devices(dirty.items())
+
+    def presence(self, record: DeviceRecord) -> Presence:
+        """Online/offline for one device, with the reason an operator would want to see."""
+        now = self._now_ms()
+        live = self._live.get(record.device_id)
+        last_seen = max(record.last_seen_ms, live.last_seen_ms if live else 0)
+        silent_s = max(0.0, (now - last_seen) / 1000)
+        if live is None and not record.connected:
+            if last_seen == 0:
+                return Presence(False, "offline: never connected", 0)
+            return Presence(False, f"offline: stream closed {format_duration(silent_s)} ago", last_seen)
+        # A stream is open here, or on another controller sharing this store (which flushes
+        # last_seen every flush_interval_s, hence the extra allowance).
+        limit = self.silence_limit_s + (0 if live else self.flush_interval_s)
+        if silent_s > limit:
+            return Presence(False, f"offline: silent for {format_duration(silent_s)}", last_seen)
+        return Presence(True, "online", last_seen)
+
+    def online_count(self) -> int:
+        return len(self._live)

@@ -1,0 +1,172 @@
+"""Assemble and run one controller: store, handlers, the gRPC server and the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+
+from edgefleet.agent.files import atomic_write_json
+from edgefleet.controller import __version__, auth
+from edgefleet.controller.artifacts import ArtifactStore
+from edgefleet.controller.enrollment import Enrollment
+from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, OperatorAuthInterceptor
+from edgefleet.controller.http_api import HttpApi
+from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.store.sqlite import SQLiteStore
+from edgefleet.protos.capability import CAPABILITY_VERSION
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2_grpc
+
+log = logging.getLogger("edgefleet.controller")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+ENDPOINT_FILE = "controller.json"
+
+
+class BindError(Exception):
+    """A listen address could not be bound; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    state_dir: Path
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str | None = "127.0.0.1:8480"
+    heartbeat_interval_s: float = 5.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{address!r} is not HOST:PORT, e.g. 127.0.0.1:50051")
+    return host.strip("[]"), int(port)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteStore(config.state_dir / "controller.db")
+        stale = self.store.reset_connections()
+        if stale:
+            log.info("cleared stale sessions from a previous run", extra={"devices": stale})
+        self.operator_token_path = auth.ensure_operator_token(self.store, config.state_dir)
+        self.enrollment = Enrollment(self.store)
+        self.presence = PresenceTracker(self.store, config.heartbeat_interval_s)
+        self.artifacts = ArtifactStore(config.state_dir / "artifacts")
+        self.http = HttpApi(self.store, self.presence)
+        self.started_at_ms = int(time.time() * 1000)
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            interceptors=[OperatorAuthInterceptor(self.store)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a second controller on the same port must fail, not share
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        info = control_pb2.ControllerInfo(
+            version=__version__,
+            capability_version=CAPABILITY_VERSION,
+            store_backend=self.store.backend_name,
+            heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
+            started_at_unix_ms=self.started_at_ms,
+        )
+        fleet_pb2_grpc.add_FleetServicer_to_server(
+            FleetServicer(self.enrollment, self.presence, self.artifacts, self.config.heartbeat_interval_s),
+            server,
+        )
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ControlServicer(self.store, self.enrollment, self.presence, info), server
+        )
+        host, _ = split_address(self.config.grpc_address)
+        try:
+            self.grpc_port = server.add_insecure_port(self.config.grpc_address)
+        except RuntimeError:
+            self.grpc_port = 0
+        if not self.grpc_port:
+            raise BindError(
+                f"cannot listen for gRPC on {self.config.grpc_address}: address in use or not local; "
+                "pick another with --grpc HOST:PORT"
+            )
+        if self.config.http_address:
+            http_host, http_port = split_address(self.config.http_address)
+            try:
+                self.http_port = self.http.start(http_host, http_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise BindError(
+                    f"cannot listen for HTTP on {self.config.http_address}: {exc.strerror}; "
+                    "pick another with --http HOST:PORT or turn it off with --http off"
+                ) from None
+        await server.start()
+        self._server = server
+        self._flusher = asyncio.create_task(self._flush_loop())
+        endpoint = {
+            "grpc": f"{host}:{self.grpc_port}",
+            "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}" if self.http_port else "",
+            "pid": os.getpid(),
+        }
+        atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
+        log.info("controller listening", extra=endpoint)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence.flush_interval_s)
+            try:
+                self.presence.flush()
+            except Exception:
+                log.exception("presence flush failed")
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self._server:
+            await self._server.stop(grace)
+        self.presence.flush()
+        self.http.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.state_dir / ENDPOINT_FILE).unlink()
+        self.store.close()
+        log.info("controller stopped")
+
+
+async def serve(config: ControllerConfig) -> None:
+    controller = Controller(config)
+    try:
+        await controller.start()
+    except BindError:
+        controller.store.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await controller.stop()
+
+
+def read_endpoint(state_dir: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads((state_dir / ENDPOINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,1 @@
+"""Stores behind one interface: SQLite (embedded default); PostgreSQL for scale-out."""

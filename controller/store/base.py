@@ -1,0 +1,112 @@
+"""The storage interface every controller backend implements.
+
+The controller's logic only sees this interface, so the embedded SQLite store and a scale-out
+backend are interchangeable; tests/unit/test_store_contract.py runs one contract against each.
+Times are integer milliseconds since the Unix epoch throughout.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterable
+
+
+class StoreError(Exception):
+    """Base class of the store's domain errors."""
+
+
+class EnrollmentRefused(StoreError):
+    """The enrollment token is unknown, expired, revoked or used up; no device row was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollmentTokenRecord:
+    token_id: str
+    secret_hash: str
+    uses_total: int
+    uses_left: int
+    created_at_ms: int
+    expires_at_ms: int
+    labels: dict[str, str]
+    revoked: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    secret_hash: str
+    labels: dict[str, str]
+    enrolled_at_ms: int
+    hostname: str = ""
+    agent_version: str = ""
+    capability_version: int = 0
+    hardware_class: str = ""
+    profile: bytes = b""          # serialized edgefleet.v1.HardwareProfile
+    last_seen_ms: int = 0
+    connected: bool = False       # a Session stream is open on some controller
+    token_id: str = ""
+
+
+class Store(abc.ABC):
+    """Durable controller state. Implementations must be safe to call from several threads."""
+
+    backend_name: str = "abstract"
+
+    # -- operator tokens -------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_operator_token(self, token_hash: str, created_at_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    def is_operator_token(self, token_hash: str) -> bool: ...
+
+    # -- enrollment tokens -----------------------------------------------------------------
+    @abc.abstractmethod
+    def create_enrollment_token(self, record: EnrollmentTokenRecord) -> None: ...
+
+    @abc.abstractmethod
+    def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]: ...
+
+    @abc.abstractmethod
+    def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenRecord | None: ...
+
+    @abc.abstractmethod
+    def enroll_device(self, token_hash: str, now_ms: int, device: DeviceRecord) -> DeviceRecord:
+        """Spend one use of the token and create the device, atomically.
+
+        The token's labels are merged over ``device.labels``. Raises EnrollmentRefused (and
+        writes nothing) when the token is unknown, revoked, expired or has no uses left.
+        """
+
+    # -- devices ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    @abc.abstractmethod
+    def list_devices(self) -> list[DeviceRecord]: ...
+
+    @abc.abstractmethod
+    def update_device_session(
+        self,
+        device_id: str,
+        *,
+        connected: bool,
+        last_seen_ms: int,
+        agent_version: str | None = None,
+        capability_version: int | None = None,
+        hardware_class: str | None = None,
+        profile: bytes | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        """Record a session opening or closing; fields left as None are kept."""
+
+    @abc.abstractmethod
+    def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
+        """Advance last_seen for many devices in one write (heartbeats are flushed in batches)."""
+
+    @abc.abstractmethod
+    def reset_connections(self) -> int:
+        """Mark every device disconnected; a controller calls this on start. Returns the count."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

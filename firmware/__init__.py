@@ -1,0 +1,1 @@
+"""What lives below the agent on a device: the signed bundle format and the A/B slot installer."""

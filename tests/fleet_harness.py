@@ -1,0 +1,156 @@
+"""Real controller and agent processes on free localhost ports, for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
+
+HEARTBEAT_S = 0.3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last value: {last!r})")
+
+
+class Proc:
+    """A child process in its own session with its output captured to a log file."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(self.env or {})},
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self.popen is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+
+    def wait(self, timeout_s: float = 10.0) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class ControllerProc(Proc):
+    def __init__(self, tmp: Path, heartbeat_s: float = HEARTBEAT_S, extra_args: list[str] | None = None) -> None:
+        self.state_dir = tmp / "controller"
+        self.grpc_address = f"127.0.0.1:{free_port()}"
+        self.http_address = f"127.0.0.1:{free_port()}"
+        super().__init__(
+            "controller",
+            [sys.executable, "-m", "edgefleet.controller.cli", "controller", "serve",
+             "--state-dir", str(self.state_dir), "--grpc", self.grpc_address, "--http", self.http_address,
+             "--heartbeat-interval", f"{heartbeat_s}s", *(extra_args or [])],
+            tmp / "controller.log",
+        )
+        self._channel: grpc.Channel | None = None
+
+    def start(self) -> ControllerProc:
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "controller.json").unlink()
+        super().start()
+        wait_until(lambda: (self.state_dir / "controller.json").exists() or not self.running, 30, "controller")
+        assert self.running, f"controller exited:\n{self.log()}"
+        return self
+
+    @property
+    def operator_token(self) -> str:
+        return (self.state_dir / "operator-token").read_text().strip()
+
+    def call(self, method: str, request: Any, token: str | None = None) -> Any:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.grpc_address)
+        stub = control_pb2_grpc.ControlStub(self._channel)
+        metadata = (("authorization", f"Bearer {self.operator_token if token is None else token}"),)
+        return getattr(stub, method)(request, timeout=10, metadata=metadata)
+
+    def create_token(self, uses: int = 1, ttl_s: int = 3600, labels: dict[str, str] | None = None) -> str:
+        request = control_pb2.CreateEnrollmentTokenRequest(uses=uses, ttl_s=ttl_s, labels=labels or {})
+        return str(self.call("CreateEnrollmentToken", request).token)
+
+    def devices(self) -> list[control_pb2.Device]:
+        return list(self.call("ListDevices", control_pb2.ListDevicesRequest()).devices)
+
+    def device(self, device_id: str) -> control_pb2.Device:
+        return self.call("GetDevice", control_pb2.GetDeviceRequest(device_id=device_id))
+
+    def close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class AgentProc(Proc):
+    def __init__(self, tmp: Path, name: str, controller: ControllerProc, token: str = "",
+                 extra_args: list[str] | None = None) -> None:
+        self.state_dir = tmp / name
+        args = [sys.executable, "-m", "edgefleet.agent.cli", "run", "--controller", controller.grpc_address,
+                "--state-dir", str(self.state_dir), "--no-microbench", "--backoff-max", "1"]
+        if token:
+            args += ["--token", token]
+        super().__init__(name, args + (extra_args or []), tmp / f"{name}.log")
+
+    @property
+    def device_id(self) -> str | None:
+        path = self.state_dir / "identity.json"
+        if not path.exists():
+            return None
+        return str(json.loads(path.read_text())["device_id"])

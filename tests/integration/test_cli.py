@@ -1,0 +1,90 @@
+"""The operator CLI through click's CliRunner, against a real controller process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgefleet.controller.cli import cli
+from fleet_harness import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def run(controller, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
+    for var in ("EDGEFLEET_CONTROLLER", "EDGEFLEET_TOKEN", "EDGEFLEET_STATE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("EDGEFLEET_CONFIG", str(tmp_path / "no-config.toml"))
+
+    def invoke(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+    return invoke
+
+
+def test_token_and_devices_commands(run, controller, start_agent):
+    sd = ["--state-dir", str(controller.state_dir)]
+    created = run("token", "create", "--uses", "2", "--ttl", "2h", "--labels", "site=berlin,line=3", "--json", *sd)
+    assert created.exit_code == 0, created.output
+    info = json.loads(created.output)
+    assert info["token"].startswith("efe_") and info["uses_left"] == 2 and info["labels"] == {
+        "site": "berlin", "line": "3"}
+
+    listed = json.loads(run("token", "list", "--json", *sd).output)
+    assert [t["token_id"] for t in listed["tokens"]] == [info["token_id"]]
+    assert "token" not in listed["tokens"][0]  # the secret is never listed
+
+    agent = start_agent("a1", info["token"])
+    wait_until(lambda: agent.device_id, 30, "enrolled")
+    wait_until(lambda: json.loads(run("devices", "list", "--json", *sd).output)["devices"][0]["online"], 30,
+               "online")
+    devices = json.loads(run("devices", "list", "--json", *sd).output)["devices"]
+    assert devices[0]["device_id"] == agent.device_id and devices[0]["labels"]["site"] == "berlin"
+    assert devices[0]["profile"]["cpu"]["logical_cores"] >= 1
+
+    table = run("devices", "list", *sd)
+    assert table.exit_code == 0 and agent.device_id in table.output and "online" in table.output
+    shown = run("devices", "show", agent.device_id, *sd)
+    assert shown.exit_code == 0 and "class" in shown.output and "cpu" in shown.output
+    shown_json = json.loads(run("devices", "show", agent.device_id, "--json", *sd).output)
+    assert shown_json["device_id"] == agent.device_id
+
+    missing = run("devices", "show", "dev-missing", *sd)
+    assert missing.exit_code == 2 and "no device 'dev-missing'" in missing.output
+
+    revoked = run("token", "revoke", info["token_id"], *sd)
+    assert revoked.exit_code == 0
+    assert json.loads(run("token", "list", "--json", *sd).output)["tokens"][0]["revoked"] is True
+
+
+def test_address_and_token_resolution(run, controller, tmp_path):
+    # --controller plus EDGEFLEET_TOKEN, without the state dir.
+    env = {"EDGEFLEET_TOKEN": controller.operator_token}
+    ok = run("devices", "list", "--json", "--controller", controller.grpc_address, env=env)
+    assert ok.exit_code == 0 and json.loads(ok.output) == {"devices": []}
+    # A config file.
+    config = tmp_path / "config.toml"
+    config.write_text(f'controller = "{controller.grpc_address}"\ntoken = "{controller.operator_token}"\n')
+    ok = run("token", "list", "--json", env={"EDGEFLEET_CONFIG": str(config)})
+    assert ok.exit_code == 0, ok.output
+    # Wrong token: one line, exit 2.
+    bad = run("devices", "list", "--controller", controller.grpc_address, env={"EDGEFLEET_TOKEN": "efo_nope"})
+    assert bad.exit_code == 2 and "refused the operator token" in bad.output
+    # Nothing listening there.
+    down = run("devices", "list", "--controller", "127.0.0.1:1", env=env)
+    assert down.exit_code == 2 and "cannot reach the controller" in down.output
+
+
+def test_bad_arguments_are_one_line_errors(run, controller):
+    sd = ["--state-dir", str(controller.state_dir)]
+    for args, needle in [
+        (["token", "create", "--ttl", "forever", *sd], "not a duration"),
+        (["token", "create", "--labels", "novalue", *sd], "has no '='"),
+        (["token", "create", "--uses", "0", *sd], "--uses"),
+    ]:
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert needle in result.output

@@ -1,0 +1,41 @@
+"""Every folder package ships, and the device side never imports the compile tool-chain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = {"agent": "edgefleet.agent", "controller": "edgefleet.controller", "firmware": "edgefleet.firmware",
+           "protos": "edgefleet.protos"}
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {package: folder for folder, package in FOLDERS.items()}
+    found = set()
+    for folder, package in FOLDERS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            if "tests" not in rel.parts:
+                found.add(".".join([package, *rel.parts]))
+    assert sorted(found) == sorted(config["packages"])
+
+
+def test_agent_import_stays_light() -> None:
+    code = (
+        "import sys, edgefleet.agent.cli, edgefleet.agent.session, edgefleet.agent.identity\n"
+        "import edgefleet.agent.profiler, edgefleet.firmware\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'onnx', 'torch', 'onnxruntime', 'ai_edge_quantizer', 'tensorflow', 'sklearn'} "
+        "or m.startswith('edgefleet.controller'))\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing the agent pulled in: {out}"
