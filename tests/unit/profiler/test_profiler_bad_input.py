@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,18 +93,47 @@ def test_rapl_permission_denied_says_root_only(tmp_path: Path, monkeypatch: pyte
     assert "power sensor" not in gaps(profile)  # the battery still reads
 
 
-@pytest.mark.skipif(RUNNING_AS_ROOT, reason="root reads a chmod 000 file; covered by the directory stand-in")
-def test_chmod_000_files(tmp_path: Path) -> None:
-    root = copy_board("intel-core-ultra", tmp_path)
-    energy = root / "sys/devices/virtual/powercap/intel-rapl/intel-rapl:0/energy_uj"
-    meminfo = root / "proc/meminfo"
-    energy.chmod(0)
-    meminfo.chmod(0)
+def _profile_as_unprivileged_user(root: Path) -> HardwareProfile:
+    """Root reads chmod 000 files, so as root the profile is taken in a forked child that dropped
+    to `nobody` (imports are warmed up first: the child may not be able to read site-packages)."""
+    if not RUNNING_AS_ROOT:
+        return collect_profile(root)
+    collect_profile(root)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            data = collect_profile(root).SerializeToString()
+            with os.fdopen(write_end, "wb") as out:
+                out.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the unprivileged profile crashed"
+    return HardwareProfile.FromString(data)
+
+
+def test_chmod_000_files() -> None:
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-chmod-"))
     try:
-        profile = collect_profile(root)
+        work.chmod(0o755)  # `nobody` must reach the tree; only the two files are closed to it
+        root = copy_board("intel-core-ultra", work)
+        energy = root / "sys/devices/virtual/powercap/intel-rapl/intel-rapl:0/energy_uj"
+        meminfo = root / "proc/meminfo"
+        energy.chmod(0)
+        meminfo.chmod(0)
+        profile = _profile_as_unprivileged_user(root)
     finally:
-        energy.chmod(0o644)
-        meminfo.chmod(0o644)
+        shutil.rmtree(work, ignore_errors=True)
     found = gaps(profile)
     assert found["RAPL energy_uj (package-0, /sys/class/powercap/intel-rapl:0/energy_uj)"].startswith(
         "not readable (root only since Linux 5.10)"
