@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from edgefleet.agent.files import atomic_write_json
+from edgefleet.firmware.durable_files import atomic_write_json
 
 IDENTITY_FILE = "identity.json"
 IDENTITY_FORMAT = 1

@@ -19,6 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_ran
 
 from edgefleet.agent import __version__
 from edgefleet.agent.identity import Identity
+from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
 
@@ -119,13 +120,20 @@ class AgentSession:
         identity: Identity,
         profile: Callable[[], profile_pb2.HardwareProfile],
         *,
+        outbox: TelemetryOutbox | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         connect_timeout_s: float = 15.0,
+        telemetry_window: int = 64,
     ) -> None:
         self.controller = controller
         self.identity = identity
         self.profile = profile
+        self.outbox = outbox
+        self.telemetry_window = telemetry_window
+        self.telemetry_ready = asyncio.Event()
+        self._inflight: set[int] = set()
+        self._write_lock = asyncio.Lock()
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.connect_timeout_s = connect_timeout_s
@@ -161,7 +169,10 @@ class AgentSession:
                 extra={"device": self.identity.device_id, "controller": self.controller,
                        "heartbeat_s": interval_s, "capability": accepted.capability_version},
             )
-            heartbeats = asyncio.create_task(self._heartbeat_loop(call, interval_s))
+            self._inflight.clear()
+            senders = [asyncio.create_task(self._heartbeat_loop(call, interval_s))]
+            if self.outbox is not None:
+                senders.append(asyncio.create_task(self._telemetry_loop(call, self.outbox)))
             try:
                 await self._read_loop(call)
             except grpc.aio.AioRpcError as exc:
@@ -169,9 +180,11 @@ class AgentSession:
                 log.warning("session lost", extra={"device": self.identity.device_id, "error": exc.details()})
             finally:
                 self.connected = False
-                heartbeats.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await heartbeats
+                for task in senders:
+                    task.cancel()
+                for task in senders:
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        await task
                 call.cancel()
 
     async def _handshake(self, call: Any) -> fleet_pb2.SessionAccepted:
@@ -186,16 +199,38 @@ class AgentSession:
         accepted: fleet_pb2.SessionAccepted = first.accepted
         return accepted
 
+    async def _send(self, call: Any, message: fleet_pb2.AgentMessage) -> None:
+        async with self._write_lock:  # one write at a time on a stream
+            await call.write(message)
+
     async def _heartbeat_loop(self, call: Any, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await call.write(
-                fleet_pb2.AgentMessage(
-                    heartbeat=fleet_pb2.Heartbeat(
-                        sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
-                    )
+            await self._send(call, fleet_pb2.AgentMessage(
+                heartbeat=fleet_pb2.Heartbeat(
+                    sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
                 )
-            )
+            ))
+
+    async def _telemetry_loop(self, call: Any, outbox: TelemetryOutbox) -> None:
+        """Send queued batches oldest first, at most `telemetry_window` un-acked at a time.
+
+        Every session starts again from the oldest batch still on disk: whatever was in flight
+        when the last connection dropped is resent, and the controller de-duplicates on seq.
+        """
+        last_sent = 0
+        while True:
+            self.telemetry_ready.clear()
+            room = self.telemetry_window - len(self._inflight)
+            batches = outbox.pending(last_sent, room) if room > 0 else []
+            for batch in batches:
+                await self._send(call, fleet_pb2.AgentMessage(telemetry=batch))
+                self._inflight.add(batch.seq)
+                last_sent = batch.seq
+            if len(batches) == room and room > 0:
+                continue  # more may be waiting
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.telemetry_ready.wait(), timeout=1.0)
 
     async def _read_loop(self, call: Any) -> None:
         while True:
@@ -203,5 +238,18 @@ class AgentSession:
             if message is grpc.aio.EOF:
                 log.warning("session closed by the controller", extra={"device": self.identity.device_id})
                 return
-            if message.WhichOneof("body") == "heartbeat_ack":
+            kind = message.WhichOneof("body")
+            if kind == "heartbeat_ack":
                 self.last_rtt_ms = time.time() * 1000 - message.heartbeat_ack.sent_at_unix_ms
+            elif kind == "telemetry_ack":
+                self._on_telemetry_ack(message.telemetry_ack)
+
+    def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
+        seqs = list(ack.seqs) + [r.seq for r in ack.rejected]
+        for rejected in ack.rejected:
+            log.warning("telemetry batch rejected by the controller",
+                        extra={"device": self.identity.device_id, "seq": rejected.seq, "reason": rejected.reason})
+        if self.outbox is not None:
+            self.outbox.ack(seqs)
+        self._inflight.difference_update(seqs)
+        self.telemetry_ready.set()

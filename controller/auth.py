@@ -14,7 +14,7 @@ import secrets
 import time
 from pathlib import Path
 
-from edgefleet.agent.files import atomic_write_bytes
+from edgefleet.firmware.durable_files import atomic_write_bytes
 from edgefleet.controller.store.base import Store
 
 OPERATOR_TOKEN_FILE = "operator-token"

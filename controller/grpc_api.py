@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.controller import auth, validation
+from edgefleet.controller import auth, telemetry, validation
 from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.enrollment import Enrollment
 from edgefleet.controller.errors import (
@@ -29,6 +29,7 @@ from edgefleet.controller.errors import (
 )
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord, Store
+from edgefleet.controller.telemetry import TelemetryIngest
 from edgefleet.protos.capability import CAPABILITY_VERSION, negotiate
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc, profile_pb2
 
@@ -81,11 +82,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         enrollment: Enrollment,
         presence: PresenceTracker,
         artifacts: ArtifactStore,
+        ingest: TelemetryIngest,
         heartbeat_interval_s: float,
     ) -> None:
         self.enrollment = enrollment
         self.presence = presence
         self.artifacts = artifacts
+        self.ingest = ingest
         self.heartbeat_interval_ms = int(heartbeat_interval_s * 1000)
 
     @maps_errors
@@ -162,6 +165,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                             )
                         )
                     )
+                elif kind == "telemetry":
+                    self.ingest.submit(
+                        device.device_id,
+                        message.telemetry,
+                        lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
+                    )
                 elif kind == "hello":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'hello' may be sent once per session")
                 else:
@@ -207,6 +216,71 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             await context.abort(status_for(exc), str(exc))
 
 
+class TelemetryControl:
+    """The telemetry half of the Control service (mixed into ControlServicer)."""
+
+    store: Store
+    presence: PresenceTracker
+
+    @maps_errors
+    async def QueryTelemetry(
+        self, request: control_pb2.QueryTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.QueryTelemetryResponse:
+        if self.store.get_device(request.device_id) is None:
+            raise NotFound(f"no device {request.device_id!r}; see `edgefleet devices list`")
+        try:
+            samples = await asyncio.to_thread(
+                telemetry.query, self.store, request.device_id, request.metric, request.since_unix_ms,
+                request.model or None, request.rollups,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return control_pb2.QueryTelemetryResponse(
+            device_id=request.device_id,
+            metric=request.metric,
+            samples=[control_pb2.TelemetrySample(unix_ms=s.unix_ms, value=s.value, seq=s.seq, source=s.source)
+                     for s in samples],
+        )
+
+    @maps_errors
+    async def TelemetrySummary(
+        self, request: control_pb2.TelemetrySummaryRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.TelemetrySummaryResponse:
+        latest = await asyncio.to_thread(self.store.latest_telemetry)
+        rows = []
+        for record in self.store.list_devices():
+            if request.device_id and record.device_id != request.device_id:
+                continue
+            if request.hardware_class and record.hardware_class != request.hardware_class:
+                continue
+            point = latest.get(record.device_id)
+            online = self.presence.presence(record).online
+            base = control_pb2.DeviceTelemetryRow(device_id=record.device_id, online=online,
+                                                  hardware_class=record.hardware_class)
+            if point is None:
+                if not request.model:
+                    rows.append(base)
+                continue
+            base.watts, base.power_source = point.watts, point.power_source
+            base.cpu_percent, base.rss_bytes = point.cpu_system, point.rss_bytes
+            base.last_batch_unix_ms, base.dropped_batches = point.end_ms, point.dropped_batches
+            if point.temperature_c is not None:
+                base.temperature_c = point.temperature_c
+            models = [m for m in point.models if not request.model or m.model == request.model]
+            if not models and not request.model:
+                rows.append(base)
+            seconds = max(1e-3, (point.end_ms - point.start_ms) / 1000)
+            for m in models:
+                row = control_pb2.DeviceTelemetryRow()
+                row.CopyFrom(base)
+                row.model, row.version, row.runtime = m.model, m.version, m.runtime
+                row.throughput, row.errors = m.count / seconds, m.errors
+                row.p50_ms, row.p95_ms, row.p99_ms = m.p50_ms, m.p95_ms, m.p99_ms
+                row.energy_mj, row.energy_source = m.energy_mj, m.energy_source
+                rows.append(row)
+        return control_pb2.TelemetrySummaryResponse(rows=rows)
+
+
 def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken:
     return control_pb2.EnrollmentToken(
         token_id=record.token_id,
@@ -219,7 +293,7 @@ def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken
     )
 
 
-class ControlServicer(control_pb2_grpc.ControlServicer):
+class ControlServicer(TelemetryControl, control_pb2_grpc.ControlServicer):
     def __init__(
         self, store: Store, enrollment: Enrollment, presence: PresenceTracker, info: control_pb2.ControllerInfo
     ) -> None:

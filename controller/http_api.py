@@ -13,11 +13,13 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from edgefleet.agent import latency
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
+from edgefleet.controller.telemetry import LATENCY_BUCKETS_S, LiveTelemetry
 
 
 class FleetCollector(Collector):
@@ -36,6 +38,60 @@ class FleetCollector(Collector):
         yield gauge
 
 
+class TelemetryCollector(Collector):
+    """Fleet latency histograms and per-device gauges from the live telemetry view."""
+
+    def __init__(self, live: LiveTelemetry) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Any]:
+        limits_us = [round(b * 1e6) for b in LATENCY_BUCKETS_S]
+        fleet = HistogramMetricFamily(
+            "edgefleet_inference_latency_seconds", "Inference latency across the fleet (request to answer)",
+            labels=["model", "version"],
+        )
+        for (model, version), histogram in sorted(self.live.fleet.items()):
+            counts = latency.count_at_or_below(histogram, limits_us)
+            total = histogram.get_total_count()
+            buckets = [(repr(b), c) for b, c in zip(LATENCY_BUCKETS_S, counts, strict=True)] + [("+Inf", total)]
+            fleet.add_metric([model, version], buckets, sum_value=histogram.get_mean_value() * total / 1e6)
+        yield fleet
+
+        inferences = CounterMetricFamily("edgefleet_device_inferences", "Inferences served",
+                                         labels=["device", "model", "version"])
+        errors = CounterMetricFamily("edgefleet_device_inference_errors", "Failed inferences",
+                                     labels=["device", "model", "version"])
+        for (device, model, version), (count, failed) in sorted(self.live.totals.items()):
+            inferences.add_metric([device, model, version], count)
+            errors.add_metric([device, model, version], failed)
+        yield inferences
+        yield errors
+
+        quantiles = GaugeMetricFamily("edgefleet_device_inference_latency_seconds",
+                                      "Latest batch's latency quantiles per device",
+                                      labels=["device", "model", "version", "quantile"])
+        energy = GaugeMetricFamily("edgefleet_device_energy_per_inference_joules",
+                                   "Dynamic energy per inference (source says measured or estimated)",
+                                   labels=["device", "model", "version", "source"])
+        watts = GaugeMetricFamily("edgefleet_device_power_watts", "Device power (source says measured or estimated)",
+                                  labels=["device", "source"])
+        cpu = GaugeMetricFamily("edgefleet_device_cpu_percent", "System CPU utilisation", labels=["device"])
+        rss = GaugeMetricFamily("edgefleet_device_agent_rss_bytes", "Agent resident memory", labels=["device"])
+        temperature = GaugeMetricFamily("edgefleet_device_temperature_celsius", "SoC temperature", labels=["device"])
+        for device, point in sorted(self.live.latest.items()):
+            for m in point.models:
+                for q, value in (("0.5", m.p50_ms), ("0.95", m.p95_ms), ("0.99", m.p99_ms)):
+                    quantiles.add_metric([device, m.model, m.version, q], value / 1000)
+                if m.energy_source:
+                    energy.add_metric([device, m.model, m.version, m.energy_source], m.energy_mj / 1000)
+            watts.add_metric([device, point.power_source], point.watts)
+            cpu.add_metric([device], point.cpu_system)
+            rss.add_metric([device], point.rss_bytes)
+            if point.temperature_c is not None:
+                temperature.add_metric([device], point.temperature_c)
+        yield from (quantiles, energy, watts, cpu, rss, temperature)
+
+
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -47,9 +103,11 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class HttpApi:
-    def __init__(self, store: Store, presence: PresenceTracker) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, store: Store, presence: PresenceTracker, live: LiveTelemetry,
+                 registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.registry.register(FleetCollector(store, presence))
+        self.registry.register(TelemetryCollector(live))
         self._metrics = make_wsgi_app(self.registry)
         self.presence = presence
         self._server: WSGIServer | None = None

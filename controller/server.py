@@ -10,11 +10,13 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
-from edgefleet.agent.files import atomic_write_json
+from edgefleet.firmware.durable_files import atomic_write_json
 from edgefleet.controller import __version__, auth
 from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.enrollment import Enrollment
@@ -22,6 +24,7 @@ from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, Operat
 from edgefleet.controller.http_api import HttpApi
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.sqlite import SQLiteStore
+from edgefleet.controller.telemetry import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2_grpc
 
@@ -41,6 +44,9 @@ class ControllerConfig:
     grpc_address: str = "127.0.0.1:50051"
     http_address: str | None = "127.0.0.1:8480"
     heartbeat_interval_s: float = 5.0
+    telemetry_retention_s: float = 24 * 3600
+    rollup_retention_s: float = 30 * 24 * 3600
+    rollup_interval_s: float = 10.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -62,12 +68,16 @@ class Controller:
         self.enrollment = Enrollment(self.store)
         self.presence = PresenceTracker(self.store, config.heartbeat_interval_s)
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
-        self.http = HttpApi(self.store, self.presence)
+        registry = CollectorRegistry()
+        self.live = LiveTelemetry()
+        self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
+        self.ingest.listeners.append(self.live)
+        self.http = HttpApi(self.store, self.presence, self.live, registry)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         server = grpc.aio.server(
@@ -89,7 +99,9 @@ class Controller:
             started_at_unix_ms=self.started_at_ms,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
-            FleetServicer(self.enrollment, self.presence, self.artifacts, self.config.heartbeat_interval_s),
+            FleetServicer(
+                self.enrollment, self.presence, self.artifacts, self.ingest, self.config.heartbeat_interval_s
+            ),
             server,
         )
         control_pb2_grpc.add_ControlServicer_to_server(
@@ -117,7 +129,11 @@ class Controller:
                 ) from None
         await server.start()
         self._server = server
-        self._flusher = asyncio.create_task(self._flush_loop())
+        self._tasks = [
+            asyncio.create_task(self._every(self.presence.flush_interval_s, self.presence.flush, "presence flush")),
+            asyncio.create_task(self.ingest.run()),
+            asyncio.create_task(self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups")),
+        ]
         endpoint = {
             "grpc": f"{host}:{self.grpc_port}",
             "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}" if self.http_port else "",
@@ -126,22 +142,31 @@ class Controller:
         atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
         log.info("controller listening", extra=endpoint)
 
-    async def _flush_loop(self) -> None:
+    async def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
         while True:
-            await asyncio.sleep(self.presence.flush_interval_s)
+            await asyncio.sleep(interval_s)
             try:
-                self.presence.flush()
+                await asyncio.to_thread(job)
             except Exception:
-                log.exception("presence flush failed")
+                log.exception("periodic job failed", extra={"job": name})
+
+    def _maintain_telemetry(self) -> None:
+        now_ms = int(time.time() * 1000)
+        compute_rollups(self.store)
+        self.store.prune_telemetry(
+            now_ms - int(self.config.telemetry_retention_s * 1000), now_ms - int(self.config.rollup_retention_s * 1000)
+        )
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._flusher:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
         if self._server:
             await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.ingest.flush()
         self.presence.flush()
+        compute_rollups(self.store)
         self.http.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / ENDPOINT_FILE).unlink()

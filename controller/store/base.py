@@ -48,6 +48,62 @@ class DeviceRecord:
     token_id: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelPoint:
+    model: str
+    version: str
+    count: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    latency_hdr: bytes
+    energy_mj: float = 0.0
+    energy_source: str = ""
+    runtime: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryPoint:
+    """One stored telemetry batch of one device; (device_id, seq) is unique."""
+
+    device_id: str
+    seq: int
+    start_ms: int
+    end_ms: int
+    received_ms: int
+    watts: float
+    power_source: str
+    cpu_system: float
+    cpu_process: float
+    rss_bytes: int
+    memory_available_bytes: int
+    temperature_c: float | None
+    load1: float
+    dropped_batches: int
+    models: tuple[ModelPoint, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollup:
+    """One minute of one model version on one device (model '' = device-level only)."""
+
+    device_id: str
+    model: str
+    version: str
+    minute_ms: int
+    count: int
+    errors: int
+    latency_hdr: bytes
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    watts_avg: float
+    energy_mj_avg: float
+
+
 class Store(abc.ABC):
     """Durable controller state. Implementations must be safe to call from several threads."""
 
@@ -107,6 +163,37 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def reset_connections(self) -> int:
         """Mark every device disconnected; a controller calls this on start. Returns the count."""
+
+    # -- telemetry -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def ingest_telemetry(self, points: list[TelemetryPoint]) -> list[bool]:
+        """Store new points in one transaction; returns, per point, False when (device, seq) was
+        already stored (a duplicate: nothing written). Marks the touched minutes for rollup."""
+
+    @abc.abstractmethod
+    def telemetry_window(
+        self, device_id: str, start_ms: int, end_ms: int | None = None
+    ) -> list[TelemetryPoint]:
+        """Points whose batch ended in [start_ms, end_ms), oldest first, with their model rows."""
+
+    @abc.abstractmethod
+    def latest_telemetry(self) -> dict[str, TelemetryPoint]:
+        """The newest point of every device that has any."""
+
+    @abc.abstractmethod
+    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int]]:
+        """(device_id, minute_ms) pairs whose raw points changed since their rollup was written."""
+
+    @abc.abstractmethod
+    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int]]) -> None:
+        """Replace the rollups of the `done` minutes with `rollups`, and clear them from dirty."""
+
+    @abc.abstractmethod
+    def rollups(self, device_id: str, since_ms: int) -> list[Rollup]: ...
+
+    @abc.abstractmethod
+    def prune_telemetry(self, raw_before_ms: int, rollups_before_ms: int) -> int:
+        """Drop raw points and rollups past retention; returns the raw points removed."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

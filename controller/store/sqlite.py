@@ -10,7 +10,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgefleet.controller.store.base import DeviceRecord, EnrollmentRefused, EnrollmentTokenRecord, Store
+from edgefleet.controller.store.base import (
+    DeviceRecord,
+    EnrollmentRefused,
+    EnrollmentTokenRecord,
+    ModelPoint,
+    Rollup,
+    Store,
+    TelemetryPoint,
+)
 
 # Schema changes are appended here, never edited: index + 1 is the schema version.
 MIGRATIONS: list[str] = [
@@ -44,7 +52,71 @@ MIGRATIONS: list[str] = [
         token_id TEXT NOT NULL DEFAULT ''
     );
     """,
+    """
+    CREATE TABLE telemetry_batches (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        start_ms INTEGER NOT NULL,
+        end_ms INTEGER NOT NULL,
+        received_ms INTEGER NOT NULL,
+        watts REAL NOT NULL,
+        power_source TEXT NOT NULL,
+        cpu_system REAL NOT NULL,
+        cpu_process REAL NOT NULL,
+        rss_bytes INTEGER NOT NULL,
+        memory_available_bytes INTEGER NOT NULL,
+        temperature_c REAL,
+        load1 REAL NOT NULL,
+        dropped_batches INTEGER NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX telemetry_batches_by_time ON telemetry_batches (device_id, end_ms);
+    CREATE TABLE telemetry_models (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p50_ms REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        p99_ms REAL NOT NULL,
+        max_ms REAL NOT NULL,
+        latency_hdr BLOB NOT NULL,
+        energy_mj REAL NOT NULL,
+        energy_source TEXT NOT NULL,
+        runtime TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq, model, version)
+    );
+    CREATE TABLE telemetry_rollups (
+        device_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL,
+        minute_ms INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        latency_hdr BLOB NOT NULL,
+        p50_ms REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        p99_ms REAL NOT NULL,
+        max_ms REAL NOT NULL,
+        watts_avg REAL NOT NULL,
+        energy_mj_avg REAL NOT NULL,
+        PRIMARY KEY (device_id, minute_ms, model, version)
+    );
+    CREATE TABLE telemetry_dirty_minutes (
+        device_id TEXT NOT NULL,
+        minute_ms INTEGER NOT NULL,
+        PRIMARY KEY (device_id, minute_ms)
+    );
+    CREATE TABLE telemetry_pruned (
+        device_id TEXT PRIMARY KEY,
+        max_seq INTEGER NOT NULL
+    );
+    """,
 ]
+
+MINUTE_MS = 60_000
 
 
 class SQLiteStore(Store):
@@ -226,6 +298,111 @@ class SQLiteStore(Store):
         with self._tx() as db:
             return db.execute("UPDATE devices SET connected = 0 WHERE connected = 1").rowcount
 
+    # -- telemetry -------------------------------------------------------------------------
+    def ingest_telemetry(self, points: list[TelemetryPoint]) -> list[bool]:
+        stored: list[bool] = []
+        with self._tx() as db:
+            for p in points:
+                pruned = db.execute(
+                    "SELECT max_seq FROM telemetry_pruned WHERE device_id = ?", (p.device_id,)
+                ).fetchone()
+                if pruned is not None and p.seq <= pruned[0]:
+                    stored.append(False)
+                    continue
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO telemetry_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (p.device_id, p.seq, p.start_ms, p.end_ms, p.received_ms, p.watts, p.power_source,
+                     p.cpu_system, p.cpu_process, p.rss_bytes, p.memory_available_bytes, p.temperature_c,
+                     p.load1, p.dropped_batches),
+                )
+                if cursor.rowcount == 0:
+                    stored.append(False)
+                    continue
+                db.executemany(
+                    "INSERT INTO telemetry_models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(p.device_id, p.seq, m.model, m.version, m.count, m.errors, m.p50_ms, m.p95_ms, m.p99_ms,
+                      m.max_ms, m.latency_hdr, m.energy_mj, m.energy_source, m.runtime) for m in p.models],
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO telemetry_dirty_minutes VALUES (?, ?)",
+                    (p.device_id, p.end_ms - p.end_ms % MINUTE_MS),
+                )
+                stored.append(True)
+        return stored
+
+    def telemetry_window(self, device_id: str, start_ms: int, end_ms: int | None = None) -> list[TelemetryPoint]:
+        end_ms = end_ms if end_ms is not None else 2**62
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM telemetry_batches WHERE device_id = ? AND end_ms >= ? AND end_ms < ? "
+                "ORDER BY end_ms, seq",
+                (device_id, start_ms, end_ms),
+            ).fetchall()
+            models = self._db.execute(
+                "SELECT m.* FROM telemetry_models m JOIN telemetry_batches b USING (device_id, seq) "
+                "WHERE b.device_id = ? AND b.end_ms >= ? AND b.end_ms < ?",
+                (device_id, start_ms, end_ms),
+            ).fetchall()
+        return _points(rows, models)
+
+    def latest_telemetry(self) -> dict[str, TelemetryPoint]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT b.* FROM telemetry_batches b JOIN (SELECT device_id, MAX(seq) AS seq "
+                "FROM telemetry_batches GROUP BY device_id) latest USING (device_id, seq)"
+            ).fetchall()
+            models = self._db.execute(
+                "SELECT m.* FROM telemetry_models m JOIN (SELECT device_id, MAX(seq) AS seq "
+                "FROM telemetry_batches GROUP BY device_id) latest USING (device_id, seq)"
+            ).fetchall()
+        return {p.device_id: p for p in _points(rows, models)}
+
+    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, minute_ms FROM telemetry_dirty_minutes ORDER BY minute_ms LIMIT ?", (limit,)
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int]]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "DELETE FROM telemetry_rollups WHERE device_id = ? AND minute_ms = ?", done
+            )
+            db.executemany(
+                "INSERT INTO telemetry_rollups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.device_id, r.model, r.version, r.minute_ms, r.count, r.errors, r.latency_hdr, r.p50_ms,
+                  r.p95_ms, r.p99_ms, r.max_ms, r.watts_avg, r.energy_mj_avg) for r in rollups],
+            )
+            db.executemany(
+                "DELETE FROM telemetry_dirty_minutes WHERE device_id = ? AND minute_ms = ?", done
+            )
+
+    def rollups(self, device_id: str, since_ms: int) -> list[Rollup]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM telemetry_rollups WHERE device_id = ? AND minute_ms >= ? ORDER BY minute_ms, model",
+                (device_id, since_ms),
+            ).fetchall()
+        return [Rollup(**{k: (bytes(r[k]) if k == "latency_hdr" else r[k]) for k in r.keys()}) for r in rows]  # noqa: SIM118
+
+    def prune_telemetry(self, raw_before_ms: int, rollups_before_ms: int) -> int:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO telemetry_pruned SELECT device_id, MAX(seq) FROM telemetry_batches "
+                "WHERE end_ms < ? GROUP BY device_id "
+                "ON CONFLICT (device_id) DO UPDATE SET max_seq = MAX(max_seq, excluded.max_seq)",
+                (raw_before_ms,),
+            )
+            db.execute(
+                "DELETE FROM telemetry_models WHERE (device_id, seq) IN "
+                "(SELECT device_id, seq FROM telemetry_batches WHERE end_ms < ?)",
+                (raw_before_ms,),
+            )
+            removed = db.execute("DELETE FROM telemetry_batches WHERE end_ms < ?", (raw_before_ms,)).rowcount
+            db.execute("DELETE FROM telemetry_rollups WHERE minute_ms < ?", (rollups_before_ms,))
+        return int(removed)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -259,3 +436,26 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         connected=bool(row["connected"]),
         token_id=row["token_id"],
     )
+
+
+def _points(rows: list[sqlite3.Row], model_rows: list[sqlite3.Row]) -> list[TelemetryPoint]:
+    models: dict[tuple[str, int], list[ModelPoint]] = {}
+    for m in model_rows:
+        models.setdefault((m["device_id"], m["seq"]), []).append(
+            ModelPoint(
+                model=m["model"], version=m["version"], count=m["count"], errors=m["errors"], p50_ms=m["p50_ms"],
+                p95_ms=m["p95_ms"], p99_ms=m["p99_ms"], max_ms=m["max_ms"], latency_hdr=bytes(m["latency_hdr"]),
+                energy_mj=m["energy_mj"], energy_source=m["energy_source"], runtime=m["runtime"],
+            )
+        )
+    return [
+        TelemetryPoint(
+            device_id=r["device_id"], seq=r["seq"], start_ms=r["start_ms"], end_ms=r["end_ms"],
+            received_ms=r["received_ms"], watts=r["watts"], power_source=r["power_source"],
+            cpu_system=r["cpu_system"], cpu_process=r["cpu_process"], rss_bytes=r["rss_bytes"],
+            memory_available_bytes=r["memory_available_bytes"], temperature_c=r["temperature_c"],
+            load1=r["load1"], dropped_batches=r["dropped_batches"],
+            models=tuple(sorted(models.get((r["device_id"], r["seq"]), []), key=lambda m: (m.model, m.version))),
+        )
+        for r in rows
+    ]

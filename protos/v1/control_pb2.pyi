@@ -142,3 +142,99 @@ class GetDeviceRequest(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class QueryTelemetryRequest(_message.Message):
+    __slots__ = ("device_id", "metric", "since_unix_ms", "model", "rollups")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLLUPS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    metric: str
+    since_unix_ms: int
+    model: str
+    rollups: bool
+    def __init__(self, device_id: _Optional[str] = ..., metric: _Optional[str] = ..., since_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., rollups: _Optional[bool] = ...) -> None: ...
+
+class TelemetrySample(_message.Message):
+    __slots__ = ("unix_ms", "value", "seq", "source")
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    unix_ms: int
+    value: float
+    seq: int
+    source: str
+    def __init__(self, unix_ms: _Optional[int] = ..., value: _Optional[float] = ..., seq: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class QueryTelemetryResponse(_message.Message):
+    __slots__ = ("device_id", "metric", "samples")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    metric: str
+    samples: _containers.RepeatedCompositeFieldContainer[TelemetrySample]
+    def __init__(self, device_id: _Optional[str] = ..., metric: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[TelemetrySample, _Mapping]]] = ...) -> None: ...
+
+class TelemetrySummaryRequest(_message.Message):
+    __slots__ = ("device_id", "hardware_class", "model")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    hardware_class: str
+    model: str
+    def __init__(self, device_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class DeviceTelemetryRow(_message.Message):
+    __slots__ = ("device_id", "online", "hardware_class", "model", "version", "runtime", "throughput", "p50_ms", "p95_ms", "p99_ms", "errors", "watts", "power_source", "energy_mj", "energy_source", "cpu_percent", "temperature_c", "rss_bytes", "last_batch_unix_ms", "dropped_batches")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    WATTS_FIELD_NUMBER: _ClassVar[int]
+    POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MJ_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    online: bool
+    hardware_class: str
+    model: str
+    version: str
+    runtime: str
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    watts: float
+    power_source: str
+    energy_mj: float
+    energy_source: str
+    cpu_percent: float
+    temperature_c: float
+    rss_bytes: int
+    last_batch_unix_ms: int
+    dropped_batches: int
+    def __init__(self, device_id: _Optional[str] = ..., online: _Optional[bool] = ..., hardware_class: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., runtime: _Optional[str] = ..., throughput: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., errors: _Optional[int] = ..., watts: _Optional[float] = ..., power_source: _Optional[str] = ..., energy_mj: _Optional[float] = ..., energy_source: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., temperature_c: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., last_batch_unix_ms: _Optional[int] = ..., dropped_batches: _Optional[int] = ...) -> None: ...
+
+class TelemetrySummaryResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[DeviceTelemetryRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[DeviceTelemetryRow, _Mapping]]] = ...) -> None: ...

@@ -65,6 +65,16 @@ class ControlStub:
                 request_serializer=edgefleet_dot_v1_dot_control__pb2.GetDeviceRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_control__pb2.Device.FromString,
                 _registered_method=True)
+        self.QueryTelemetry = channel.unary_unary(
+                '/edgefleet.v1.Control/QueryTelemetry',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.QueryTelemetryRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.QueryTelemetryResponse.FromString,
+                _registered_method=True)
+        self.TelemetrySummary = channel.unary_unary(
+                '/edgefleet.v1.Control/TelemetrySummary',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -106,6 +116,18 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryTelemetry(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TelemetrySummary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +160,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetDevice,
                     request_deserializer=edgefleet_dot_v1_dot_control__pb2.GetDeviceRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_control__pb2.Device.SerializeToString,
+            ),
+            'QueryTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryTelemetry,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.QueryTelemetryRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.QueryTelemetryResponse.SerializeToString,
+            ),
+            'TelemetrySummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.TelemetrySummary,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +334,60 @@ class Control:
             '/edgefleet.v1.Control/GetDevice',
             edgefleet_dot_v1_dot_control__pb2.GetDeviceRequest.SerializeToString,
             edgefleet_dot_v1_dot_control__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/QueryTelemetry',
+            edgefleet_dot_v1_dot_control__pb2.QueryTelemetryRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.QueryTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TelemetrySummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/TelemetrySummary',
+            edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

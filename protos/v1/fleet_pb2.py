@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.protos.v1 import profile_pb2 as edgefleet_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/fleet.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1a\x65\x64gefleet/v1/profile.proto\"\xe9\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x02 \x01(\r\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12.\n\x07profile\x18\x04 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xde\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rdevice_secret\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61pability_version\x18\x04 \x01(\r\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x05Hello\x12\x1a\n\x12\x63\x61pability_version\x18\x01 \x01(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12.\n\x07profile\x18\x03 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\"6\n\tHeartbeat\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\"j\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"_\n\x0fSessionAccepted\x12\x1a\n\x12\x63\x61pability_version\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"H\n\x0cHeartbeatAck\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x03\x12\x1f\n\x17\x63ontroller_time_unix_ms\x18\x02 \x01(\x03\"\x83\x01\n\x11\x43ontrollerMessage\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.SessionAcceptedH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x42\x06\n\x04\x62ody\"J\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32\xec\x01\n\x05\x46leet\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12J\n\x07Session\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1f.edgefleet.v1.ControllerMessage(\x01\x30\x01\x12R\n\rFetchArtifact\x12\".edgefleet.v1.FetchArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/fleet.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1a\x65\x64gefleet/v1/profile.proto\"\xe9\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x02 \x01(\r\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12.\n\x07profile\x18\x04 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xde\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rdevice_secret\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61pability_version\x18\x04 \x01(\r\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x05Hello\x12\x1a\n\x12\x63\x61pability_version\x18\x01 \x01(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12.\n\x07profile\x18\x03 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\"6\n\tHeartbeat\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\"\x9d\x01\n\x0c\x41gentMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.edgefleet.v1.HelloH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HeartbeatH\x00\x12\x31\n\ttelemetry\x18\x03 \x01(\x0b\x32\x1c.edgefleet.v1.TelemetryBatchH\x00\x42\x06\n\x04\x62ody\"_\n\x0fSessionAccepted\x12\x1a\n\x12\x63\x61pability_version\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"H\n\x0cHeartbeatAck\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x03\x12\x1f\n\x17\x63ontroller_time_unix_ms\x18\x02 \x01(\x03\"\xb8\x01\n\x11\x43ontrollerMessage\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.edgefleet.v1.SessionAcceptedH\x00\x12\x33\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x1a.edgefleet.v1.HeartbeatAckH\x00\x12\x33\n\rtelemetry_ack\x18\x03 \x01(\x0b\x32\x1a.edgefleet.v1.TelemetryAckH\x00\x42\x06\n\x04\x62ody\"J\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"n\n\x10LatencyHistogram\x12\x0b\n\x03hdr\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0e\n\x06p50_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x05 \x01(\x01\x12\x0e\n\x06max_ms\x18\x06 \x01(\x01\"\xaa\x02\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12/\n\x07latency\x18\x05 \x01(\x0b\x32\x1e.edgefleet.v1.LatencyHistogram\x12/\n\x07\x63ompute\x18\x06 \x01(\x0b\x32\x1e.edgefleet.v1.LatencyHistogram\x12\x32\n\nqueue_wait\x18\x07 \x01(\x0b\x32\x1e.edgefleet.v1.LatencyHistogram\x12\x0f\n\x07runtime\x18\x08 \x01(\t\x12\x1f\n\x17\x65nergy_per_inference_mj\x18\t \x01(\x01\x12\x15\n\renergy_source\x18\n \x01(\t\"V\n\x0cPowerReading\x12\r\n\x05watts\x18\x01 \x01(\x01\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\nidle_watts\x18\x03 \x01(\x01\x12\x13\n\x0bidle_source\x18\x04 \x01(\t\"\xb6\x01\n\x0b\x44\x65viceStats\x12\x1a\n\x12\x63pu_percent_system\x18\x01 \x01(\x01\x12\x1b\n\x13\x63pu_percent_process\x18\x02 \x01(\x01\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\x1a\n\rtemperature_c\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05load1\x18\x06 \x01(\x01\x42\x10\n\x0e_temperature_c\"\xe2\x01\n\x0eTelemetryBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x15\n\rstart_unix_ms\x18\x02 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ms\x18\x03 \x01(\x03\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.edgefleet.v1.ModelStats\x12)\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x19.edgefleet.v1.DeviceStats\x12)\n\x05power\x18\x06 \x01(\x0b\x32\x1a.edgefleet.v1.PowerReading\x12\x17\n\x0f\x64ropped_batches\x18\x07 \x01(\x04\"K\n\x0cTelemetryAck\x12\x0c\n\x04seqs\x18\x01 \x03(\x04\x12-\n\x08rejected\x18\x02 \x03(\x0b\x32\x1b.edgefleet.v1.RejectedBatch\",\n\rRejectedBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xec\x01\n\x05\x46leet\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12J\n\x07Session\x12\x1a.edgefleet.v1.AgentMessage\x1a\x1f.edgefleet.v1.ControllerMessage(\x01\x30\x01\x12R\n\rFetchArtifact\x12\".edgefleet.v1.FetchArtifactRequest\x1a\x1b.edgefleet.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,18 +49,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_end=637
   _globals['_HEARTBEAT']._serialized_start=639
   _globals['_HEARTBEAT']._serialized_end=693
-  _globals['_AGENTMESSAGE']._serialized_start=695
-  _globals['_AGENTMESSAGE']._serialized_end=801
-  _globals['_SESSIONACCEPTED']._serialized_start=803
-  _globals['_SESSIONACCEPTED']._serialized_end=898
-  _globals['_HEARTBEATACK']._serialized_start=900
-  _globals['_HEARTBEATACK']._serialized_end=972
-  _globals['_CONTROLLERMESSAGE']._serialized_start=975
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1106
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1108
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1182
-  _globals['_ARTIFACTCHUNK']._serialized_start=1184
-  _globals['_ARTIFACTCHUNK']._serialized_end=1249
-  _globals['_FLEET']._serialized_start=1252
-  _globals['_FLEET']._serialized_end=1488
+  _globals['_AGENTMESSAGE']._serialized_start=696
+  _globals['_AGENTMESSAGE']._serialized_end=853
+  _globals['_SESSIONACCEPTED']._serialized_start=855
+  _globals['_SESSIONACCEPTED']._serialized_end=950
+  _globals['_HEARTBEATACK']._serialized_start=952
+  _globals['_HEARTBEATACK']._serialized_end=1024
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1027
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1211
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1213
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1287
+  _globals['_ARTIFACTCHUNK']._serialized_start=1289
+  _globals['_ARTIFACTCHUNK']._serialized_end=1354
+  _globals['_LATENCYHISTOGRAM']._serialized_start=1356
+  _globals['_LATENCYHISTOGRAM']._serialized_end=1466
+  _globals['_MODELSTATS']._serialized_start=1469
+  _globals['_MODELSTATS']._serialized_end=1767
+  _globals['_POWERREADING']._serialized_start=1769
+  _globals['_POWERREADING']._serialized_end=1855
+  _globals['_DEVICESTATS']._serialized_start=1858
+  _globals['_DEVICESTATS']._serialized_end=2040
+  _globals['_TELEMETRYBATCH']._serialized_start=2043
+  _globals['_TELEMETRYBATCH']._serialized_end=2269
+  _globals['_TELEMETRYACK']._serialized_start=2271
+  _globals['_TELEMETRYACK']._serialized_end=2346
+  _globals['_REJECTEDBATCH']._serialized_start=2348
+  _globals['_REJECTEDBATCH']._serialized_end=2392
+  _globals['_FLEET']._serialized_start=2395
+  _globals['_FLEET']._serialized_end=2631
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@ from edgefleet.protos.v1 import profile_pb2 as _profile_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -69,12 +69,14 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at_unix_ms: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat")
+    __slots__ = ("hello", "heartbeat", "telemetry")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    telemetry: TelemetryBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("capability_version", "heartbeat_interval_ms", "device_id")
@@ -95,12 +97,14 @@ class HeartbeatAck(_message.Message):
     def __init__(self, sent_at_unix_ms: _Optional[int] = ..., controller_time_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("accepted", "heartbeat_ack")
+    __slots__ = ("accepted", "heartbeat_ack", "telemetry_ack")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_ACK_FIELD_NUMBER: _ClassVar[int]
     accepted: SessionAccepted
     heartbeat_ack: HeartbeatAck
-    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ...) -> None: ...
+    telemetry_ack: TelemetryAck
+    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256", "offset", "chunk_size")
@@ -121,3 +125,105 @@ class ArtifactChunk(_message.Message):
     data: bytes
     total_size: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class LatencyHistogram(_message.Message):
+    __slots__ = ("hdr", "count", "p50_ms", "p95_ms", "p99_ms", "max_ms")
+    HDR_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    hdr: bytes
+    count: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    def __init__(self, hdr: _Optional[bytes] = ..., count: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., max_ms: _Optional[float] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("model", "version", "count", "errors", "latency", "compute", "queue_wait", "runtime", "energy_per_inference_mj", "energy_source")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_PER_INFERENCE_MJ_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    count: int
+    errors: int
+    latency: LatencyHistogram
+    compute: LatencyHistogram
+    queue_wait: LatencyHistogram
+    runtime: str
+    energy_per_inference_mj: float
+    energy_source: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., count: _Optional[int] = ..., errors: _Optional[int] = ..., latency: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., compute: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., queue_wait: _Optional[_Union[LatencyHistogram, _Mapping]] = ..., runtime: _Optional[str] = ..., energy_per_inference_mj: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
+
+class PowerReading(_message.Message):
+    __slots__ = ("watts", "source", "idle_watts", "idle_source")
+    WATTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_WATTS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    watts: float
+    source: str
+    idle_watts: float
+    idle_source: str
+    def __init__(self, watts: _Optional[float] = ..., source: _Optional[str] = ..., idle_watts: _Optional[float] = ..., idle_source: _Optional[str] = ...) -> None: ...
+
+class DeviceStats(_message.Message):
+    __slots__ = ("cpu_percent_system", "cpu_percent_process", "rss_bytes", "memory_available_bytes", "temperature_c", "load1")
+    CPU_PERCENT_SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    cpu_percent_system: float
+    cpu_percent_process: float
+    rss_bytes: int
+    memory_available_bytes: int
+    temperature_c: float
+    load1: float
+    def __init__(self, cpu_percent_system: _Optional[float] = ..., cpu_percent_process: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., temperature_c: _Optional[float] = ..., load1: _Optional[float] = ...) -> None: ...
+
+class TelemetryBatch(_message.Message):
+    __slots__ = ("seq", "start_unix_ms", "end_unix_ms", "models", "device", "power", "dropped_batches")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    POWER_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    start_unix_ms: int
+    end_unix_ms: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelStats]
+    device: DeviceStats
+    power: PowerReading
+    dropped_batches: int
+    def __init__(self, seq: _Optional[int] = ..., start_unix_ms: _Optional[int] = ..., end_unix_ms: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., device: _Optional[_Union[DeviceStats, _Mapping]] = ..., power: _Optional[_Union[PowerReading, _Mapping]] = ..., dropped_batches: _Optional[int] = ...) -> None: ...
+
+class TelemetryAck(_message.Message):
+    __slots__ = ("seqs", "rejected")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedBatch]
+    def __init__(self, seqs: _Optional[_Iterable[int]] = ..., rejected: _Optional[_Iterable[_Union[RejectedBatch, _Mapping]]] = ...) -> None: ...
+
+class RejectedBatch(_message.Message):
+    __slots__ = ("seq", "reason")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

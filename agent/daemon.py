@@ -1,0 +1,195 @@
+"""The agent daemon: identity, session, serving, telemetry and the local API, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import time
+from pathlib import Path
+
+import grpc
+
+from edgefleet.agent.device_stats import DeviceSampler
+from edgefleet.agent.identity import Identity, load_identity, save_identity
+from edgefleet.agent.local_api import socket_address, start_local_api
+from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
+from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
+from edgefleet.agent.runtime import load_model
+from edgefleet.agent.serving import InferenceService
+from edgefleet.agent.session import AgentSession, enroll
+from edgefleet.agent.telemetry import TelemetryCollector
+from edgefleet.protos.v1 import local_pb2, profile_pb2
+
+log = logging.getLogger("edgefleet.agent")
+
+MODEL_DIR = "model"
+_WORKLOAD_RE = re.compile(r"^golden:(\d+(?:\.\d+)?)/s$")
+
+
+class ConfigError(ValueError):
+    """A setting the operator must fix; shown as one line."""
+
+
+def parse_workload(text: str | None) -> float | None:
+    """'golden:20/s' -> 20.0 requests per second with the bundle's golden input."""
+    if not text:
+        return None
+    match = _WORKLOAD_RE.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--workload {text!r} is not understood; use golden:RATE/s, e.g. golden:20/s")
+    return float(match.group(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    controller: str | None = None
+    token: str = ""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    hardware_class: str | None = None
+    microbench: bool = True
+    backoff_max_s: float = 30.0
+    telemetry_interval_s: float = 5.0
+    telemetry_queue_cap: int = DEFAULT_CAP
+    local_api: str = "unix"
+    workload_rate: float | None = None
+    power_model: Path | None = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, profile: profile_pb2.HardwareProfile) -> None:
+        self.config = config
+        self.profile = profile
+        self.identity: Identity | None = None
+        self.session: AgentSession | None = None
+        self.outbox = TelemetryOutbox(config.state_dir / "telemetry.db", config.telemetry_queue_cap)
+        models = load_power_models(config.power_model)
+        power = PowerMeter(profile.power_sensors, power_model_for(profile.hardware_class, models))
+        self.collector = TelemetryCollector(self.outbox, power, DeviceSampler())
+        self.service = InferenceService(self.collector)
+        self.threads = int(profile.cpu.physical_cores or 0)
+
+    def load_active_model(self) -> None:
+        from edgefleet.firmware.slots import active_model
+
+        active = active_model(self.config.state_dir / MODEL_DIR)
+        if active is None:
+            log.info("no model installed yet")
+            self.service.swap(None)
+            return
+        self.service.swap(load_model(active.model_path, active.manifest, self.threads))
+
+    def status(self) -> local_pb2.AgentStatus:
+        model = self.service.model
+        return local_pb2.AgentStatus(
+            device_id=self.identity.device_id if self.identity else "",
+            connected=bool(self.session and self.session.connected),
+            model=model.name if model else "",
+            version=model.version if model else "",
+            runtime=model.runtime if model else "",
+            fallback=model.fallback if model else "",
+            telemetry_queued=len(self.outbox),
+            telemetry_dropped=self.outbox.dropped_total,
+            hardware_class=self.profile.hardware_class,
+            input_names=[t.name for t in model.io.inputs] if model else [],
+        )
+
+    async def _enroll_if_needed(self) -> Identity:
+        identity = load_identity(self.config.state_dir)
+        if identity is not None:
+            if self.config.token:
+                log.info("already enrolled; ignoring --token", extra={"device": identity.device_id})
+            return identity
+        if not self.config.token:
+            raise ConfigError(
+                f"this device is not enrolled ({self.config.state_dir}/identity.json is missing); "
+                "pass --token from `edgefleet token create`"
+            )
+        if not self.config.controller:
+            raise ConfigError("pass --controller HOST:PORT for the first enrollment")
+        identity = await enroll(self.config.controller, self.config.token, self.profile, self.config.labels,
+                                backoff_max_s=self.config.backoff_max_s)
+        save_identity(self.config.state_dir, identity)
+        log.info("enrolled", extra={"device": identity.device_id, "controller": self.config.controller})
+        return identity
+
+    async def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry_interval_s
+        next_cut = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_cut - time.monotonic()))
+            next_cut += interval
+            await asyncio.to_thread(self.collector.cut)
+            if self.session is not None:
+                self.session.telemetry_ready.set()
+
+    async def _workload_loop(self, rate: float) -> None:
+        """Open-loop load at a fixed rate with the golden input, through the serving path."""
+        from edgefleet.firmware.slots import active_model
+
+        period = 1.0 / rate
+        outstanding: set[asyncio.Task[object]] = set()
+        next_at = time.monotonic()
+        golden: dict[str, object] | None = None
+        golden_for: tuple[str, str] | None = None
+        while True:
+            next_at += period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            model = self.service.model
+            if model is None:
+                continue
+            if golden_for != (model.name, model.version):
+                active = active_model(self.config.state_dir / MODEL_DIR)
+                if active is None:
+                    continue
+                golden = {k: v.to_array() for k, v in active.manifest.self_test.inputs.items()}
+                golden_for = (model.name, model.version)
+            if len(outstanding) >= 64:
+                continue  # the device cannot keep up; shedding keeps the agent alive
+            task = asyncio.ensure_future(self.service.infer(golden))  # type: ignore[arg-type]
+            outstanding.add(task)
+            task.add_done_callback(outstanding.discard)
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def run(self) -> None:
+        self.identity = await self._enroll_if_needed()
+        self.load_active_model()
+        try:
+            address = socket_address(self.config.local_api, self.config.state_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            local_api = await start_local_api(self.service, self.status, address)
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(
+                f"cannot serve the local API on {address}: {exc}; choose another with --local-api"
+            ) from None
+        self.session = AgentSession(
+            self.config.controller or self.identity.controller, self.identity, lambda: self.profile,
+            outbox=self.outbox, backoff_max_s=self.config.backoff_max_s,
+        )
+        tasks = [
+            asyncio.create_task(self.session.run()),
+            asyncio.create_task(self.service.run()),
+            asyncio.create_task(self._telemetry_loop()),
+        ]
+        if self.config.workload_rate:
+            tasks.append(asyncio.create_task(self._workload_loop(self.config.workload_rate)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await task
+            await local_api.stop(0.5)
+            # The interval in progress is cut and kept, so a restart does not lose it.
+            with contextlib.suppress(Exception):
+                self.collector.cut()
+            self.outbox.close()
