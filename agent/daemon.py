@@ -25,7 +25,6 @@ from edgefleet.protos.v1 import local_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent")
 
-MODEL_DIR = "model"
 _WORKLOAD_RE = re.compile(r"^golden:(\d+(?:\.\d+)?)/s$")
 
 
@@ -75,7 +74,7 @@ class Agent:
     def load_active_model(self) -> None:
         from edgefleet.firmware.slots import active_model
 
-        active = active_model(self.config.state_dir / MODEL_DIR)
+        active = active_model(self.config.state_dir)
         if active is None:
             log.info("no model installed yet")
             self.service.swap(None)
@@ -142,7 +141,7 @@ class Agent:
             if model is None:
                 continue
             if golden_for != (model.name, model.version):
-                active = active_model(self.config.state_dir / MODEL_DIR)
+                active = active_model(self.config.state_dir)
                 if active is None:
                     continue
                 golden = {k: v.to_array() for k, v in active.manifest.self_test.inputs.items()}

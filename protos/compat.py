@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 
 LOCK_PATH = Path(__file__).resolve().parent / "field_numbers.json"
-MODULES = ("profile_pb2", "fleet_pb2", "control_pb2", "local_pb2")
+MODULES = ("profile_pb2", "fleet_pb2", "control_pb2", "local_pb2", "mqtt_pb2")
 
 
 def _messages(fd: FileDescriptor) -> list[Descriptor]:

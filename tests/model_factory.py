@@ -57,6 +57,6 @@ def signed_bundle(tmp: Path, model_path: Path, *, name: str = "mlp", version: in
 
 
 def install_offline(agent_state_dir: Path, bundle: Path, key) -> None:  # type: ignore[no-untyped-def]
-    installer = Installer(agent_state_dir / "model", [key.public_key()])
+    installer = Installer(agent_state_dir, [key.public_key()])
     outcome = installer.install(FileSource(bundle))
     assert outcome.ok, outcome

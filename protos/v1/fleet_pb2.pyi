@@ -30,7 +30,7 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., capability_version: _Optional[int] = ..., agent_version: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "device_secret", "heartbeat_interval_ms", "capability_version", "labels")
+    __slots__ = ("device_id", "device_secret", "heartbeat_interval_ms", "capability_version", "labels", "trusted_public_keys_pem", "mqtt")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,12 +43,28 @@ class EnrollResponse(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_PUBLIC_KEYS_PEM_FIELD_NUMBER: _ClassVar[int]
+    MQTT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_secret: str
     heartbeat_interval_ms: int
     capability_version: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, device_id: _Optional[str] = ..., device_secret: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., capability_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    trusted_public_keys_pem: _containers.RepeatedScalarFieldContainer[str]
+    mqtt: MqttCredentials
+    def __init__(self, device_id: _Optional[str] = ..., device_secret: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., capability_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., trusted_public_keys_pem: _Optional[_Iterable[str]] = ..., mqtt: _Optional[_Union[MqttCredentials, _Mapping]] = ...) -> None: ...
+
+class MqttCredentials(_message.Message):
+    __slots__ = ("url", "username", "password", "ca_pem")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    username: str
+    password: str
+    ca_pem: str
+    def __init__(self, url: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., ca_pem: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("capability_version", "agent_version", "profile")
@@ -69,14 +85,16 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at_unix_ms: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "telemetry")
+    __slots__ = ("hello", "heartbeat", "telemetry", "command_ack")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     telemetry: TelemetryBatch
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ...) -> None: ...
+    command_ack: CommandAck
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("capability_version", "heartbeat_interval_ms", "device_id")
@@ -97,14 +115,16 @@ class HeartbeatAck(_message.Message):
     def __init__(self, sent_at_unix_ms: _Optional[int] = ..., controller_time_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("accepted", "heartbeat_ack", "telemetry_ack")
+    __slots__ = ("accepted", "heartbeat_ack", "telemetry_ack", "command")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_ACK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
     accepted: SessionAccepted
     heartbeat_ack: HeartbeatAck
     telemetry_ack: TelemetryAck
-    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ...) -> None: ...
+    command: Command
+    def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256", "offset", "chunk_size")
@@ -227,3 +247,91 @@ class RejectedBatch(_message.Message):
     seq: int
     reason: str
     def __init__(self, seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("command_id", "nonce", "expires_at_unix_ms", "rollout_id", "install", "measure")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTALL_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    nonce: str
+    expires_at_unix_ms: int
+    rollout_id: str
+    install: InstallBundle
+    measure: MeasureCandidates
+    def __init__(self, command_id: _Optional[str] = ..., nonce: _Optional[str] = ..., expires_at_unix_ms: _Optional[int] = ..., rollout_id: _Optional[str] = ..., install: _Optional[_Union[InstallBundle, _Mapping]] = ..., measure: _Optional[_Union[MeasureCandidates, _Mapping]] = ...) -> None: ...
+
+class InstallBundle(_message.Message):
+    __slots__ = ("sha256", "size", "name", "version")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    name: str
+    version: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class MeasureCandidates(_message.Message):
+    __slots__ = ("candidates", "warmup", "runs", "rounds")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    warmup: int
+    runs: int
+    rounds: int
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., warmup: _Optional[int] = ..., runs: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size: int
+    runtime: str
+    execution_provider: str
+    inputs_npz: bytes
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., runtime: _Optional[str] = ..., execution_provider: _Optional[str] = ..., inputs_npz: _Optional[bytes] = ...) -> None: ...
+
+class CandidateTiming(_message.Message):
+    __slots__ = ("name", "latencies_ms", "error", "runtime")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LATENCIES_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    latencies_ms: _containers.RepeatedScalarFieldContainer[float]
+    error: str
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., latencies_ms: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+
+class CommandAck(_message.Message):
+    __slots__ = ("command_id", "result", "reason", "message", "model", "version", "timings", "final")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    result: str
+    reason: str
+    message: str
+    model: str
+    version: int
+    timings: _containers.RepeatedCompositeFieldContainer[CandidateTiming]
+    final: bool
+    def __init__(self, command_id: _Optional[str] = ..., result: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[CandidateTiming, _Mapping]]] = ..., final: _Optional[bool] = ...) -> None: ...
