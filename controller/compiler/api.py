@@ -1,0 +1,621 @@
+"""The public compile function: the CLI and rollouts call this, nothing else.
+
+One compile: check every input up front (fail before any work, with a fix-it message), build each
+candidate recipe for the class, gate it against the fp32 reference on held-out data, measure the
+survivors (interleaved medians here, on a device, or estimated), choose the fastest within budget,
+and write artifact + manifest + report atomically. Every number in the report was measured, or is
+marked estimated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgefleet.controller.compiler import cache as cache_mod
+from edgefleet.controller.compiler.data import Dataset, load_npz, split_holdout, synthetic
+from edgefleet.controller.compiler.errors import CompileError
+from edgefleet.controller.compiler.gate import Gate, fidelity, load_eval_fn
+from edgefleet.controller.compiler.measure import (
+    DeviceMeasurerFactory,
+    EstimatedMeasurer,
+    LatencyStats,
+    LocalMeasurer,
+    Measurer,
+    paired_speedup,
+)
+from edgefleet.controller.compiler.model_io import SourceModel, load_source, sha256_file
+from edgefleet.controller.compiler.passes import GateResult, PassContext, PassError, check_pass, load_pass
+from edgefleet.controller.compiler.recipes import Recipe, recipes_for
+from edgefleet.controller.compiler.runner import ModelRunner
+from edgefleet.controller.compiler.target import TargetSpec
+
+REPORT_SCHEMA = 1
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """What to compile for which hardware, under which accuracy budget. Paths, not arrays: a spec
+    is what an operator or a rollout writes down, and it must hash to the same cache key every time."""
+
+    model: Path
+    target: str | TargetSpec = "local"
+    calib: Path | None = None
+    eval_data: Path | None = None
+    budget: float = 0.99
+    eval_fn: str | None = None
+    max_drop: float = 0.01
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    out: Path | None = None
+    recipes: tuple[str, ...] | None = None
+    use_cache: bool = True
+    cache_dir: Path | None = None
+    measure: Literal["auto", "local", "estimate"] = "auto"
+    min_speedup: float = 1.05
+    tie_tolerance: float = 0.03
+    measure_rounds: int = 15
+    measure_round_ms: float = 40.0
+    max_gate_samples: int = 512
+    holdout_fraction: float = 0.25
+
+
+@dataclass
+class CompileReport:
+    """The report.json: what was chosen, why, and every candidate's measured numbers."""
+
+    artifact: str
+    chosen: str
+    why: str
+    baseline: dict[str, Any]
+    result: dict[str, Any]
+    speedup: float
+    size_ratio: float
+    candidates: list[dict[str, Any]]
+    target: dict[str, Any]
+    gate: dict[str, Any]
+    latency: dict[str, Any]
+    toolchain: dict[str, str]
+    cache_key: str
+    source: dict[str, Any]
+    cached: bool = False
+    schema_version: int = REPORT_SCHEMA
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompileReport:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class _Candidate:
+    recipe: Recipe
+    path: Path | None = None
+    error: str | None = None
+    fidelity: float | None = None
+    score: float | None = None
+    passed: bool = False
+    stats: LatencyStats | None = None
+    notes: list[str] = field(default_factory=list)
+    build_s: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        size = self.path.stat().st_size if self.path else None
+        return {
+            "recipe": self.recipe.name,
+            "precision": self.recipe.precision,
+            "passes": self.recipe.describe(),
+            "latency_ms": round(self.stats.median_ms, 4) if self.stats else None,
+            "latency_p90_ms": round(self.stats.p90_ms, 4) if self.stats else None,
+            "estimated": self.stats.estimated if self.stats else None,
+            "measured_on": self.stats.measured_on if self.stats else None,
+            "size_bytes": size,
+            "compressed_bytes": _compressed_size(self.path) if self.path else None,
+            "fidelity": None if self.fidelity is None else round(self.fidelity, 6),
+            "task_score": self.score,
+            "passed_gate": self.passed,
+            "error": self.error,
+            "notes": self.notes,
+            "build_s": round(self.build_s, 2),
+        }
+
+
+@contextlib.contextmanager
+def _quiet_toolchain() -> Iterator[None]:
+    """onnxruntime's quantizer print()s progress and warns on the root logger; with ``--json`` stdout
+    must hold only the report, so its prints go to stderr and its advice-level warnings are muted."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _compressed_size(path: Path) -> int:
+    """What the bundle costs over the wire: zeros from pruning show up here, not in latency."""
+    return len(zlib.compress(path.read_bytes(), 6))
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CompileError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise CompileError(
+            f"--out {out} is not empty and holds no previous compile (no manifest.json); pass a new or empty directory"
+        )
+
+
+def _gate_data(
+    spec: CompileSpec, source: SourceModel, shapes: dict[str, tuple[int, ...]], progress: Progress | None
+) -> tuple[Dataset | None, Dataset]:
+    calib = load_npz(spec.calib, source.inputs, flag="--calib", shape_overrides=shapes) if spec.calib else None
+    if spec.eval_data:
+        gate_set = load_npz(spec.eval_data, source.inputs, flag="--eval-data", shape_overrides=shapes)
+    elif calib is not None:
+        calib, gate_set = split_holdout(calib, spec.holdout_fraction)
+        _say(progress, f"gate: {gate_set.count} held-out --calib samples, calibration: {calib.count}")
+    else:
+        if spec.eval_fn:
+            raise CompileError(
+                "--eval needs labelled data: pass --eval-data DATA.npz (inputs plus the keys your eval function reads)"
+            )
+        concrete: dict[str, tuple[int, ...]] = {}
+        for t in source.inputs:
+            if t.name in shapes:
+                concrete[t.name] = shapes[t.name]
+            elif all(isinstance(d, int) for d in t.shape[1:]):
+                concrete[t.name] = (1, *[int(d) for d in t.shape[1:]])
+            else:
+                raise CompileError(
+                    f"input '{t.name}' has dynamic dims and no data was given; pass --calib "
+                    f"DATA.npz or --input-shape {t.name}=1,..."
+                )
+        gate_set = synthetic(source.inputs, concrete, 32)
+        _say(progress, "warning: no --calib: gating on random inputs, which flatters int8; static int8 skipped")
+    if gate_set.count > spec.max_gate_samples:
+        gate_set = gate_set.take(slice(0, spec.max_gate_samples))
+    return calib, gate_set
+
+
+def _resolve_measurer(
+    spec: CompileSpec,
+    target: TargetSpec,
+    measurer: Measurer | None,
+    device_measurers: DeviceMeasurerFactory | None,
+) -> Measurer:
+    if measurer is not None:
+        return measurer
+    local = LocalMeasurer(threads=target.threads, rounds=spec.measure_rounds, round_ms=spec.measure_round_ms)
+    if spec.measure == "local":
+        return local
+    if spec.measure == "estimate":
+        return EstimatedMeasurer(target)
+    if target.source == "local":
+        return local
+    if device_measurers is not None:
+        online = device_measurers(target)
+        if online is not None:
+            return online
+    return EstimatedMeasurer(target)
+
+
+# -- the compile ---------------------------------------------------------------------------------
+
+
+def compile_model(
+    spec: CompileSpec,
+    *,
+    progress: Progress | None = None,
+    measurer: Measurer | None = None,
+    device_measurers: DeviceMeasurerFactory | None = None,
+) -> CompileReport:
+    """Compile ``spec.model`` for ``spec.target``; raises :class:`CompileError` on bad input.
+
+    ``measurer`` forces where candidates are timed; ``device_measurers`` lets a rollout offer an online
+    device of the class (device-in-the-loop). Without either, ``local`` targets are timed here and
+    other classes are estimated from micro-benchmarks, which the report says.
+    """
+    started = time.monotonic()
+    source = load_source(Path(spec.model))
+    target = TargetSpec.resolve(spec.target)
+    eval_fn = load_eval_fn(spec.eval_fn) if spec.eval_fn else None
+    gate = Gate(spec.budget, eval_fn, spec.max_drop)
+    shapes = {k: tuple(v) for k, v in spec.input_shapes.items()}
+    names = [t.name for t in source.inputs]
+    for name in shapes:
+        if name not in names:
+            raise CompileError(
+                f"--input-shape names '{name}' but the model inputs are "
+                f"{', '.join(repr(n) for n in names)}; use one of those names"
+            )
+    recipes = recipes_for(target, source.format, spec.recipes)
+    for recipe in recipes:  # fail before any work: a missing extra or a misfiled pass is an input problem
+        for pass_name, _ in recipe.steps:
+            check_pass(pass_name, target, source.format)
+    out = Path(spec.out) if spec.out else Path.cwd() / f"{source.path.stem}-{target.hardware_class}"
+    _check_out(out)
+    calib, gate_set = _gate_data(spec, source, shapes, progress)
+    chosen_measurer = _resolve_measurer(spec, target, measurer, device_measurers)
+
+    cache_dir = Path(spec.cache_dir) if spec.cache_dir else cache_mod.default_cache_dir()
+    toolchain = cache_mod.toolchain_versions()
+    key = cache_mod.cache_key(
+        {
+            "source_sha256": source.sha256,
+            "hardware_class": target.hardware_class,
+            "int8_kind": target.int8_kind,  # not microbench figures: every device of a class shares the key
+            "recipes": [{"name": r.name, "passes": r.describe()} for r in recipes],
+            "toolchain": toolchain,
+            "calib_sha256": calib.sha256() if calib else None,
+            "gate_sha256": gate_set.sha256(),
+            "gate": gate.describe(),
+            "input_shapes": shapes,
+            "measured_on": chosen_measurer.measured_on.split(":")[0],
+            "min_speedup": spec.min_speedup,
+            "tie_tolerance": spec.tie_tolerance,
+        }
+    )
+    if spec.use_cache:
+        hit = cache_mod.lookup(cache_dir, key)
+        if hit is not None:
+            _say(progress, f"cache hit {key[:12]}: {hit}")
+            report = CompileReport.from_dict(json.loads((hit / "report.json").read_text()))
+            report.cached = True
+            report.artifact = str(out.resolve() / Path(report.artifact).name)
+            _publish(out, lambda tmp: _copy_cached(hit, tmp, report))
+            return report
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as work_str:
+        work = Path(work_str)
+        report, artifact = _run_candidates(
+            spec,
+            source,
+            target,
+            recipes,
+            calib,
+            gate_set,
+            gate,
+            chosen_measurer,
+            work,
+            progress,
+            key,
+            toolchain,
+        )
+        report.elapsed_s = round(time.monotonic() - started, 2)
+        artifact_name = f"model{artifact.suffix}"
+        report.artifact = str(out.resolve() / artifact_name)
+        manifest = _manifest(report, source, target, recipes, artifact, artifact_name)
+
+        def fill(tmp: Path) -> None:
+            shutil.copy2(artifact, tmp / artifact_name)
+            _write_json(tmp / "report.json", report.to_dict())
+            _write_json(tmp / "manifest.json", manifest)
+
+        _publish(out, fill)
+        if spec.use_cache:
+            cache_mod.store(cache_dir, key, out)
+    return report
+
+
+def _run_candidates(
+    spec: CompileSpec,
+    source: SourceModel,
+    target: TargetSpec,
+    recipes: list[Recipe],
+    calib: Dataset | None,
+    gate_set: Dataset,
+    gate: Gate,
+    measurer: Measurer,
+    work: Path,
+    progress: Progress | None,
+    key: str,
+    toolchain: dict[str, str],
+) -> tuple[CompileReport, Path]:
+    ref_runner = ModelRunner(source.path, target.threads)
+    _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
+    reference = ref_runner.run_dataset(gate_set.inputs)
+    del ref_runner
+    gate_all = {**gate_set.inputs, **gate_set.extra}
+    ref_score = gate.score(reference, gate_all)
+
+    def evaluate(path: Path) -> GateResult:
+        outs = ModelRunner(path, target.threads).run_dataset(gate_set.inputs)
+        fid = fidelity(reference, outs)
+        score = gate.score(outs, gate_all)
+        return GateResult(fid, score, gate.passes(fid, score, ref_score))
+
+    source_ops = _op_types(source)
+    candidates: list[_Candidate] = []
+    static_int8_failed = False
+    static_int8_passed = False
+    for index, recipe in enumerate(recipes, start=1):
+        if recipe.fallback and (static_int8_passed or not static_int8_failed):
+            continue
+        cand = _Candidate(recipe)
+        candidates.append(cand)
+        _say(progress, f"[{index}/{len(recipes)}] building {recipe.name}")
+        t0 = time.monotonic()
+        needs_calib = any(
+            name in ("static_int8", "mixed_precision", "pow2_int8", "npu_uint8", "tflite_export")
+            or dict(params).get("recipe") == "static"
+            for name, params in recipe.steps
+        )
+        if needs_calib and calib is None:
+            cand.error = "skipped: needs --calib (static int8 is never calibrated on random data)"
+            continue
+        if recipe.needs_ops and not set(recipe.needs_ops) & source_ops:
+            cand.error = f"skipped: the model has no {'/'.join(recipe.needs_ops)} node"
+            continue
+        cand_dir = work / f"{index:02d}-{recipe.name}"
+        cand_dir.mkdir()
+        ctx = PassContext(
+            target=target,
+            workdir=cand_dir,
+            calib=calib,
+            input_shapes=dict(spec.input_shapes),
+            evaluate=evaluate,
+            progress=progress,
+        )
+        path = source.path
+        try:
+            for pass_name, params in recipe.steps:
+                pass_cls = load_pass(pass_name, target, source.format)
+                with _quiet_toolchain():
+                    path = pass_cls(**dict(params)).run(path, ctx)
+            final = work / f"{index:02d}-{recipe.name}{path.suffix}"
+            shutil.copy2(path, final)
+            cand.path = final
+            result = evaluate(final)
+            cand.fidelity, cand.score, cand.passed = result.fidelity, result.score, result.passed
+        except PassError as exc:
+            cand.error = str(exc)
+        except CompileError:
+            raise
+        except Exception as exc:  # a pass bug must not sink the other candidates; it is reported
+            cand.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        cand.notes = ctx.notes
+        cand.build_s = time.monotonic() - t0
+        if recipe.precision in ("int8", "uint8") and index > 1 and cand.path is not None:
+            static_int8_passed |= cand.passed
+            static_int8_failed |= not cand.passed
+        shutil.rmtree(cand_dir, ignore_errors=True)
+        _say(
+            progress,
+            f"    {recipe.name}: "
+            + (
+                f"error: {cand.error}"
+                if cand.error
+                else f"fidelity {cand.fidelity:.5f} gate {'pass' if cand.passed else 'FAIL'}"
+            ),
+        )
+
+    baseline = candidates[0]
+    if baseline.path is None:
+        raise CompileError(
+            f"the fp32 baseline could not be built ({baseline.error}); check the model loads in onnxruntime"
+        )
+    to_measure = [c for c in candidates if c.path is not None and (c.passed or c is baseline)]
+    _say(progress, f"measuring {len(to_measure)} candidates on {measurer.measured_on}")
+    stats = measurer.measure([c.path for c in to_measure if c.path], gate_set.inputs)
+    for cand in to_measure:
+        assert cand.path is not None
+        cand.stats = stats.get(cand.path)
+
+    passed = [c for c in candidates if c.passed and c.stats is not None]
+    if not passed:
+        best = max((c for c in candidates if c.fidelity is not None), key=lambda c: c.fidelity or 0.0)
+        if gate.eval_fn is not None and ref_score is not None:
+            detail = f"best {best.recipe.name}: score {best.score} vs fp32 {ref_score:.4f}, max drop {gate.max_drop}"
+            fix = "raise --max-drop or calibrate with data closer to production"
+        else:
+            detail = f"best {best.recipe.name}: fidelity {best.fidelity:.6f} < budget {gate.budget}"
+            fix = "lower --budget or calibrate with data closer to production"
+        raise CompileError(f"no candidate meets the accuracy gate ({detail}); {fix}")
+
+    assert baseline.stats is not None
+    base_stats = baseline.stats
+
+    def gain_of(c: _Candidate) -> float:
+        return 1.0 if c is baseline or c.stats is None else paired_speedup(base_stats, c.stats)
+
+    quickest = max(passed, key=gain_of)
+    # Gains within tie_tolerance are noise on a shared machine: then the smaller bundle wins.
+    ties = [c for c in passed if gain_of(c) * (1 + spec.tie_tolerance) >= gain_of(quickest)]
+    fastest = min(ties, key=lambda c: c.path.stat().st_size if c.path else 0)
+    assert fastest.stats is not None
+    gain = gain_of(fastest)
+    if fastest is baseline:
+        chosen, why = baseline, "no candidate within the gate was faster than the optimized fp32 graph"
+    elif not baseline.passed:
+        chosen = fastest
+        why = (
+            f"the fp32 baseline fails the gate against the source; {fastest.recipe.name} is the fastest "
+            "candidate within it"
+        )
+    elif gain < spec.min_speedup:
+        chosen = baseline
+        why = (
+            f"the best candidate within the gate ({fastest.recipe.name}) was only {gain:.2f}x faster, under "
+            f"the {spec.min_speedup:.2f}x needed to beat measurement noise; the optimized fp32 graph is the answer"
+        )
+    else:
+        chosen = fastest
+        why = f"fastest candidate within the gate: {gain:.2f}x over the fp32 baseline ({baseline.recipe.name})"
+        if fastest is not quickest:
+            why += f", and the smallest build within {spec.tie_tolerance:.0%} of the quickest ({quickest.recipe.name})"
+    failed_gate = [c.recipe.name for c in candidates if c.path is not None and not c.passed]
+    if failed_gate:
+        why += f"; failed the gate: {', '.join(failed_gate)}"
+    assert chosen.path is not None and chosen.stats is not None
+
+    def summary(c: _Candidate) -> dict[str, Any]:
+        assert c.path is not None and c.stats is not None
+        return {
+            "recipe": c.recipe.name,
+            "latency_ms": round(c.stats.median_ms, 4),
+            "size_bytes": c.path.stat().st_size,
+            "compressed_bytes": _compressed_size(c.path),
+            "fidelity": None if c.fidelity is None else round(c.fidelity, 6),
+            "task_score": c.score,
+            "estimated": c.stats.estimated,
+        }
+
+    estimated = bool(chosen.stats.estimated)
+    report = CompileReport(
+        artifact="",
+        chosen=chosen.recipe.name,
+        why=why,
+        baseline=summary(baseline),
+        result=summary(chosen),
+        speedup=round(gain_of(chosen), 4),
+        size_ratio=round(baseline.path.stat().st_size / max(chosen.path.stat().st_size, 1), 4)
+        if baseline.path
+        else 1.0,
+        candidates=[c.row() for c in candidates],
+        target=target.as_dict(),
+        gate={
+            **gate.describe(),
+            "data": gate_set.source,
+            "samples": gate_set.count,
+            "reference_score": ref_score,
+            "calibration": calib.source if calib else None,
+            "calibration_samples": calib.count if calib else 0,
+        },
+        latency={
+            "measured_on": measurer.measured_on,
+            "estimated": estimated,
+            "note": (
+                "latencies are ESTIMATED from micro-benchmark figures, not measured; no device of this class was online"
+                if estimated
+                else chosen.stats.method
+            ),
+        },
+        toolchain=toolchain,
+        cache_key=key,
+        source={
+            "path": str(source.path),
+            "sha256": source.sha256,
+            "format": source.format,
+            "opset": source.opset,
+            "inputs": [t.as_dict() for t in source.inputs],
+            "outputs": [t.as_dict() for t in source.outputs],
+        },
+    )
+    return report, chosen.path
+
+
+def _op_types(source: SourceModel) -> set[str]:
+    if source.format != "onnx":
+        return set()
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(source.path), load_external_data=False).graph.node}
+
+
+def _manifest(
+    report: CompileReport,
+    source: SourceModel,
+    target: TargetSpec,
+    recipes: list[Recipe],
+    artifact: Path,
+    artifact_name: str,
+) -> dict[str, Any]:
+    recipe = next(r for r in recipes if r.name == report.chosen)
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "kind": "edgefleet.compile",
+        "artifact": {
+            "file": artifact_name,
+            "sha256": sha256_file(artifact),
+            "size_bytes": artifact.stat().st_size,
+            "format": "tflite" if artifact.suffix == ".tflite" else "onnx",
+        },
+        "hardware_class": target.hardware_class,
+        "execution_provider": target.execution_provider,
+        "provenance": {
+            "source_sha256": source.sha256,
+            "source_file": source.path.name,
+            "recipe": {"name": recipe.name, "passes": recipe.describe()},
+            "toolchain": report.toolchain,
+            "cache_key": report.cache_key,
+        },
+        "io": report.source.get("inputs"),
+        "outputs": report.source.get("outputs"),
+        "report": report.to_dict(),
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _copy_cached(entry: Path, tmp: Path, report: CompileReport) -> None:
+    for item in entry.iterdir():
+        if item.name != "report.json":
+            shutil.copy2(item, tmp / item.name)
+    _write_json(tmp / "report.json", report.to_dict())
+
+
+def _publish(out: Path, fill: Callable[[Path], None]) -> None:
+    """Build the output in a sibling temp dir and rename it into place: never a partial --out."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    old: Path | None = None
+    try:
+        fill(tmp)
+        for item in tmp.iterdir():
+            fd = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""Recipes: for each hardware class, the ordered candidate builds worth trying.
+
+The first recipe of every row is the baseline (the optimized fp32 graph): it is always built and
+measured, and it is the answer when nothing else passes the gate or beats it. Recipes marked
+``fallback`` run only when every full-int8 candidate failed the gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet.controller.compiler.errors import CompileError
+from edgefleet.controller.compiler.target import TargetSpec
+
+Step = tuple[str, tuple[tuple[str, Any], ...]]
+
+
+def step(pass_name: str, **params: Any) -> Step:
+    return pass_name, tuple(sorted(params.items()))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named chain of passes; ``precision`` is what the result computes in."""
+
+    name: str
+    steps: tuple[Step, ...]
+    precision: str
+    fallback: bool = False
+    summary: str = ""
+    needs_ops: tuple[str, ...] = ()  # skip (and say so) when the model has none of these op types
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"pass": name, "params": dict(params)} for name, params in self.steps]
+
+
+PREP = (step("opset_upgrade"), step("simplify"))
+PREP_STATIC = (step("opset_upgrade"), step("fix_shapes"), step("simplify"))
+BASELINE = Recipe(
+    "fp32-optimized",
+    (*PREP, step("ort_fusion", level="auto")),
+    "fp32",
+    summary="opset upgrade, simplification, ORT offline fusion for the target EP",
+)
+BASELINE_STATIC = Recipe(
+    "fp32-optimized",
+    (*PREP_STATIC, step("ort_fusion", level="basic")),
+    "fp32",
+    summary="static shapes, simplification, portable (basic) fusion",
+)
+_QDQ_PC = (("calibration", "minmax"), ("per_channel", True), ("quant_format", "qdq"))
+
+
+def _int8(name: str, prep: tuple[Step, ...] = PREP, **params: Any) -> Recipe:
+    return Recipe(name, (*prep, step("static_int8", **params)), "int8")
+
+
+CPU_INT8 = [
+    BASELINE,
+    _int8("int8-qdq-perchannel-minmax", quant_format="qdq", per_channel=True, calibration="minmax"),
+    _int8("int8-qdq-pertensor-minmax", quant_format="qdq", per_channel=False, calibration="minmax"),
+    _int8("int8-qdq-perchannel-percentile", quant_format="qdq", per_channel=True, calibration="percentile"),
+    _int8("int8-qoperator-perchannel-minmax", quant_format="qoperator", per_channel=True, calibration="minmax"),
+    Recipe(
+        "int8-qdq+dynamic-rnn",
+        (
+            *PREP,
+            step("static_int8", quant_format="qdq", per_channel=True),
+            step("dynamic_int8", op_types=("LSTM", "GRU")),
+        ),
+        "int8",
+        summary="conv nets with a recurrent head: static int8 for conv/matmul, dynamic int8 for LSTM/GRU weights",
+        needs_ops=("LSTM", "GRU"),
+    ),
+    Recipe(
+        "int8-dynamic-matmul",
+        (*PREP, step("dynamic_int8")),
+        "int8-dynamic",
+        summary="transformer/RNN MatMuls only; chosen only if it measures faster",
+    ),
+    Recipe(
+        "int8-mixed",
+        (*PREP, step("mixed_precision", base=_QDQ_PC)),
+        "mixed",
+        fallback=True,
+        summary="full int8 failed the gate: keep the most sensitive nodes in float",
+    ),
+]
+
+ARM_INT8 = [
+    *CPU_INT8[:3],
+    _int8("int8-qdq-perchannel-entropy", quant_format="qdq", per_channel=True, calibration="entropy"),
+    *CPU_INT8[5:],  # qdq+dynamic-rnn, dynamic-matmul, mixed
+    Recipe(
+        "int8-qdq-pruned30",
+        (*PREP, step("prune", sparsity=0.3), step("static_int8", quant_format="qdq", per_channel=True)),
+        "int8",
+        summary="smaller bundle over slow links; latency as unpruned int8",
+    ),
+]
+
+_NPU_CHECK = step("structure_check", weight_dtype="uint8")
+_DPU_CHECK = step("structure_check", weight_dtype="int8", pow2_scales=True)
+# fmt: off
+GPU = [
+    BASELINE,
+    Recipe("fp16", (*PREP, step("ort_fusion", level="basic"), step("fp16", keep_io_types=True)), "fp16"),
+]
+NPU = [
+    BASELINE_STATIC,
+    Recipe("uint8-npu-minmax", (*PREP_STATIC, step("npu_uint8", calibration="minmax"), _NPU_CHECK), "uint8"),
+    Recipe("uint8-npu-percentile", (*PREP_STATIC, step("npu_uint8", calibration="percentile"), _NPU_CHECK),
+           "uint8"),
+]
+DPU = [
+    BASELINE_STATIC,
+    Recipe("int8-pow2-minmax", (*PREP_STATIC, step("pow2_int8", calibration="minmax"), _DPU_CHECK), "int8"),
+]
+TFLITE_TARGETS = [
+    BASELINE_STATIC,
+    Recipe("tflite-full-int8", (*PREP_STATIC, step("tflite_export")), "int8",
+           summary="ONNX to full-int8 TFLite (needs the tflite-convert extra)"),
+]
+
+# Hardware class pattern (first full match wins) -> ordered candidates. This table is the policy.
+RECIPE_TABLE: tuple[tuple[str, list[Recipe]], ...] = (
+    (r"x86_64.*",                                   CPU_INT8),
+    (r"arm64.*|armv7.*",                            ARM_INT8),
+    (r"cuda-sm[0-9]+",                              GPU),
+    (r"qnn-htp|intel-npu|rknpu|hailo8l?|hailo10h",  NPU),
+    (r"vitis-dpu",                                  DPU),
+    (r"edgetpu|mcu-.*",                             TFLITE_TARGETS),
+)
+# fmt: on
+
+TFLITE_BASELINE = Recipe("tflite-float", (), "fp32", summary="the TFLite model as given")
+TFLITE_RECIPES = [
+    TFLITE_BASELINE,
+    Recipe("tflite-dynamic", (step("tflite_quantize", recipe="dynamic"),), "int8-dynamic"),
+    Recipe("tflite-weight-only", (step("tflite_quantize", recipe="weight_only"),), "weight-only"),
+    Recipe("tflite-static-int8", (step("tflite_quantize", recipe="static"),), "int8"),
+]
+
+
+def all_recipe_names() -> list[str]:
+    names = {r.name for _, rows in RECIPE_TABLE for r in rows} | {r.name for r in TFLITE_RECIPES}
+    return sorted(names)
+
+
+def recipes_for(target: TargetSpec, model_format: str, only: tuple[str, ...] | None = None) -> list[Recipe]:
+    """Ordered candidates for a target; ``only`` limits them by name (the baseline always stays)."""
+    import re
+
+    if model_format == "tflite":
+        rows = TFLITE_RECIPES
+    else:
+        key = target.recipe_class or target.hardware_class
+        rows = next((r for pattern, r in RECIPE_TABLE if re.fullmatch(pattern, key)), [])
+        if not rows:
+            raise CompileError(f"no recipes for class '{target.hardware_class}'; add a row to RECIPE_TABLE")
+    if only:
+        known = {r.name for r in rows}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise CompileError(
+                f"recipe '{unknown[0]}' does not apply to class '{target.hardware_class}' "
+                f"(available: {', '.join(sorted(known))}); pass one of those to --recipes"
+            )
+        rows = [rows[0], *[r for r in rows[1:] if r.name in only]]
+    return list(rows)

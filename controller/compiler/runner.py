@@ -1,0 +1,156 @@
+"""Running a candidate over a data set, the same way for the gate and for measurement.
+
+Sessions use the serving settings an agent uses (all graph optimizations, one intra-op thread per
+physical core) so the numbers the gate sees are the numbers a device will produce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet.controller.compiler.errors import CompileError
+
+RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def default_threads() -> int:
+    """Physical cores where psutil knows them, else logical CPUs: what the agent serves with."""
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return int(os.cpu_count() or 1)
+
+
+def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None, *, spin: bool = True) -> Any:
+    """An onnxruntime session with serving settings.
+
+    ``spin=False`` when several sessions take turns (interleaved measurement): a session's idle
+    threads otherwise spin-wait and steal the cores from the one being timed.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class ModelRunner:
+    """One loaded candidate: ``run`` feeds one batch, ``run_dataset`` feeds many samples in batches."""
+
+    def __init__(self, path: Path, threads: int = 0, *, spin: bool = True) -> None:
+        self.path = Path(path)
+        self.kind = "tflite" if self.path.suffix == ".tflite" else "onnx"
+        self._tfl: Any = None
+        if self.kind == "onnx":
+            self._sess = ort_session(self.path, threads, spin=spin)
+            self.input_names = [i.name for i in self._sess.get_inputs()]
+            self.output_names = [o.name for o in self._sess.get_outputs()]
+            dims = [i.shape[0] if i.shape else None for i in self._sess.get_inputs()]
+            self.input_dtypes = {i.name: _ort_type_to_np(i.type) for i in self._sess.get_inputs()}
+        else:
+            from ai_edge_litert.interpreter import Interpreter
+
+            self._tfl = Interpreter(model_path=str(self.path), num_threads=threads or default_threads())
+            self._tfl.allocate_tensors()
+            ins = self._tfl.get_input_details()
+            self.input_names = [d["name"] for d in ins]
+            self.output_names = [d["name"] for d in self._tfl.get_output_details()]
+            dims = [int(d["shape"][0]) if len(d["shape"]) else None for d in ins]
+            # Quantized inputs take float data: _run_tflite applies the input's scale and zero point.
+            self.input_dtypes = {
+                d["name"]: np.dtype(np.float32) if d.get("quantization", (0.0, 0))[0] else np.dtype(d["dtype"])
+                for d in ins
+            }
+        fixed = [d for d in dims if isinstance(d, int) and d > 0]
+        self.fixed_batch: int | None = fixed[0] if fixed else None
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "onnx":
+            outs = self._sess.run(self.output_names, {k: feed[k] for k in self.input_names})
+            return dict(zip(self.output_names, outs, strict=True))
+        return self._run_tflite(feed)
+
+    def _run_tflite(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        interp = self._tfl
+        for detail in interp.get_input_details():
+            arr = feed[detail["name"]]
+            scale, zero = detail.get("quantization", (0.0, 0))
+            if np.dtype(detail["dtype"]).kind in "iu" and scale:
+                arr = np.clip(
+                    np.round(arr / scale + zero), np.iinfo(detail["dtype"]).min, np.iinfo(detail["dtype"]).max
+                )
+            interp.set_tensor(detail["index"], arr.astype(detail["dtype"]))
+        interp.invoke()
+        out: dict[str, np.ndarray] = {}
+        for detail in interp.get_output_details():
+            val = interp.get_tensor(detail["index"])
+            scale, zero = detail.get("quantization", (0.0, 0))
+            if np.dtype(detail["dtype"]).kind in "iu" and scale:
+                val = (val.astype(np.float32) - zero) * scale
+            out[detail["name"]] = val
+        return out
+
+    def sample_feed(self, data: Mapping[str, np.ndarray], start: int = 0) -> dict[str, np.ndarray]:
+        """One batch as the model takes it: its fixed batch size, or one sample."""
+        b = self.fixed_batch or 1
+        feed = {}
+        for name in self.input_names:
+            arr = data[name][start : start + b]
+            if arr.shape[0] < b:
+                arr = np.concatenate([arr] * (b // max(1, arr.shape[0]) + 1))[:b]
+            feed[name] = arr.astype(self.input_dtypes.get(name, arr.dtype), copy=False)
+        return feed
+
+    def run_dataset(self, data: Mapping[str, np.ndarray], max_batch: int = 32) -> dict[str, np.ndarray]:
+        """All samples, batched; outputs concatenated on axis 0 (assumed to be the sample axis)."""
+        n = int(next(iter(data.values())).shape[0])
+        b = self.fixed_batch or max(1, min(max_batch, n))
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
+        for start in range(0, n, b):
+            take = min(b, n - start)
+            feed = (
+                self.sample_feed(data, start)
+                if self.fixed_batch
+                else {
+                    k: data[k][start : start + take].astype(self.input_dtypes.get(k, data[k].dtype), copy=False)
+                    for k in self.input_names
+                }
+            )
+            try:
+                outs = self.run(feed)
+            except Exception as exc:
+                raise CompileError(
+                    f"running {self.path.name} failed ({str(exc).splitlines()[0][:160]}); "
+                    "check the data matches the model inputs"
+                ) from exc
+            for k, v in outs.items():
+                v = np.asarray(v)
+                chunks[k].append(v[:take] if self.fixed_batch and v.ndim and v.shape[0] == b else v)
+        return {k: np.concatenate(v) if v and v[0].ndim else np.stack(v) for k, v in chunks.items()}
+
+
+def _ort_type_to_np(ort_type: str) -> np.dtype:
+    table = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(double)": np.float64,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8,
+        "tensor(bool)": np.bool_,
+    }
+    return np.dtype(table.get(ort_type, np.float32))

@@ -1,0 +1,1 @@
+"""Scripts that build or train the compiler's test and benchmark models (no downloads)."""

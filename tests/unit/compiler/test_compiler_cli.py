@@ -1,0 +1,245 @@
+"""``edgefleet compile`` end to end on tiny models: the report contract, caching, atomic output,
+and where latencies come from (local, device-in-the-loop, estimated)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+
+from edgefleet.controller.compiler import CompileSpec, DeviceMeasurer, TargetSpec, compile_model
+from edgefleet.controller.compiler.cli import compile_command
+
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+REPORT_KEYS = {"artifact", "chosen", "baseline", "result", "speedup", "candidates", "toolchain", "cache_key"}
+CANDIDATE_KEYS = {"recipe", "passes", "latency_ms", "size_bytes", "fidelity", "passed_gate", "measured_on", "error"}
+
+
+def invoke(args: list[str]):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(compile_command, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_json_report_contract_local_measurement(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = invoke(
+        [
+            mlp["model"],
+            "--target",
+            "x86_64-avx512vnni",
+            "--measure",
+            "local",
+            "--calib",
+            mlp["calib"],
+            "--eval-data",
+            mlp["eval"],
+            "--recipes",
+            "int8-qdq-perchannel-minmax",
+            "--out",
+            out,
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout is the report and nothing else
+    assert set(report) >= REPORT_KEYS
+    for key in ("baseline", "result"):
+        assert {"latency_ms", "size_bytes", "fidelity"} <= set(report[key])
+    assert [c["recipe"] for c in report["candidates"]] == ["fp32-optimized", "int8-qdq-perchannel-minmax"]
+    for cand in report["candidates"]:
+        assert set(cand) >= CANDIDATE_KEYS
+        assert cand["passed_gate"] and cand["measured_on"].startswith("local:") and not cand["estimated"]
+    assert {"onnx", "onnxruntime", "numpy"} <= set(report["toolchain"])
+    assert report["latency"]["estimated"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    assert Path(report["artifact"]) == out.resolve() / "model.onnx"
+    onnx.checker.check_model(report["artifact"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["provenance"]["source_sha256"] == report["source"]["sha256"]
+    assert manifest["provenance"]["recipe"]["name"] == report["chosen"]
+    assert manifest["report"]["cache_key"] == report["cache_key"]
+    # Progress went to stderr, not stdout.
+    assert "building" in result.stderr
+
+
+def test_second_compile_is_a_cache_hit(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    args = [
+        mlp["model"],
+        "--target",
+        "x86_64-avx512vnni",
+        "--calib",
+        mlp["calib"],
+        "--recipes",
+        "int8-qdq-pertensor-minmax",
+        "--json",
+    ]
+    first = json.loads(invoke([*args, "--out", tmp_path / "a"]).stdout)
+    t0 = time.monotonic()
+    second = json.loads(invoke([*args, "--out", tmp_path / "b"]).stdout)
+    assert time.monotonic() - t0 < 2.0
+    assert second["cached"] and not first["cached"]
+    assert second["cache_key"] == first["cache_key"] and second["chosen"] == first["chosen"]
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert Path(second["artifact"]).parent == (tmp_path / "b").resolve()
+
+
+def test_class_without_device_is_marked_estimated(tmp_path: Path, conv: dict[str, Path]) -> None:
+    result = invoke(
+        [
+            conv["model"],
+            "--target",
+            "x86_64-avx2",
+            "--calib",
+            conv["calib"],
+            "--recipes",
+            "int8-qdq-perchannel-minmax",
+            "--out",
+            tmp_path / "o",
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["latency"]["estimated"] is True and "ESTIMATED" in report["latency"]["note"]
+    assert all(c["estimated"] for c in report["candidates"] if c["latency_ms"] is not None)
+    assert report["candidates"][0]["measured_on"].startswith("estimated:x86_64-avx2")
+    # The estimate ranks int8 convs ahead of fp32 on a class with int8 throughput > fp32 throughput.
+    assert report["chosen"] == "int8-qdq-perchannel-minmax"
+
+
+def test_device_in_the_loop_measurer_is_used(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    seen: list[str] = []
+
+    def submit(device: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        seen.append(device)
+        # The fake device finds fp32 twice as slow as anything quantized.
+        return {str(p): {"median_ms": 2.0 if "fp32" in p.name else 1.0, "samples": 10} for p in paths}
+
+    def online(target: TargetSpec) -> DeviceMeasurer | None:
+        return DeviceMeasurer("dev-17", submit) if target.hardware_class == "arm64-dotprod" else None
+
+    spec = CompileSpec(
+        model=mlp["model"],
+        target="arm64-dotprod",
+        calib=mlp["calib"],
+        out=tmp_path / "o",
+        recipes=("int8-qdq-perchannel-minmax",),
+    )
+    report = compile_model(spec, device_measurers=online)
+    assert seen == ["dev-17"]
+    assert report.chosen == "int8-qdq-perchannel-minmax" and report.speedup == 2.0
+    assert report.latency == {**report.latency, "measured_on": "device:dev-17", "estimated": False}
+
+
+def test_fp32_stays_when_nothing_beats_it(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    from edgefleet.controller.compiler import LatencyStats
+
+    class FlatMeasurer:
+        measured_on = "fake"
+
+        def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
+            return {
+                Path(p): LatencyStats(1.0 if "fp32" in Path(p).name else 0.98, 1.0, 1.0, 9, "fake") for p in candidates
+            }
+
+    spec = CompileSpec(
+        model=mlp["model"],
+        target="x86_64-avx512vnni",
+        calib=mlp["calib"],
+        out=tmp_path / "o",
+        recipes=("int8-qdq-perchannel-minmax",),
+    )
+    report = compile_model(spec, measurer=FlatMeasurer())
+    assert report.chosen == "fp32-optimized" and report.speedup == 1.0
+    assert "only 1.02x faster" in report.why
+
+
+def test_task_eval_gate_reports_scores(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    result = invoke(
+        [
+            mlp["model"],
+            "--target",
+            "x86_64-avx512vnni",
+            "--calib",
+            mlp["calib"],
+            "--eval-data",
+            mlp["eval"],
+            "--eval",
+            "eval_fixtures:top1",
+            "--max-drop",
+            "0.02",
+            "--recipes",
+            "int8-dynamic-matmul",
+            "--out",
+            tmp_path / "o",
+            "--json",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["gate"]["kind"] == "task-score" and report["gate"]["reference_score"] > 0.85
+    assert all(c["task_score"] is not None for c in report["candidates"])
+
+
+def test_rerun_into_previous_output_replaces_it(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    out = tmp_path / "o"
+    args = [mlp["model"], "--target", "x86_64-avx512vnni", "--out", out, "--json", "--no-cache"]
+    assert invoke(args).exit_code == 0
+    (out / "stale.txt").write_text("x")
+    (out / "stale.txt").unlink()
+    assert invoke(args).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    assert not list(tmp_path.glob(".o.*"))
+
+
+def test_cache_key_changes_with_the_toolchain(tmp_path: Path, mlp: dict[str, Path], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from edgefleet.controller.compiler import cache
+
+    spec = CompileSpec(model=mlp["model"], target="x86_64-avx512vnni", out=tmp_path / "a", recipes=())
+    first = compile_model(spec)
+    real = cache.toolchain_versions
+    monkeypatch.setattr(cache, "toolchain_versions", lambda: {**real(), "onnxruntime": "9.9.9"})
+    second = compile_model(CompileSpec(model=mlp["model"], target="x86_64-avx512vnni", out=tmp_path / "b", recipes=()))
+    assert first.cache_key != second.cache_key and not second.cached
+
+
+def test_one_compile_per_class_whatever_the_device(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    """Two devices of one class (different core counts and micro-benchmarks) share one cache entry."""
+    keys = []
+    for i, gflops in enumerate((80.0, 95.0)):
+        profile = tmp_path / f"dev{i}.json"
+        profile.write_text(
+            json.dumps(
+                {
+                    "hardwareClass": "arm64-dotprod",
+                    "cpu": {"arch": "aarch64", "physicalCores": 4 + i, "isaFeatures": ["asimd", "asimddp"]},
+                    "microbench": {"fp32GemmGflops": gflops, "int8GemmGops": 3 * gflops, "memoryBandwidthGbs": 9.0},
+                }
+            )
+        )
+        result = invoke(
+            [
+                mlp["model"],
+                "--target",
+                profile,
+                "--calib",
+                mlp["calib"],
+                "--recipes",
+                "int8-qdq-perchannel-minmax",
+                "--out",
+                tmp_path / f"o{i}",
+                "--json",
+            ]
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        keys.append((report["cache_key"], report["cached"]))
+    assert keys[0][0] == keys[1][0] and keys[1][1] is True
