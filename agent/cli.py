@@ -64,9 +64,16 @@ def state_dir_option(fn):  # type: ignore[no-untyped-def]
               help="Drive the installed model with its golden input at a fixed rate.")
 @click.option("--power-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="JSON overriding the per-class power estimates.")
+@click.option("--model-disk-limit", type=click.IntRange(1), default=None, metavar="BYTES",
+              help="Most disk one model slot may use (default: the free space).")
+@click.option("--transport", type=click.Choice(["grpc", "mqtt"]), default="grpc", show_default=True,
+              help="How to reach the controller after enrolling (enrollment itself is one gRPC call).")  # issue 7
+@click.option("--mqtt", "mqtt_url", default=None, metavar="mqtt[s]://HOST:PORT",
+              help="Broker URL, when it differs from the one the controller gave at enrollment.")
 def run(controller: str | None, token: str, state_dir: Path, labels: str, hardware_class: str | None,
         no_microbench: bool, backoff_max: float, telemetry_interval: str, telemetry_queue: int, local_api: str,
-        workload: str | None, power_model: Path | None) -> None:
+        workload: str | None, power_model: Path | None, model_disk_limit: int | None, transport: str,
+        mqtt_url: str | None) -> None:
     """Enroll (once), then stay connected: heartbeats, serving, telemetry."""
     from edgefleet.agent.daemon import Agent, AgentConfig, ConfigError, parse_workload
     from edgefleet.agent.session import Refused
@@ -84,7 +91,8 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
             state_dir=state_dir, controller=controller, token=token, labels=label_map,
             hardware_class=hardware_class, microbench=not no_microbench, backoff_max_s=backoff_max,
             telemetry_interval_s=max(0.05, interval), telemetry_queue_cap=telemetry_queue, local_api=local_api,
-            workload_rate=parse_workload(workload), power_model=power_model,
+            workload_rate=parse_workload(workload), power_model=power_model, model_disk_limit=model_disk_limit,
+            transport=transport, mqtt_url=mqtt_url,  # issue 7
         )
         state_dir.mkdir(parents=True, exist_ok=True)
         profile = collect_profile_for_agent(state_dir, microbench=config.microbench, hardware_class=hardware_class)
@@ -264,6 +272,16 @@ def status_cmd(local_api: str, as_json: bool, state_dir: Path) -> None:
     click.echo(f"model      {status.model or '-'} {('v' + status.version) if status.version else ''}")
     click.echo(f"runtime    {status.runtime or '-'}{('  FALLBACK: ' + status.fallback) if status.fallback else ''}")
     click.echo(f"telemetry  {status.telemetry_queued} queued, {status.telemetry_dropped} dropped")
+
+
+def _register_tool_commands() -> None:
+    """`install FILE`: the offline (USB, air-gapped) path through the same installer as the network one."""
+    from edgefleet.firmware.cli import install_command
+
+    cli.add_command(install_command, "install")
+
+
+_register_tool_commands()
 
 
 def main() -> None:

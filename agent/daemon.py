@@ -12,15 +12,19 @@ from pathlib import Path
 
 import grpc
 
+from edgefleet.agent.commands import CommandRunner, GrpcArtifactSource
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.identity import Identity, load_identity, save_identity
 from edgefleet.agent.local_api import socket_address, start_local_api
+from edgefleet.agent.mqtt_link import MqttLink, keep_mqtt_login, link_for_agent  # issue 7
 from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
 from edgefleet.agent.runtime import load_model
 from edgefleet.agent.serving import InferenceService
 from edgefleet.agent.session import AgentSession, enroll
 from edgefleet.agent.telemetry import TelemetryCollector
+from edgefleet.firmware.installer import Installer, InstallPolicy
+from edgefleet.firmware.keys import pin_public_keys, pinned_keys
 from edgefleet.protos.v1 import local_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent")
@@ -56,6 +60,9 @@ class AgentConfig:
     local_api: str = "unix"
     workload_rate: float | None = None
     power_model: Path | None = None
+    model_disk_limit: int | None = None
+    transport: str = "grpc"  # issue 7: grpc | mqtt (enrollment is always one gRPC call)
+    mqtt_url: str | None = None  # overrides the broker URL the controller gave at enrollment
 
 
 class Agent:
@@ -63,7 +70,7 @@ class Agent:
         self.config = config
         self.profile = profile
         self.identity: Identity | None = None
-        self.session: AgentSession | None = None
+        self.session: AgentSession | MqttLink | None = None
         self.outbox = TelemetryOutbox(config.state_dir / "telemetry.db", config.telemetry_queue_cap)
         models = load_power_models(config.power_model)
         power = PowerMeter(profile.power_sensors, power_model_for(profile.hardware_class, models))
@@ -80,6 +87,10 @@ class Agent:
             self.service.swap(None)
             return
         self.service.swap(load_model(active.model_path, active.manifest, self.threads))
+
+    def serving(self) -> tuple[str, int]:
+        model = self.service.model
+        return (model.name, int(model.version)) if model else ("", 0)
 
     def status(self) -> local_pb2.AgentStatus:
         model = self.service.model
@@ -109,8 +120,12 @@ class Agent:
             )
         if not self.config.controller:
             raise ConfigError("pass --controller HOST:PORT for the first enrollment")
-        identity = await enroll(self.config.controller, self.config.token, self.profile, self.config.labels,
-                                backoff_max_s=self.config.backoff_max_s)
+        identity, reply = await enroll(self.config.controller, self.config.token, self.profile,
+                                       self.config.labels, backoff_max_s=self.config.backoff_max_s)
+        # Pin the signing keys before the identity is saved: an identity on disk means keys are pinned.
+        pin_public_keys(self.config.state_dir, reply.trusted_public_keys_pem)
+        if self.config.transport == "mqtt":  # issue 7
+            keep_mqtt_login(self.config.state_dir, reply.mqtt, self.config.controller)
         save_identity(self.config.state_dir, identity)
         log.info("enrolled", extra={"device": identity.device_id, "controller": self.config.controller})
         return identity
@@ -153,8 +168,32 @@ class Agent:
             task.add_done_callback(outstanding.discard)
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
+    def _installer(self, identity: Identity, controller: str) -> Installer:
+        def reopen(ref: str) -> GrpcArtifactSource | None:
+            # After a restart an interrupted download resumes from the controller it came from.
+            if not ref.startswith("sha256:"):
+                return None
+            state = self.installer_record_size()
+            return GrpcArtifactSource(controller, identity, ref.split(":", 1)[1], state) if state else None
+
+        return Installer(
+            self.config.state_dir, pinned_keys(self.config.state_dir), hardware_class=self.profile.hardware_class,
+            open_source=reopen, device_id=identity.device_id,
+            policy=InstallPolicy(slot_capacity_bytes=self.config.model_disk_limit),
+        )
+
+    def installer_record_size(self) -> int:
+        from edgefleet.firmware.install_state import StateStore
+
+        return int(StateStore(self.config.state_dir).load().total_size or 0)
+
     async def run(self) -> None:
         self.identity = await self._enroll_if_needed()
+        controller = self.config.controller or self.identity.controller
+        installer = self._installer(self.identity, controller)
+        outcome = await asyncio.to_thread(installer.resume)
+        if outcome.result != "idle":
+            log.info("install resumed at start", extra={"result": outcome.result, "reason": outcome.reason})
         self.load_active_model()
         try:
             address = socket_address(self.config.local_api, self.config.state_dir)
@@ -167,11 +206,25 @@ class Agent:
                 f"cannot serve the local API on {address}: {exc}; choose another with --local-api"
             ) from None
         self.session = AgentSession(
-            self.config.controller or self.identity.controller, self.identity, lambda: self.profile,
+            controller, self.identity, lambda: self.profile,
             outbox=self.outbox, backoff_max_s=self.config.backoff_max_s,
         )
+        if self.config.transport == "mqtt":  # issue 7: after enrollment the device speaks only MQTT
+            self.session = link_for_agent(self.config.state_dir, self.identity, self.outbox,
+                                          url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+        identity = self.identity
+        runner = CommandRunner(
+            self.config.state_dir, installer,
+            source_for=lambda spec: GrpcArtifactSource(controller, identity, spec.sha256, spec.size),
+            send_ack=self.session.send_ack,
+            on_installed=self.load_active_model,
+            threads=self.threads,
+        )
+        self.session.on_command = runner.submit
+        self.session.serving = self.serving
         tasks = [
             asyncio.create_task(self.session.run()),
+            asyncio.create_task(runner.run()),
             asyncio.create_task(self.service.run()),
             asyncio.create_task(self._telemetry_loop()),
         ]

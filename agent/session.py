@@ -87,7 +87,7 @@ async def enroll(
     *,
     backoff_base_s: float = 0.5,
     backoff_max_s: float = 30.0,
-) -> Identity:
+) -> tuple[Identity, fleet_pb2.EnrollResponse]:
     """Trade the token for an identity. Network failures are retried; a refusal is final."""
     request = fleet_pb2.EnrollRequest(
         token=token,
@@ -104,13 +104,14 @@ async def enroll(
                 except grpc.aio.AioRpcError as exc:
                     _raise_refused(exc, "enrollment")
                     raise
-    return Identity(
+    identity = Identity(
         device_id=reply.device_id,
         device_secret=reply.device_secret,
         controller=controller,
         labels=dict(reply.labels),
         enrolled_at_unix_ms=int(time.time() * 1000),
     )
+    return identity, reply
 
 
 class AgentSession:
@@ -132,6 +133,9 @@ class AgentSession:
         self.outbox = outbox
         self.telemetry_window = telemetry_window
         self.telemetry_ready = asyncio.Event()
+        self.on_command: Callable[[fleet_pb2.Command], None] | None = None
+        self.serving: Callable[[], tuple[str, int]] | None = None  # (model, version) now served
+        self._acks: asyncio.Queue[fleet_pb2.CommandAck] = asyncio.Queue()
         self._inflight: set[int] = set()
         self._write_lock = asyncio.Lock()
         self.backoff_base_s = backoff_base_s
@@ -170,7 +174,8 @@ class AgentSession:
                        "heartbeat_s": interval_s, "capability": accepted.capability_version},
             )
             self._inflight.clear()
-            senders = [asyncio.create_task(self._heartbeat_loop(call, interval_s))]
+            senders = [asyncio.create_task(self._heartbeat_loop(call, interval_s)),
+                       asyncio.create_task(self._ack_loop(call))]
             if self.outbox is not None:
                 senders.append(asyncio.create_task(self._telemetry_loop(call, self.outbox)))
             try:
@@ -191,6 +196,8 @@ class AgentSession:
         hello = fleet_pb2.Hello(
             capability_version=CAPABILITY_VERSION, agent_version=__version__, profile=self.profile()
         )
+        if self.serving is not None:
+            hello.model, hello.model_version = self.serving()
         await call.write(fleet_pb2.AgentMessage(hello=hello))
         first = await asyncio.wait_for(call.read(), timeout=self.connect_timeout_s)
         if first is grpc.aio.EOF or first.WhichOneof("body") != "accepted":
@@ -211,6 +218,20 @@ class AgentSession:
                     sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
                 )
             ))
+
+    def send_ack(self, ack: fleet_pb2.CommandAck) -> None:
+        """Queue a command ack; it goes out on this session or the next one."""
+        self._acks.put_nowait(ack)
+
+    async def _ack_loop(self, call: Any) -> None:
+        while True:
+            ack = await self._acks.get()
+            try:
+                await self._send(call, fleet_pb2.AgentMessage(command_ack=ack))
+            except BaseException:
+                if ack.final:
+                    self._acks.put_nowait(ack)  # keep it for the next session
+                raise
 
     async def _telemetry_loop(self, call: Any, outbox: TelemetryOutbox) -> None:
         """Send queued batches oldest first, at most `telemetry_window` un-acked at a time.
@@ -243,6 +264,8 @@ class AgentSession:
                 self.last_rtt_ms = time.time() * 1000 - message.heartbeat_ack.sent_at_unix_ms
             elif kind == "telemetry_ack":
                 self._on_telemetry_ack(message.telemetry_ack)
+            elif kind == "command" and self.on_command is not None:
+                self.on_command(message.command)
 
     def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
         seqs = list(ack.seqs) + [r.seq for r in ack.rejected]

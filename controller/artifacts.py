@@ -6,8 +6,9 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 from edgefleet.controller.errors import InvalidArgument, NotFound
 
@@ -59,6 +60,38 @@ class ArtifactStore:
                 out.write(data)
             os.replace(tmp, target)
         return sha
+
+    async def receive(self, chunks: AsyncIterator[Any]) -> tuple[str, int]:
+        """Store a client-streamed upload; the first message declares sha256 and size, which must match."""
+        hasher = hashlib.sha256()
+        expected_sha, expected_size, received = "", 0, 0
+        fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    if not expected_sha:
+                        expected_sha, expected_size = chunk.sha256, chunk.size
+                        self.path(expected_sha)  # validates the form
+                    if received + len(chunk.data) > max(expected_size, 0):
+                        raise InvalidArgument(f"upload is larger than the declared {expected_size} bytes")
+                    hasher.update(chunk.data)
+                    out.write(chunk.data)
+                    received += len(chunk.data)
+                out.flush()
+                os.fsync(out.fileno())
+            if not expected_sha:
+                raise InvalidArgument("empty upload; the first message must carry sha256 and size")
+            if received != expected_size or hasher.hexdigest() != expected_sha:
+                raise InvalidArgument(
+                    f"upload does not match its declaration (got {received} bytes, sha256 {hasher.hexdigest()[:12]}); "
+                    "upload again"
+                )
+            target = self.path(expected_sha)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+            return expected_sha, received
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def size(self, sha256: str) -> int:
         path = self.path(sha256)

@@ -9,12 +9,16 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edgefleet.controller import auth, validation
 from edgefleet.controller.errors import InvalidArgument, NotFound, Unauthenticated
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentRefused, EnrollmentTokenRecord, Store
 from edgefleet.protos.capability import negotiate
 from edgefleet.protos.v1 import profile_pb2
+
+if TYPE_CHECKING:  # issue 7: MQTT logins
+    from edgefleet.controller.broker_auth import BrokerAuth, MqttLogin
 
 log = logging.getLogger("edgefleet.controller.enrollment")
 
@@ -28,10 +32,13 @@ class EnrolledDevice:
     record: DeviceRecord
     secret: str
     capability_version: int
+    mqtt: MqttLogin | None = None  # this device's own broker login, when the controller runs with MQTT
 
 
 class Enrollment:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 mqtt_logins: BrokerAuth | None = None) -> None:
+        self.mqtt_logins = mqtt_logins  # issue 7: issues each enrolled device its broker login
         self.store = store
         self.clock = clock
 
@@ -105,7 +112,8 @@ class Enrollment:
             "device enrolled",
             extra={"device": record.device_id, "token": record.token_id, "class": record.hardware_class},
         )
-        return EnrolledDevice(record=record, secret=secret, capability_version=version)
+        login = self.mqtt_logins.issue(record.device_id) if self.mqtt_logins is not None else None  # issue 7
+        return EnrolledDevice(record=record, secret=secret, capability_version=version, mqtt=login)
 
     def authenticate_device(self, device_id: str, secret: str) -> DeviceRecord:
         """Check a device's id/secret pair; the same answer for a wrong id and a wrong secret."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,6 +21,7 @@ import grpc
 
 from edgefleet.controller import auth, telemetry, validation
 from edgefleet.controller.artifacts import ArtifactStore
+from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.enrollment import Enrollment
 from edgefleet.controller.errors import (
     FailedPrecondition,
@@ -28,7 +32,15 @@ from edgefleet.controller.errors import (
     Unauthenticated,
 )
 from edgefleet.controller.presence import PresenceTracker
-from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord, Store
+from edgefleet.controller.rollouts import RolloutEngine, RolloutRequest
+from edgefleet.controller.store.base import (
+    CommandRecord,
+    DeviceRecord,
+    EnrollmentTokenRecord,
+    ModelRecord,
+    RolloutRecord,
+    Store,
+)
 from edgefleet.controller.telemetry import TelemetryIngest
 from edgefleet.protos.capability import CAPABILITY_VERSION, negotiate
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc, profile_pb2
@@ -83,12 +95,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         presence: PresenceTracker,
         artifacts: ArtifactStore,
         ingest: TelemetryIngest,
+        commands: CommandDispatcher,
         heartbeat_interval_s: float,
+        trusted_public_keys_pem: list[str],
     ) -> None:
         self.enrollment = enrollment
         self.presence = presence
         self.artifacts = artifacts
         self.ingest = ingest
+        self.commands = commands
+        self.trusted_public_keys_pem = trusted_public_keys_pem
         self.heartbeat_interval_ms = int(heartbeat_interval_s * 1000)
 
     @maps_errors
@@ -108,6 +124,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             capability_version=CAPABILITY_VERSION,
             labels=enrolled.record.labels,
+            trusted_public_keys_pem=self.trusted_public_keys_pem,
+            mqtt=enrolled.mqtt.to_proto() if enrolled.mqtt else None,  # issue 7
         )
 
     async def Session(  # type: ignore[override]
@@ -126,8 +144,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             hardware_class=hello.profile.hardware_class,
             profile=hello.profile.SerializeToString(),
             hostname=hello.profile.os.hostname[:255],
+            model=(hello.model[:128], int(hello.model_version)),
         )
         outbox: asyncio.Queue[fleet_pb2.ControllerMessage] = asyncio.Queue()
+        session.send = outbox.put_nowait
         writer = asyncio.create_task(self._write_loop(context, outbox))
         reason = "stream closed"
         try:
@@ -140,6 +160,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                     )
                 )
             )
+            self.commands.deliver_open(device.device_id)
             limit = self.presence.silence_limit_s
             while True:
                 try:
@@ -171,6 +192,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                         message.telemetry,
                         lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
                     )
+                elif kind == "command_ack":
+                    self.commands.on_ack(device.device_id, message.command_ack)
                 elif kind == "hello":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'hello' may be sent once per session")
                 else:
@@ -281,6 +304,196 @@ class TelemetryControl:
         return control_pb2.TelemetrySummaryResponse(rows=rows)
 
 
+def command_to_proto(record: CommandRecord) -> control_pb2.CommandInfo:
+    info = control_pb2.CommandInfo(
+        command_id=record.command_id, device_id=record.device_id, kind=record.kind, state=record.state,
+        result=record.result, reason=record.reason, message=record.message,
+        created_at_unix_ms=record.created_at_ms, expires_at_unix_ms=record.expires_at_ms,
+        rollout_id=record.rollout_id,
+    )
+    if record.ack:
+        info.ack.ParseFromString(record.ack)
+    return info
+
+
+class CommandControl:
+    """Artifacts and device commands: the part of Control that moves models (mixed into ControlServicer)."""
+
+    store: Store
+    artifacts: ArtifactStore
+    commands: CommandDispatcher
+
+    async def UploadArtifact(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[control_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
+    ) -> control_pb2.ArtifactInfo:
+        try:
+            sha, size = await self.artifacts.receive(request_iterator)
+        except FleetError as exc:
+            await context.abort(status_for(exc), str(exc))
+            raise
+        return control_pb2.ArtifactInfo(sha256=sha, size=size)
+
+    @maps_errors
+    async def InstallOnDevice(
+        self, request: control_pb2.InstallOnDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CommandInfo:
+        install = bundle_install_action(self.artifacts, request.bundle_sha256)
+        record = self.commands.issue(request.device_id, install=install, ttl_s=request.ttl_s or 3600)
+        return command_to_proto(record)
+
+    @maps_errors
+    async def GetCommand(
+        self, request: control_pb2.GetCommandRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CommandInfo:
+        record = self.store.get_command(request.command_id)
+        if record is None:
+            raise NotFound(f"no command {request.command_id!r}")
+        return command_to_proto(record)
+
+    @maps_errors
+    async def ListCommands(
+        self, request: control_pb2.ListCommandsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListCommandsResponse:
+        records = self.store.list_commands(device_id=request.device_id or None, rollout_id=request.rollout_id or None)
+        return control_pb2.ListCommandsResponse(commands=[command_to_proto(r) for r in records])
+
+
+def bundle_install_action(artifacts: ArtifactStore, sha256: str) -> fleet_pb2.InstallBundle:
+    """The install action for an uploaded bundle, with name and version read from its manifest."""
+    from edgefleet.firmware.bundle import read_manifest
+    from edgefleet.firmware.rejections import BundleRejected
+
+    path = artifacts.path(sha256)
+    if not path.exists():
+        raise NotFound(f"no artifact {sha256}; upload the bundle first")
+    try:
+        manifest = read_manifest(path)
+    except BundleRejected as exc:
+        raise InvalidArgument(f"artifact {sha256[:12]} is not a readable bundle: {exc.message}") from None
+    return fleet_pb2.InstallBundle(sha256=sha256, size=path.stat().st_size, name=manifest.name,
+                                   version=manifest.version)
+
+
+class RolloutControl:
+    """Models and rollouts (mixed into ControlServicer)."""
+
+    store: Store
+    artifacts: ArtifactStore
+    rollouts: RolloutEngine
+
+    @maps_errors
+    async def AddModel(
+        self, request: control_pb2.AddModelRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ModelInfo:
+        record = register_model(self.store, self.artifacts, request)
+        return model_to_proto(record)
+
+    @maps_errors
+    async def ListModels(
+        self, request: control_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListModelsResponse:
+        return control_pb2.ListModelsResponse(models=[model_to_proto(m) for m in self.store.list_models()])
+
+    @maps_errors
+    async def CreateRollout(
+        self, request: control_pb2.CreateRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        defaults = RolloutRequest(model=request.model, version=int(request.version))
+        record = self.rollouts.create(dataclasses.replace(
+            defaults,
+            selector=request.to or defaults.selector,
+            waves=request.waves or defaults.waves,
+            soak_s=request.soak_s,
+            max_failures=request.max_failures,
+            gates=tuple(request.gates) or defaults.gates,
+            device_timeout_s=request.device_timeout_s or defaults.device_timeout_s,
+            auto_rollback=request.auto_rollback,
+        ))
+        return rollout_to_proto(self.store, record)
+
+    @maps_errors
+    async def GetRollout(
+        self, request: control_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        record = self.store.get_rollout(request.rollout_id)
+        if record is None:
+            raise NotFound(f"no rollout {request.rollout_id!r}; see `edgefleet rollout list`")
+        return rollout_to_proto(self.store, record)
+
+    @maps_errors
+    async def ListRollouts(
+        self, request: control_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListRolloutsResponse:
+        return control_pb2.ListRolloutsResponse(
+            rollouts=[rollout_to_proto(self.store, r, with_devices=False) for r in self.store.list_rollouts()])
+
+    @maps_errors
+    async def ChangeRollout(
+        self, request: control_pb2.ChangeRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        return rollout_to_proto(self.store, self.rollouts.set_state(request.rollout_id, request.action))
+
+
+def register_model(store: Store, artifacts: ArtifactStore, request: control_pb2.AddModelRequest) -> ModelRecord:
+    import time
+
+    from edgefleet.controller.store.base import StoreError
+
+    if not request.name or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", request.name):
+        raise InvalidArgument(f"model name {request.name!r} is invalid; use letters, digits, '.', '_', '-'")
+    if request.version < 1:
+        raise InvalidArgument("--version must be a positive integer (versions only go up on devices)")
+    if request.format not in ("onnx", "tflite"):
+        raise InvalidArgument(f"model format {request.format!r} is not supported; give an .onnx or .tflite file")
+    for field, sha in (("sha256", request.sha256), ("calib_sha256", request.calib_sha256)):
+        if sha and not artifacts.path(sha).exists():
+            raise NotFound(f"field '{field}': no artifact {sha}; upload it first")
+    record = ModelRecord(name=request.name, version=int(request.version), sha256=request.sha256,
+                         format=request.format, calib_sha256=request.calib_sha256,
+                         budget=request.budget or 0.99, created_at_ms=int(time.time() * 1000))
+    try:
+        store.add_model(record)
+    except StoreError as exc:
+        raise FailedPrecondition(str(exc)) from None
+    return store.get_model(record.name, record.version) or record
+
+
+def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:
+    return control_pb2.ModelInfo(name=record.name, version=record.version, sha256=record.sha256,
+                                 format=record.format, calib_sha256=record.calib_sha256, budget=record.budget,
+                                 created_at_unix_ms=record.created_at_ms)
+
+
+def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = True) -> control_pb2.RolloutInfo:
+    rows = store.rollout_devices(record.rollout_id)
+    info = control_pb2.RolloutInfo(
+        rollout_id=record.rollout_id, model=record.model, version=record.version, selector=record.selector,
+        waves=record.waves, soak_s=record.soak_s, max_failures=record.max_failures,
+        gates=json.loads(record.gates), device_timeout_s=record.device_timeout_s,
+        auto_rollback=record.auto_rollback, state=record.state, wave=record.wave,
+        waves_total=len({r.wave for r in rows}), reason=record.reason, created_at_unix_ms=record.created_at_ms,
+        updated_at_unix_ms=record.updated_at_ms, soak_until_unix_ms=record.soak_until_ms,
+    )
+    if with_devices:
+        for r in rows:
+            info.devices.add(device_id=r.device_id, hardware_class=r.hardware_class, wave=r.wave, state=r.state,
+                             command_id=r.command_id, previous_model=r.previous_model,
+                             previous_version=r.previous_version, reason=r.reason, baseline_json=r.baseline,
+                             dispatched_at_unix_ms=r.dispatched_at_ms, finished_at_unix_ms=r.finished_at_ms)
+        for hardware_class in sorted({r.hardware_class for r in rows}):
+            build = store.get_build(record.model, record.version, hardware_class)
+            if build is None:
+                info.builds.add(hardware_class=hardware_class, state="pending")
+                continue
+            report = json.loads(build.report) if build.report else {}
+            info.builds.add(hardware_class=hardware_class, state=build.state, chosen=report.get("chosen", ""),
+                            speedup=float(report.get("speedup") or 0.0),
+                            measured_on=str(report.get("latency", {}).get("measured_on") or ""),
+                            error=build.error, bundle_sha256=build.bundle_sha256,
+                            cached=bool(report.get("cached")))
+    return info
+
+
 def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken:
     return control_pb2.EnrollmentToken(
         token_id=record.token_id,
@@ -293,14 +506,24 @@ def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken
     )
 
 
-class ControlServicer(TelemetryControl, control_pb2_grpc.ControlServicer):
+class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_pb2_grpc.ControlServicer):
     def __init__(
-        self, store: Store, enrollment: Enrollment, presence: PresenceTracker, info: control_pb2.ControllerInfo
+        self,
+        store: Store,
+        enrollment: Enrollment,
+        presence: PresenceTracker,
+        info: control_pb2.ControllerInfo,
+        artifacts: ArtifactStore,
+        commands: CommandDispatcher,
+        rollouts: RolloutEngine,
     ) -> None:
         self.store = store
         self.enrollment = enrollment
         self.presence = presence
         self.info = info
+        self.artifacts = artifacts
+        self.commands = commands
+        self.rollouts = rollouts
 
     def _device(self, record: DeviceRecord, include_profile: bool) -> control_pb2.Device:
         state = self.presence.presence(record)

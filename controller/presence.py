@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from edgefleet.agent.units import format_duration
 from edgefleet.controller.store.base import DeviceRecord, Store
+from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.presence")
 
@@ -27,6 +28,7 @@ class LiveSession:
     device_id: str
     opened_at_ms: int
     last_seen_ms: int
+    send: Callable[[fleet_pb2.ControllerMessage], None] | None = None  # the transport's outbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,7 @@ class PresenceTracker:
         hardware_class: str,
         profile: bytes,
         hostname: str,
+        model: tuple[str, int] | None = None,
     ) -> LiveSession:
         """Register a new stream. A second stream for the same device replaces the first."""
         now = self._now_ms()
@@ -85,6 +88,8 @@ class PresenceTracker:
             profile=profile,
             hostname=hostname,
         )
+        if model is not None:
+            self.store.set_device_model(device_id, *model)
         log.info(
             "device online",
             extra={"device": device_id, "session": session.session_id, "replaced": bool(replaced)},
@@ -104,6 +109,10 @@ class PresenceTracker:
         self._dirty.pop(session.device_id, None)
         self.store.update_device_session(session.device_id, connected=False, last_seen_ms=session.last_seen_ms)
         log.info("device offline", extra={"device": session.device_id, "reason": reason})
+
+    def sender(self, device_id: str) -> Callable[[fleet_pb2.ControllerMessage], None] | None:
+        live = self._live.get(device_id)
+        return live.send if live else None
 
     def is_current(self, session: LiveSession) -> bool:
         return self._live.get(session.device_id) is session

@@ -16,15 +16,20 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from edgefleet.firmware.durable_files import atomic_write_json
 from edgefleet.controller import __version__, auth
 from edgefleet.controller.artifacts import ArtifactStore
+from edgefleet.controller.commands import CommandDispatcher
+from edgefleet.controller.device_measure import DeviceMeasure
 from edgefleet.controller.enrollment import Enrollment
 from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, OperatorAuthInterceptor
 from edgefleet.controller.http_api import HttpApi
+from edgefleet.controller.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
 from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.rollouts import RolloutEngine
+from edgefleet.controller.signing import ensure_signing_key, trusted_public_pems
 from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.controller.telemetry import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
+from edgefleet.firmware.durable_files import atomic_write_json
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2_grpc
 
@@ -47,6 +52,8 @@ class ControllerConfig:
     telemetry_retention_s: float = 24 * 3600
     rollup_retention_s: float = 30 * 24 * 3600
     rollup_interval_s: float = 10.0
+    mqtt_url: str | None = None  # MQTT transport (issue 7): mqtt[s]://ADMIN:PASSWORD@HOST:PORT
+    mqtt: MqttOptions = dataclasses.field(default_factory=MqttOptions)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -65,13 +72,22 @@ class Controller:
         if stale:
             log.info("cleared stale sessions from a previous run", extra={"devices": stale})
         self.operator_token_path = auth.ensure_operator_token(self.store, config.state_dir)
-        self.enrollment = Enrollment(self.store)
+        logins = broker_auth(config.mqtt_url, config.mqtt, config.state_dir) if config.mqtt_url else None  # issue 7
+        self.enrollment = Enrollment(self.store, mqtt_logins=logins)
         self.presence = PresenceTracker(self.store, config.heartbeat_interval_s)
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
+        self.signing_key = ensure_signing_key(config.state_dir)
+        self.commands = CommandDispatcher(self.store, self.presence)
+        self.rollouts: RolloutEngine | None = None
         registry = CollectorRegistry()
         self.live = LiveTelemetry()
         self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
         self.ingest.listeners.append(self.live)
+        self.mqtt: MqttBridge | None = None  # MQTT transport (issue 7)
+        if config.mqtt_url and logins is not None:
+            self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, store=self.store, presence=self.presence,
+                                   ingest=self.ingest, auth=logins,
+                                   default_client_id=replica_client_id(config.grpc_address))
         self.http = HttpApi(self.store, self.presence, self.live, registry)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
@@ -100,12 +116,14 @@ class Controller:
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(
             FleetServicer(
-                self.enrollment, self.presence, self.artifacts, self.ingest, self.config.heartbeat_interval_s
+                self.enrollment, self.presence, self.artifacts, self.ingest, self.commands,
+                self.config.heartbeat_interval_s, trusted_public_pems(self.config.state_dir, self.signing_key),
             ),
             server,
         )
         control_pb2_grpc.add_ControlServicer_to_server(
-            ControlServicer(self.store, self.enrollment, self.presence, info), server
+            ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                            self._rollout_engine()), server
         )
         host, _ = split_address(self.config.grpc_address)
         try:
@@ -127,11 +145,15 @@ class Controller:
                     f"cannot listen for HTTP on {self.config.http_address}: {exc.strerror}; "
                     "pick another with --http HOST:PORT or turn it off with --http off"
                 ) from None
+        if self.mqtt is not None:  # issue 7
+            await self.mqtt.start()
         await server.start()
         self._server = server
+        assert self.rollouts is not None  # made with the servicers, on this loop
         self._tasks = [
             asyncio.create_task(self._every(self.presence.flush_interval_s, self.presence.flush, "presence flush")),
             asyncio.create_task(self.ingest.run()),
+            asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups")),
         ]
         endpoint = {
@@ -141,6 +163,14 @@ class Controller:
         }
         atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
         log.info("controller listening", extra=endpoint)
+
+    def _rollout_engine(self) -> RolloutEngine:
+        measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands, asyncio.get_running_loop())
+        self.rollouts = RolloutEngine(
+            self.store, self.presence, self.commands, self.artifacts, self.signing_key,
+            self.config.state_dir / "compile-cache", device_measurers=measure.measurer_factory,
+        )
+        return self.rollouts
 
     async def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
         while True:
@@ -165,6 +195,8 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.ingest.flush()
+        if self.mqtt is not None:  # issue 7: after the flush, so its telemetry acks still go out
+            await self.mqtt.stop()
         self.presence.flush()
         compute_rollups(self.store)
         self.http.stop()

@@ -23,10 +23,12 @@ from edgefleet.firmware.bundle import BundleSpec, build_bundle, read_head, verif
 from edgefleet.firmware.faults import FaultPlan
 from edgefleet.firmware.installer import Installer, InstallPolicy, installer_status
 from edgefleet.firmware.keys import (
+    TRUSTED_KEYS_DIR,
     generate_signing_key,
     key_id,
     load_public_key,
     load_signing_key,
+    pinned_keys,
     save_public_key,
     save_signing_key,
 )
@@ -36,7 +38,6 @@ from edgefleet.firmware.sources import FileSource
 
 EXIT_FAILED = 2
 EXIT_RESUMABLE = 75
-TRUSTED_KEYS_DIR = "trusted_keys"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -196,13 +197,12 @@ def verify(bundle: Path, trusted: tuple[Path, ...], hardware_class: str | None, 
 
 def _device_trusted_keys(state_dir: Path, extra: tuple[Path, ...]) -> list[Any]:
     """Keys pinned at enrollment (``<state-dir>/trusted_keys/*.pem``) plus any given on the command line."""
-    paths = list(extra)
-    pinned = state_dir / TRUSTED_KEYS_DIR
-    if pinned.is_dir():
-        paths.extend(sorted(pinned.glob("*.pem")))
-    if not paths:
-        raise ValueError(f"no trusted keys: pass --trusted-key or put the controller's key in {pinned}/")
-    return [load_public_key(p) for p in paths]
+    keys = [load_public_key(p) for p in extra] + pinned_keys(state_dir)
+    if not keys:
+        raise ValueError(
+            f"no trusted keys: pass --trusted-key or put the controller's key in {state_dir / TRUSTED_KEYS_DIR}/"
+        )
+    return keys
 
 
 @click.command("install")

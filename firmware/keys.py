@@ -69,3 +69,33 @@ def trusted_keys(keys: Iterable[Ed25519PublicKey] | TrustedKeys) -> dict[str, Ed
     if isinstance(keys, Mapping):
         return dict(keys)
     return {key_id(key): key for key in keys}
+
+
+TRUSTED_KEYS_DIR = "trusted_keys"
+
+
+def public_key_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def pin_public_keys(state_dir: Path, pems: Iterable[str]) -> list[str]:
+    """Pin the controller's signing keys on the device (at enrollment); returns their key ids."""
+    from edgefleet.firmware.durable_files import atomic_write_bytes
+
+    directory = Path(state_dir) / TRUSTED_KEYS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for pem in pems:
+        key = serialization.load_pem_public_key(pem.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("the controller sent a signing key that is not Ed25519")
+        kid = key_id(key)
+        atomic_write_bytes(directory / f"{kid.split(':', 1)[1]}.pem", public_key_pem(key).encode())
+        ids.append(kid)
+    return ids
+
+
+def pinned_keys(state_dir: Path) -> list[Ed25519PublicKey]:
+    """The keys pinned in ``<state_dir>/trusted_keys/*.pem`` (empty when none are)."""
+    directory = Path(state_dir) / TRUSTED_KEYS_DIR
+    return [load_public_key(p) for p in sorted(directory.glob("*.pem"))] if directory.is_dir() else []

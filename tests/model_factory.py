@@ -17,8 +17,13 @@ from edgefleet.firmware.sources import FileSource
 
 
 def mlp_onnx(path: Path, *, inputs: int = 64, hidden: int = 256, outputs: int = 10, seed: int = 0,
-             extra_matmuls: int = 0) -> Path:
-    """A float32 MLP with a free batch axis; `extra_matmuls` adds hidden layers (a slower model)."""
+             extra_matmuls: int = 0, tanh_chain: int = 0) -> Path:
+    """A float32 MLP with a free batch axis.
+
+    `extra_matmuls` adds hidden layers (more weights, which quantization speeds up); `tanh_chain`
+    adds elementwise Tanh nodes on the hidden activation, work no compiler pass removes or
+    quantizes: a model that is slower whatever the compiler does.
+    """
     rng = np.random.default_rng(seed)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs])
@@ -31,6 +36,9 @@ def mlp_onnx(path: Path, *, inputs: int = 64, hidden: int = 256, outputs: int = 
         inits.append(numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.05, f"w{i}"))
         nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
         last = f"r{i}"
+    for i in range(tanh_chain):
+        nodes.append(helper.make_node("Tanh", [last], [f"t{i}"]))
+        last = f"t{i}"
     inits.append(numpy_helper.from_array(rng.standard_normal((hidden, outputs)).astype(np.float32) * 0.1, "wout"))
     nodes.append(helper.make_node("MatMul", [last, "wout"], ["logits"]))
     graph = helper.make_graph(nodes, "mlp", [x], [y], inits)

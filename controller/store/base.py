@@ -43,6 +43,8 @@ class DeviceRecord:
     capability_version: int = 0
     hardware_class: str = ""
     profile: bytes = b""          # serialized edgefleet.v1.HardwareProfile
+    model: str = ""               # what the device serves, from its installs and sessions
+    model_version: int = 0
     last_seen_ms: int = 0
     connected: bool = False       # a Session stream is open on some controller
     token_id: str = ""
@@ -104,6 +106,88 @@ class Rollup:
     energy_mj_avg: float
 
 
+@dataclasses.dataclass(frozen=True)
+class CommandRecord:
+    """A command for one device; `payload` is the serialized edgefleet.v1.Command."""
+
+    command_id: str
+    device_id: str
+    kind: str                  # install | measure
+    payload: bytes
+    created_at_ms: int
+    expires_at_ms: int
+    rollout_id: str = ""
+    state: str = "pending"     # pending -> sent -> done (or expired)
+    result: str = ""
+    reason: str = ""
+    message: str = ""
+    ack: bytes = b""           # the serialized CommandAck that finished it
+    updated_at_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    version: int
+    sha256: str               # the source model in the artifact store
+    format: str               # onnx | tflite
+    calib_sha256: str = ""
+    budget: float = 0.99
+    created_at_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRecord:
+    """One compiled, signed build of a model version for one hardware class (compiled once)."""
+
+    model: str
+    version: int
+    hardware_class: str
+    state: str = "pending"    # pending -> compiling -> ready | failed
+    bundle_sha256: str = ""
+    rollback_bundle_sha256: str = ""   # the same build signed as an explicit rollback
+    report: str = ""          # the compile report, JSON
+    error: str = ""
+    updated_at_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutRecord:
+    rollout_id: str
+    model: str
+    version: int
+    selector: str             # all | class=C | label k=v | devices a,b
+    waves: str                # 1,10%,50%,100%
+    soak_s: float
+    max_failures: float       # a fraction of the wave
+    gates: str                # JSON list of gate strings
+    device_timeout_s: float
+    auto_rollback: bool
+    state: str = "planning"   # planning -> running -> completed | paused | aborted | rolled_back | failed
+    wave: int = 0
+    reason: str = ""
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+    soak_until_ms: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutDeviceRecord:
+    rollout_id: str
+    device_id: str
+    hardware_class: str
+    wave: int
+    state: str = "planned"    # planned -> sent -> committed | failed | timed_out | rolled_back | superseded
+    command_id: str = ""
+    previous_model: str = ""
+    previous_version: int = 0
+    baseline: str = ""        # JSON: the device's own telemetry on the previous model
+    reason: str = ""
+    dispatched_at_ms: int = 0
+    finished_at_ms: int = 0
+    rollback_command_id: str = ""
+
+
 class Store(abc.ABC):
     """Durable controller state. Implementations must be safe to call from several threads."""
 
@@ -163,6 +247,63 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def reset_connections(self) -> int:
         """Mark every device disconnected; a controller calls this on start. Returns the count."""
+
+    # -- commands --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_command(self, record: CommandRecord) -> None: ...
+
+    @abc.abstractmethod
+    def get_command(self, command_id: str) -> CommandRecord | None: ...
+
+    @abc.abstractmethod
+    def open_commands(self, device_id: str, now_ms: int) -> list[CommandRecord]:
+        """Unfinished, unexpired commands for a device, oldest first (sent again on reconnect)."""
+
+    @abc.abstractmethod
+    def mark_command_sent(self, command_id: str, now_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    def finish_command(self, command_id: str, *, state: str, result: str, reason: str, message: str,
+                       ack: bytes, now_ms: int) -> CommandRecord | None:
+        """Record the outcome; returns None (changing nothing) when the command was already finished."""
+
+    @abc.abstractmethod
+    def list_commands(self, *, device_id: str | None = None, rollout_id: str | None = None) -> list[CommandRecord]: ...
+
+    # -- models, builds, rollouts ------------------------------------------------------------
+    @abc.abstractmethod
+    def add_model(self, record: ModelRecord) -> None:
+        """Register a model version; raises StoreError if (name, version) exists with other content."""
+
+    @abc.abstractmethod
+    def get_model(self, name: str, version: int) -> ModelRecord | None: ...
+
+    @abc.abstractmethod
+    def list_models(self) -> list[ModelRecord]: ...
+
+    @abc.abstractmethod
+    def set_device_model(self, device_id: str, model: str, version: int) -> None: ...
+
+    @abc.abstractmethod
+    def put_build(self, record: BuildRecord) -> None: ...
+
+    @abc.abstractmethod
+    def get_build(self, model: str, version: int, hardware_class: str) -> BuildRecord | None: ...
+
+    @abc.abstractmethod
+    def put_rollout(self, record: RolloutRecord) -> None: ...
+
+    @abc.abstractmethod
+    def get_rollout(self, rollout_id: str) -> RolloutRecord | None: ...
+
+    @abc.abstractmethod
+    def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]: ...
+
+    @abc.abstractmethod
+    def put_rollout_device(self, record: RolloutDeviceRecord) -> None: ...
+
+    @abc.abstractmethod
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]: ...
 
     # -- telemetry -------------------------------------------------------------------------
     @abc.abstractmethod

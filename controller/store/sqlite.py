@@ -11,12 +11,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgefleet.controller.store.base import (
+    BuildRecord,
+    CommandRecord,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
     ModelPoint,
+    ModelRecord,
+    RolloutDeviceRecord,
+    RolloutRecord,
     Rollup,
     Store,
+    StoreError,
     TelemetryPoint,
 )
 
@@ -112,6 +118,85 @@ MIGRATIONS: list[str] = [
     CREATE TABLE telemetry_pruned (
         device_id TEXT PRIMARY KEY,
         max_seq INTEGER NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE commands (
+        command_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        rollout_id TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'pending',
+        result TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '',
+        message TEXT NOT NULL DEFAULT '',
+        ack BLOB NOT NULL DEFAULT x'',
+        updated_at_ms INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX commands_by_device ON commands (device_id, state);
+    CREATE INDEX commands_by_rollout ON commands (rollout_id);
+    """,
+    """
+    ALTER TABLE devices ADD COLUMN model TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN model_version INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE models (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        format TEXT NOT NULL,
+        calib_sha256 TEXT NOT NULL DEFAULT '',
+        budget REAL NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE builds (
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        hardware_class TEXT NOT NULL,
+        state TEXT NOT NULL,
+        bundle_sha256 TEXT NOT NULL DEFAULT '',
+        rollback_bundle_sha256 TEXT NOT NULL DEFAULT '',
+        report TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT '',
+        updated_at_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (model, version, hardware_class)
+    );
+    CREATE TABLE rollouts (
+        rollout_id TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        selector TEXT NOT NULL,
+        waves TEXT NOT NULL,
+        soak_s REAL NOT NULL,
+        max_failures REAL NOT NULL,
+        gates TEXT NOT NULL,
+        device_timeout_s REAL NOT NULL,
+        auto_rollback INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        soak_until_ms INTEGER NOT NULL
+    );
+    CREATE TABLE rollout_devices (
+        rollout_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        hardware_class TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        command_id TEXT NOT NULL,
+        previous_model TEXT NOT NULL,
+        previous_version INTEGER NOT NULL,
+        baseline TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        dispatched_at_ms INTEGER NOT NULL,
+        finished_at_ms INTEGER NOT NULL,
+        rollback_command_id TEXT NOT NULL,
+        PRIMARY KEY (rollout_id, device_id)
     );
     """,
 ]
@@ -228,22 +313,11 @@ class SQLiteStore(Store):
             enrolled = dataclasses.replace(
                 device, labels=labels, token_id=token.token_id, enrolled_at_ms=now_ms
             )
+            row = {f.name: getattr(enrolled, f.name) for f in dataclasses.fields(enrolled)}
+            row["labels"] = json.dumps(labels, sort_keys=True)
+            row["connected"] = int(enrolled.connected)
             db.execute(
-                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    enrolled.device_id,
-                    enrolled.secret_hash,
-                    json.dumps(labels, sort_keys=True),
-                    enrolled.enrolled_at_ms,
-                    enrolled.hostname,
-                    enrolled.agent_version,
-                    enrolled.capability_version,
-                    enrolled.hardware_class,
-                    enrolled.profile,
-                    enrolled.last_seen_ms,
-                    int(enrolled.connected),
-                    enrolled.token_id,
-                ),
+                f"INSERT INTO devices ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
             )
         return enrolled
 
@@ -297,6 +371,133 @@ class SQLiteStore(Store):
     def reset_connections(self) -> int:
         with self._tx() as db:
             return db.execute("UPDATE devices SET connected = 0 WHERE connected = 1").rowcount
+
+    # -- commands --------------------------------------------------------------------------
+    def add_command(self, record: CommandRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO commands VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.command_id, record.device_id, record.kind, record.payload, record.created_at_ms,
+                 record.expires_at_ms, record.rollout_id, record.state, record.result, record.reason,
+                 record.message, record.ack, record.updated_at_ms or record.created_at_ms),
+            )
+
+    def get_command(self, command_id: str) -> CommandRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM commands WHERE command_id = ?", (command_id,)).fetchone()
+        return _command(row) if row else None
+
+    def open_commands(self, device_id: str, now_ms: int) -> list[CommandRecord]:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE commands SET state = 'expired', result = 'expired', updated_at_ms = ? "
+                "WHERE device_id = ? AND state IN ('pending', 'sent') AND expires_at_ms <= ?",
+                (now_ms, device_id, now_ms),
+            )
+            rows = db.execute(
+                "SELECT * FROM commands WHERE device_id = ? AND state IN ('pending', 'sent') "
+                "ORDER BY created_at_ms, command_id", (device_id,),
+            ).fetchall()
+        return [_command(r) for r in rows]
+
+    def mark_command_sent(self, command_id: str, now_ms: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE commands SET state = 'sent', updated_at_ms = ? WHERE command_id = ? AND state = 'pending'",
+                (now_ms, command_id),
+            )
+
+    def finish_command(self, command_id: str, *, state: str, result: str, reason: str, message: str,
+                       ack: bytes, now_ms: int) -> CommandRecord | None:
+        with self._tx() as db:
+            updated = db.execute(
+                "UPDATE commands SET state = ?, result = ?, reason = ?, message = ?, ack = ?, updated_at_ms = ? "
+                "WHERE command_id = ? AND state IN ('pending', 'sent')",
+                (state, result, reason, message, ack, now_ms, command_id),
+            ).rowcount
+            row = db.execute("SELECT * FROM commands WHERE command_id = ?", (command_id,)).fetchone()
+        return _command(row) if row and updated else None
+
+    def list_commands(self, *, device_id: str | None = None, rollout_id: str | None = None) -> list[CommandRecord]:
+        clauses, args = [], []
+        if device_id is not None:
+            clauses.append("device_id = ?")
+            args.append(device_id)
+        if rollout_id is not None:
+            clauses.append("rollout_id = ?")
+            args.append(rollout_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM commands {where} ORDER BY created_at_ms, command_id", args)
+            return [_command(r) for r in rows.fetchall()]
+
+    # -- models, builds, rollouts ------------------------------------------------------------
+    def add_model(self, record: ModelRecord) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM models WHERE name = ? AND version = ?",
+                             (record.name, record.version)).fetchone()
+            if row is not None:
+                if row["sha256"] != record.sha256:
+                    raise StoreError(
+                        f"model {record.name} version {record.version} already exists with other content; "
+                        "register the new file under a new --version"
+                    )
+                return
+            _insert(db, "models", record)
+
+    def get_model(self, name: str, version: int) -> ModelRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM models WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return ModelRecord(**dict(row)) if row else None
+
+    def list_models(self) -> list[ModelRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM models ORDER BY name, version").fetchall()
+        return [ModelRecord(**dict(r)) for r in rows]
+
+    def set_device_model(self, device_id: str, model: str, version: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE devices SET model = ?, model_version = ? WHERE device_id = ?",
+                       (model, version, device_id))
+
+    def put_build(self, record: BuildRecord) -> None:
+        with self._tx() as db:
+            _insert(db, "builds", record, replace=True)
+
+    def get_build(self, model: str, version: int, hardware_class: str) -> BuildRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM builds WHERE model = ? AND version = ? AND hardware_class = ?",
+                (model, version, hardware_class),
+            ).fetchone()
+        return BuildRecord(**dict(row)) if row else None
+
+    def put_rollout(self, record: RolloutRecord) -> None:
+        with self._tx() as db:
+            _insert(db, "rollouts", record, replace=True)
+
+    def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
+        return _rollout(row) if row else None
+
+    def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]:
+        where = "WHERE state IN ('planning', 'running')" if active_only else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM rollouts {where} ORDER BY created_at_ms, rollout_id").fetchall()
+        return [_rollout(r) for r in rows]
+
+    def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
+        with self._tx() as db:
+            _insert(db, "rollout_devices", record, replace=True)
+
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, hardware_class, device_id",
+                (rollout_id,),
+            ).fetchall()
+        return [RolloutDeviceRecord(**dict(r)) for r in rows]
 
     # -- telemetry -------------------------------------------------------------------------
     def ingest_telemetry(self, points: list[TelemetryPoint]) -> list[bool]:
@@ -435,7 +636,26 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         last_seen_ms=row["last_seen_ms"],
         connected=bool(row["connected"]),
         token_id=row["token_id"],
+        model=row["model"],
+        model_version=row["model_version"],
     )
+
+
+def _insert(db: sqlite3.Connection, table: str, record: object, *, replace: bool = False) -> None:
+    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}  # type: ignore[arg-type]
+    row = {k: int(v) if isinstance(v, bool) else v for k, v in row.items()}
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    db.execute(f"{verb} INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values()))
+
+
+def _rollout(row: sqlite3.Row) -> RolloutRecord:
+    data = dict(row)
+    data["auto_rollback"] = bool(data["auto_rollback"])
+    return RolloutRecord(**data)
+
+
+def _command(row: sqlite3.Row) -> CommandRecord:
+    return CommandRecord(**{k: (bytes(row[k]) if k in ("payload", "ack") else row[k]) for k in row.keys()})  # noqa: SIM118
 
 
 def _points(rows: list[sqlite3.Row], model_rows: list[sqlite3.Row]) -> list[TelemetryPoint]:

@@ -75,6 +75,56 @@ class ControlStub:
                 request_serializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.FromString,
                 _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/edgefleet.v1.Control/UploadArtifact',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ArtifactUpload.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ArtifactInfo.FromString,
+                _registered_method=True)
+        self.InstallOnDevice = channel.unary_unary(
+                '/edgefleet.v1.Control/InstallOnDevice',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.InstallOnDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CommandInfo.FromString,
+                _registered_method=True)
+        self.GetCommand = channel.unary_unary(
+                '/edgefleet.v1.Control/GetCommand',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.GetCommandRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CommandInfo.FromString,
+                _registered_method=True)
+        self.ListCommands = channel.unary_unary(
+                '/edgefleet.v1.Control/ListCommands',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ListCommandsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListCommandsResponse.FromString,
+                _registered_method=True)
+        self.AddModel = channel.unary_unary(
+                '/edgefleet.v1.Control/AddModel',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.AddModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/edgefleet.v1.Control/ListModels',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.CreateRollout = channel.unary_unary(
+                '/edgefleet.v1.Control/CreateRollout',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.CreateRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/edgefleet.v1.Control/GetRollout',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/edgefleet.v1.Control/ListRollouts',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.ChangeRollout = channel.unary_unary(
+                '/edgefleet.v1.Control/ChangeRollout',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -128,6 +178,67 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadArtifact(self, request_iterator, context):
+        """Client-streamed upload into the content-addressed artifact store (the first message names the sha256).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstallOnDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCommand(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCommands(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +281,56 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.TelemetrySummary,
                     request_deserializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ArtifactUpload.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ArtifactInfo.SerializeToString,
+            ),
+            'InstallOnDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallOnDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.InstallOnDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CommandInfo.SerializeToString,
+            ),
+            'GetCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCommand,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.GetCommandRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CommandInfo.SerializeToString,
+            ),
+            'ListCommands': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommands,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListCommandsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ListCommandsResponse.SerializeToString,
+            ),
+            'AddModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModel,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.AddModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListModelsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CreateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.CreateRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'ChangeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +549,276 @@ class Control:
             '/edgefleet.v1.Control/TelemetrySummary',
             edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryRequest.SerializeToString,
             edgefleet_dot_v1_dot_control__pb2.TelemetrySummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgefleet.v1.Control/UploadArtifact',
+            edgefleet_dot_v1_dot_control__pb2.ArtifactUpload.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ArtifactInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallOnDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/InstallOnDevice',
+            edgefleet_dot_v1_dot_control__pb2.InstallOnDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CommandInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/GetCommand',
+            edgefleet_dot_v1_dot_control__pb2.GetCommandRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CommandInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ListCommands',
+            edgefleet_dot_v1_dot_control__pb2.ListCommandsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ListCommandsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/AddModel',
+            edgefleet_dot_v1_dot_control__pb2.AddModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ListModels',
+            edgefleet_dot_v1_dot_control__pb2.ListModelsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/CreateRollout',
+            edgefleet_dot_v1_dot_control__pb2.CreateRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/GetRollout',
+            edgefleet_dot_v1_dot_control__pb2.GetRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ListRollouts',
+            edgefleet_dot_v1_dot_control__pb2.ListRolloutsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ChangeRollout',
+            edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,14 +67,18 @@ class MqttCredentials(_message.Message):
     def __init__(self, url: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., ca_pem: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("capability_version", "agent_version", "profile")
+    __slots__ = ("capability_version", "agent_version", "profile", "model", "model_version")
     CAPABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     capability_version: int
     agent_version: str
     profile: _profile_pb2.HardwareProfile
-    def __init__(self, capability_version: _Optional[int] = ..., agent_version: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, capability_version: _Optional[int] = ..., agent_version: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sent_at_unix_ms", "uptime_s")

@@ -1,0 +1,380 @@
+"""The agent's MQTT link: telemetry up, presence via a retained state and a Last Will, commands down.
+
+Used instead of the gRPC session with `edgefleet-agent run --transport mqtt`. Enrollment still
+goes through the controller's gRPC Enroll (one call, with the one-time token): the broker never
+sees a token, and the reply carries this device's own broker login, kept 0600 in mqtt.json
+(`keep_mqtt_login`).
+After that the device speaks only MQTT, so it works from behind NAT with one outbound link.
+
+Topics (all under edgefleet/v1/<device id>/, which the broker's ACL limits this login to):
+  telemetry  up,   QoS 1, AgentMessage{telemetry}; deleted from the outbox only on a TelemetryAck
+  state      up,   QoS 1 retained DeviceState; the Last Will sets online = false
+  ack        up,   QoS 1, AgentMessage{command_ack}
+  cmd        down, QoS 1, ControllerMessage (telemetry acks, commands); a persistent session
+                   (clean_start false + session expiry) keeps what arrives while we are away
+
+paho runs its network loop on its own thread; every callback hops onto the asyncio loop with
+`call_soon_threadsafe`, so the outbox and the handlers are only touched from the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgefleet.agent import __version__
+from edgefleet.agent.identity import Identity
+from edgefleet.agent.outbox import TelemetryOutbox
+from edgefleet.agent.session import Refused
+from edgefleet.firmware.durable_files import atomic_write_json, read_json
+from edgefleet.protos.capability import CAPABILITY_VERSION
+from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
+
+log = logging.getLogger("edgefleet.agent.mqtt")
+
+TOPIC_ROOT = "edgefleet/v1"
+MQTT_LOGIN_FILE = "mqtt.json"
+MQTT_LOGIN_FORMAT = 1
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600  # commands queue at the broker this long while a device is away
+
+
+def topic(device_id: str, leaf: str) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{leaf}"
+
+
+def split_topic(name: str) -> tuple[str, str] | None:
+    """'edgefleet/v1/<id>/<leaf...>' -> (id, leaf), or None for anything else."""
+    parts = name.split("/", 3)
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT or not parts[2]:
+        return None
+    return parts[2], parts[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str = ""
+    password: str = ""
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """mqtt://[user:pass@]host[:1883] or mqtts://[user:pass@]host[:8883]."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ValueError(f"{url!r} is not a broker URL; use mqtt://HOST:PORT or mqtts://HOST:PORT")
+    try:
+        port = parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise ValueError(f"{url!r} has a bad port; use mqtt://HOST:PORT") from None
+    return BrokerAddress(
+        host=parsed.hostname, port=port, tls=parsed.scheme == "mqtts",
+        username=urllib.parse.unquote(parsed.username or ""), password=urllib.parse.unquote(parsed.password or ""),
+    )
+
+
+def tls_context(ca_pem: str = "", ca_file: Path | None = None) -> ssl.SSLContext:
+    """Verify the broker against a private CA when one is given, else against the system roots."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None, cadata=ca_pem or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def new_client(
+    client_id: str,
+    address: BrokerAddress,
+    *,
+    username: str,
+    password: str,
+    ca_pem: str = "",
+    ca_file: Path | None = None,
+    backoff_max_s: float = 30.0,
+) -> mqtt.Client:
+    """An MQTT 5 paho client with credentials, TLS when asked, and bounded reconnect backoff."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    if address.tls:
+        client.tls_set_context(tls_context(ca_pem, ca_file))
+    client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(backoff_max_s)))
+    return client
+
+
+def session_properties(expiry_s: int) -> Properties:
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = expiry_s
+    return properties
+
+
+def connack_refused(reason_code: Any) -> str | None:
+    """A one-line explanation when the broker refused the login, else None."""
+    if not getattr(reason_code, "is_failure", False):
+        return None
+    return str(reason_code)
+
+
+# -- enrollment (over gRPC) and the stored login ------------------------------------------------
+def save_mqtt_login(state_dir: Path, login: fleet_pb2.MqttCredentials) -> None:
+    atomic_write_json(state_dir / MQTT_LOGIN_FILE, {
+        "format": MQTT_LOGIN_FORMAT, "url": login.url, "username": login.username,
+        "password": login.password, "ca_pem": login.ca_pem,
+    }, mode=0o600)
+
+
+def load_mqtt_login(state_dir: Path) -> fleet_pb2.MqttCredentials | None:
+    data = read_json(state_dir / MQTT_LOGIN_FILE)
+    if data is None:
+        return None
+    if data.get("format") != MQTT_LOGIN_FORMAT:
+        raise ValueError(f"{state_dir / MQTT_LOGIN_FILE} has format {data.get('format')!r}; "
+                         f"this agent reads {MQTT_LOGIN_FORMAT}; re-enroll the device")
+    return fleet_pb2.MqttCredentials(url=data["url"], username=data["username"], password=data["password"],
+                                     ca_pem=data.get("ca_pem", ""))
+
+
+def keep_mqtt_login(state_dir: Path, login: fleet_pb2.MqttCredentials, controller: str) -> None:
+    """Save the broker login an EnrollResponse carried; without one an MQTT-only device is stuck."""
+    if not login.username:
+        raise Refused(f"controller {controller} issued no MQTT login (it runs without a broker); start it with "
+                      "`edgefleet controller serve --mqtt URL` or run the agent with --transport grpc")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_mqtt_login(state_dir, login)
+
+
+# -- the link ----------------------------------------------------------------------------------
+CommandHandler = Callable[[fleet_pb2.Command], None]
+
+
+class MqttLink:
+    """Keeps one MQTT connection; same surface as AgentSession (run, connected, telemetry_ready)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        login: fleet_pb2.MqttCredentials,
+        *,
+        url: str | None = None,
+        outbox: TelemetryOutbox | None = None,
+        telemetry_window: int = 64,
+        ack_timeout_s: float = 10.0,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+        keepalive_s: int = 30,
+        backoff_max_s: float = 30.0,
+        on_command: CommandHandler | None = None,
+    ) -> None:
+        self.identity = identity
+        self.device_id = identity.device_id
+        self.login = login
+        self.address = parse_broker_url(url or login.url)
+        self.outbox = outbox
+        self.telemetry_window = telemetry_window
+        self.ack_timeout_s = ack_timeout_s
+        self.session_expiry_s = session_expiry_s
+        self.keepalive_s = keepalive_s
+        self.backoff_max_s = backoff_max_s
+        self.on_command = on_command
+        self.telemetry_ready = asyncio.Event()
+        self.connected = False
+        self.connections = 0
+        self.last_refusal: str | None = None
+        self._connected_event = asyncio.Event()
+        self._inflight: dict[int, float] = {}
+        self._acks: collections.deque[fleet_pb2.CommandAck] = collections.deque()
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+
+    # paho thread -> loop
+    def _hop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    def _state(self, online: bool) -> bytes:
+        return mqtt_pb2.DeviceState(online=online, changed_at_unix_ms=int(time.time() * 1000),
+                                    agent_version=__version__, capability_version=CAPABILITY_VERSION
+                                    ).SerializeToString()
+
+    def _build_client(self) -> mqtt.Client:
+        client = new_client(self.device_id, self.address, username=self.login.username,
+                            password=self.login.password, ca_pem=self.login.ca_pem, backoff_max_s=self.backoff_max_s)
+        client.will_set(topic(self.device_id, "state"), self._state(False), qos=1, retain=True)
+        client.max_inflight_messages_set(max(20, self.telemetry_window))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        refused = connack_refused(reason_code)
+        if refused:
+            self._hop(self._refused, refused)
+            return
+        # Subscribing again is harmless when the broker kept our session, and needed when it did not.
+        client.subscribe(topic(self.device_id, "cmd"), qos=1)
+        client.publish(topic(self.device_id, "state"), self._state(True), qos=1, retain=True)
+        self._hop(self._connected, bool(getattr(flags, "session_present", False)))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._hop(self._disconnected, str(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._hop(self._received, message.topic, message.payload)
+
+    # on the loop
+    def _refused(self, reason: str) -> None:
+        self.last_refusal = reason
+        log.error("broker refused this device's login; paho keeps retrying. If it persists the login was "
+                  "revoked: re-enroll (delete identity.json and mqtt.json, pass --token)",
+                  extra={"device": self.device_id, "reason": reason})
+
+    def _connected(self, session_present: bool) -> None:
+        self.connected = True
+        self.connections += 1
+        self.last_refusal = None
+        self._generation += 1
+        self._inflight.clear()  # resend everything still on disk; the controller de-duplicates on seq
+        self._connected_event.set()
+        self.telemetry_ready.set()
+        self._flush_acks()
+        log.info("mqtt connected", extra={"device": self.device_id, "broker": f"{self.address.host}:"
+                                           f"{self.address.port}", "session_present": session_present})
+
+    def _disconnected(self, reason: str) -> None:
+        if self.connected:
+            log.warning("mqtt connection lost", extra={"device": self.device_id, "reason": reason})
+        self.connected = False
+        self._connected_event.clear()
+
+    def _received(self, name: str, payload: bytes) -> None:
+        try:
+            message = fleet_pb2.ControllerMessage.FromString(payload)
+        except Exception:
+            log.warning("undecodable controller message dropped", extra={"device": self.device_id, "topic": name})
+            return
+        kind = message.WhichOneof("body")
+        if kind == "telemetry_ack":
+            self._on_telemetry_ack(message.telemetry_ack)
+        elif kind == "command" and self.on_command is not None:
+            self.on_command(message.command)
+        else:
+            command_id = message.command.command_id if kind == "command" else ""
+            log.info("controller message received; no handler on this transport yet",
+                     extra={"device": self.device_id, "kind": kind, "command": command_id})
+
+    def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
+        seqs = list(ack.seqs) + [r.seq for r in ack.rejected]
+        for rejected in ack.rejected:
+            log.warning("telemetry batch rejected by the controller",
+                        extra={"device": self.device_id, "seq": rejected.seq, "reason": rejected.reason})
+        if self.outbox is not None:
+            self.outbox.ack(seqs)
+        for seq in seqs:
+            self._inflight.pop(seq, None)
+        self.telemetry_ready.set()
+
+    def _flush_acks(self) -> None:
+        while self._acks and self.publish("ack", fleet_pb2.AgentMessage(command_ack=self._acks[0])):
+            self._acks.popleft()
+
+    # API
+    def send_ack(self, ack: fleet_pb2.CommandAck) -> None:
+        """Queue a command ack (as AgentSession.send_ack); it goes out now or right after the next connect."""
+        self._acks.append(ack)
+        self._flush_acks()
+
+    def publish(self, leaf: str, message: fleet_pb2.AgentMessage, *, qos: int = 1) -> bool:
+        """Publish to this device's own `leaf` topic; False while disconnected (the caller keeps it)."""
+        if self._client is None or not self.connected:
+            return False
+        info = self._client.publish(topic(self.device_id, leaf), message.SerializeToString(), qos=qos)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    async def run(self) -> None:
+        """Stay connected until cancelled; then publish offline and disconnect cleanly."""
+        self._loop = asyncio.get_running_loop()
+        client = self._client = self._build_client()
+        client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s,
+                             clean_start=False, properties=session_properties(self.session_expiry_s))
+        client.loop_start()
+        try:
+            if self.outbox is not None:
+                await self._telemetry_loop(self.outbox)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            if self.connected:
+                # A clean DISCONNECT does not fire the Last Will, so say offline ourselves.
+                info = client.publish(topic(self.device_id, "state"), self._state(False), qos=1, retain=True)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(info.wait_for_publish, 2.0)
+            client.disconnect()
+            client.loop_stop()
+            self.connected = False
+
+    async def _telemetry_loop(self, outbox: TelemetryOutbox) -> None:
+        """Publish queued batches oldest first, at most `telemetry_window` un-acked at a time.
+
+        After a reconnect, or when the oldest un-acked batch has waited `ack_timeout_s` (its
+        ack or the batch itself was lost, e.g. with the broker), everything still on disk is sent
+        again; the controller de-duplicates on (device, seq), so a resend is never stored twice.
+        """
+        last_sent = 0
+        generation = -1
+        while True:
+            await self._connected_event.wait()
+            self.telemetry_ready.clear()
+            now = time.monotonic()
+            if generation != self._generation or (
+                    self._inflight and now - min(self._inflight.values()) > self.ack_timeout_s):
+                if generation == self._generation:
+                    log.info("telemetry acks overdue; resending", extra={"device": self.device_id,
+                                                                         "inflight": len(self._inflight)})
+                generation = self._generation
+                self._inflight.clear()
+                last_sent = 0
+            room = self.telemetry_window - len(self._inflight)
+            batches = outbox.pending(last_sent, room) if room > 0 else []
+            for batch in batches:
+                if not self.publish("telemetry", fleet_pb2.AgentMessage(telemetry=batch)):
+                    break
+                self._inflight[batch.seq] = now
+                last_sent = batch.seq
+            else:
+                if len(batches) == room and room > 0:
+                    await asyncio.sleep(0)
+                    continue  # more may be waiting
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.telemetry_ready.wait(), timeout=1.0)
+
+
+def link_for_agent(
+    state_dir: Path,
+    identity: Identity,
+    outbox: TelemetryOutbox,
+    *,
+    url: str | None,
+    backoff_max_s: float,
+    on_command: CommandHandler | None = None,
+) -> MqttLink:
+    """The daemon's MQTT link, from the login kept at enrollment; errors say how to fix them."""
+    login = load_mqtt_login(state_dir)
+    if login is None:
+        raise ValueError(f"{state_dir / MQTT_LOGIN_FILE} is missing: this device enrolled without an MQTT login; "
+                         "re-enroll with --transport mqtt against a controller started with --mqtt URL")
+    return MqttLink(identity, login, url=url, outbox=outbox, backoff_max_s=backoff_max_s, on_command=on_command)

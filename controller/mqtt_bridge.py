@@ -1,0 +1,309 @@
+"""The controller's MQTT transport: a thin translation layer, like the gRPC servicers.
+
+Subscriptions (the broker's ACL gives the controller's admin login the whole edgefleet/v1 tree):
+  $share/edgefleet/edgefleet/v1/+/telemetry  shared: replicas split the load; -> TelemetryIngest.submit,
+                                              whose ack goes back on the device's `cmd` topic
+  $share/edgefleet/edgefleet/v1/+/ack         shared: command acks -> `ack_handlers` (wired by the
+                                              command path)
+  edgefleet/v1/+/state                        every replica: retained DeviceState -> PresenceTracker
+
+The device id always comes from the topic, never from the payload: the broker's ACL lets a
+login publish only under its own id, so a device cannot speak for another one.
+
+paho's network loop runs on its own thread. Messages are queued there and handed to the
+asyncio loop in batches (one `call_soon_threadsafe` per burst, not per message), so ingest,
+presence and the store are only ever touched from the controller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edgefleet.agent.mqtt_link import (
+    BrokerAddress,
+    connack_refused,
+    new_client,
+    parse_broker_url,
+    session_properties,
+    split_topic,
+    topic,
+)
+from edgefleet.controller.broker_auth import BrokerAuth
+from edgefleet.controller.presence import LiveSession, PresenceTracker
+from edgefleet.controller.store.base import Store
+from edgefleet.controller.telemetry import TelemetryIngest
+from edgefleet.protos.capability import negotiate
+from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
+
+log = logging.getLogger("edgefleet.controller.mqtt")
+
+SHARE_GROUP = "edgefleet"
+TELEMETRY_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/telemetry"
+ACK_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/ack"
+STATE_FILTER = "edgefleet/v1/+/state"
+DEFAULT_ADMIN = "edgefleet-controller"
+
+AgentHandler = Callable[[str, fleet_pb2.AgentMessage], None]
+
+
+class MqttConfigError(ValueError):
+    """A broker setting the operator must fix; one line, with the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MqttOptions:
+    """Everything about the broker except its URL (ControllerConfig.mqtt_url)."""
+
+    ca_file: Path | None = None          # a private CA for mqtts://, also handed to devices
+    device_url: str | None = None        # the URL devices use, when it differs from the controller's
+    auth_dir: Path | None = None         # the broker's password_file + acl_file (default: state-dir/mqtt)
+    broker_pid_file: Path | None = None  # SIGHUP target so new logins take effect at once
+    client_id: str | None = None         # stable per replica, so its broker session survives restarts
+    session_expiry_s: int = 300
+
+
+def public_url(url: str) -> str:
+    """The URL without its user:password, for devices and logs."""
+    address = parse_broker_url(url)
+    scheme = "mqtts" if address.tls else "mqtt"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{scheme}://{host}:{address.port}"
+
+
+def broker_auth(url: str, options: MqttOptions, state_dir: Path) -> BrokerAuth:
+    """The credential manager for `url`'s broker; the admin login is the one in the URL."""
+    address = parse_broker_url(url)
+    if not address.username or not address.password:
+        raise MqttConfigError(
+            f"--mqtt {public_url(url)} has no login; give the controller's admin login in the URL: "
+            f"mqtt://{DEFAULT_ADMIN}:PASSWORD@HOST:PORT"
+        )
+    ca_pem = ""
+    if options.ca_file is not None:
+        try:
+            ca_pem = options.ca_file.read_text()
+        except OSError as exc:
+            raise MqttConfigError(
+                f"cannot read --mqtt-ca {options.ca_file}: {exc.strerror}; pass the CA's PEM file"
+            ) from None
+    return BrokerAuth(
+        options.auth_dir or state_dir / "mqtt", admin_username=address.username, admin_password=address.password,
+        device_url=options.device_url or public_url(url), ca_pem=ca_pem, broker_pid_file=options.broker_pid_file,
+    )
+
+
+class MqttBridge:
+    def __init__(
+        self,
+        url: str,
+        options: MqttOptions,
+        *,
+        store: Store,
+        presence: PresenceTracker,
+        ingest: TelemetryIngest,
+        auth: BrokerAuth,
+        default_client_id: str = "",
+    ) -> None:
+        self.address: BrokerAddress = parse_broker_url(url)
+        self.url = public_url(url)
+        self.options = options
+        self.store = store
+        self.presence = presence
+        self.ingest = ingest
+        self.auth = auth
+        self.client_id = options.client_id or default_client_id or f"edgefleet-controller-{socket.gethostname()}"
+        self.ack_handlers: list[AgentHandler] = []  # command acks (the command path subscribes here)
+        self.connected = False
+        self._sessions: dict[str, LiveSession] = {}
+        self._ackers: dict[str, Callable[[fleet_pb2.TelemetryAck], None]] = {}
+        self._inbox: collections.deque[tuple[str, bytes | bytearray]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._drain_scheduled = False
+        self._first_connack: asyncio.Future[str | None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._vouch: asyncio.Task[None] | None = None
+        ca_file = options.ca_file
+        self._client = new_client(self.client_id, self.address, username=self.address.username,
+                                  password=self.address.password, ca_file=ca_file, backoff_max_s=10)
+        self._client.max_inflight_messages_set(1000)
+        self._client.max_queued_messages_set(0)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, connect_timeout_s: float = 10.0) -> None:
+        """Connect and subscribe. A refused login is fatal; an unreachable broker is retried in the background."""
+        self._loop = asyncio.get_running_loop()
+        self._first_connack = self._loop.create_future()
+        await asyncio.to_thread(self.auth.prepare)
+        self._client.connect_async(self.address.host, self.address.port, keepalive=30, clean_start=False,
+                                   properties=session_properties(self.options.session_expiry_s))
+        self._client.loop_start()
+        try:
+            refused = await asyncio.wait_for(asyncio.shield(self._first_connack), connect_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("broker not reachable yet; retrying in the background", extra={"broker": self.url})
+        else:
+            if refused:
+                self._client.loop_stop()
+                raise MqttConfigError(
+                    f"broker {self.url} refused the controller's login ({refused}); check the user:password "
+                    f"in --mqtt and that the broker reads {self.auth.passwd_path} as its password_file"
+                )
+        self._vouch = asyncio.create_task(self._vouch_loop())
+
+    async def stop(self) -> None:
+        if self._vouch is not None:
+            self._vouch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._vouch
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        self._close_sessions("controller stopping")
+
+    # -- outbound helpers (also what the command path uses) ------------------------------------
+    def publish(self, device_id: str, message: fleet_pb2.ControllerMessage, *, leaf: str = "cmd",
+                retain: bool = False) -> bool:
+        """QoS 1 to edgefleet/v1/<device>/<leaf>; the device's persistent session queues it while away."""
+        info = self._client.publish(topic(device_id, leaf), message.SerializeToString(), qos=1, retain=retain)
+        return info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: paho resends on reconnect
+
+    # -- paho thread ---------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        refused = connack_refused(reason_code)
+        if not refused:
+            client.subscribe([(TELEMETRY_FILTER, 1), (ACK_FILTER, 1), (STATE_FILTER, 1)])
+        self._call(self._connected, refused)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._call(self._disconnected, str(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._inbox_lock:
+            self._inbox.append((message.topic, message.payload))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        self._call(self._drain)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- on the loop ---------------------------------------------------------------------------
+    def _connected(self, refused: str | None) -> None:
+        if self._first_connack is not None and not self._first_connack.done():
+            self._first_connack.set_result(refused)
+        if refused:
+            log.error("broker refused the controller's login", extra={"broker": self.url, "reason": refused})
+            return
+        self.connected = True
+        log.info("mqtt connected", extra={"broker": self.url, "client_id": self.client_id})
+
+    def _disconnected(self, reason: str) -> None:
+        if self.connected:
+            log.warning("mqtt connection lost; reconnecting", extra={"broker": self.url, "reason": reason})
+        self.connected = False
+        # We can no longer vouch for anyone; the retained states re-open them on reconnect.
+        self._close_sessions("controller lost the broker")
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, collections.deque()
+            self._drain_scheduled = False
+        for name, payload in batch:
+            try:
+                self._dispatch(name, payload)
+            except Exception:
+                log.exception("mqtt message handling failed", extra={"topic": name})
+
+    def _dispatch(self, name: str, payload: bytes | bytearray) -> None:
+        where = split_topic(name)
+        if where is None:
+            return
+        device_id, leaf = where
+        if leaf == "state":
+            self._on_state(device_id, payload)
+            return
+        try:
+            message = fleet_pb2.AgentMessage.FromString(payload)
+        except Exception:
+            log.warning("undecodable agent message dropped", extra={"device": device_id, "topic": leaf})
+            return
+        kind = message.WhichOneof("body")
+        if leaf == "telemetry" and kind == "telemetry":
+            self.ingest.submit(device_id, message.telemetry, self._acker(device_id))
+        elif leaf == "ack" and kind == "command_ack":
+            for handler in self.ack_handlers:
+                handler(device_id, message)
+        else:
+            log.warning("unexpected message dropped", extra={"device": device_id, "topic": leaf, "kind": kind})
+
+    def _acker(self, device_id: str) -> Callable[[fleet_pb2.TelemetryAck], None]:
+        """One callback per device: the ingest groups acks by callback, so a device gets one
+        TelemetryAck per stored group instead of one MQTT message per batch."""
+        acker = self._ackers.get(device_id)
+        if acker is None:
+            def acker(ack: fleet_pb2.TelemetryAck) -> None:
+                self.publish(device_id, fleet_pb2.ControllerMessage(telemetry_ack=ack))
+
+            self._ackers[device_id] = acker
+        return acker
+
+    def _on_state(self, device_id: str, payload: bytes | bytearray) -> None:
+        try:  # an empty payload (a cleared retained state) parses as offline, which is what it means
+            state = mqtt_pb2.DeviceState.FromString(payload)
+        except Exception:
+            log.warning("undecodable device state dropped", extra={"device": device_id})
+            return
+        session = self._sessions.get(device_id)
+        if not state.online:
+            if session is not None:
+                del self._sessions[device_id]
+                self.presence.session_closed(session, "mqtt: offline (last will or clean exit)")
+            return
+        if session is not None and self.presence.is_current(session):
+            return  # already online through us
+        record = self.store.get_device(device_id)
+        if record is None:
+            log.warning("state from a device that is not enrolled ignored", extra={"device": device_id})
+            return
+        self._sessions[device_id] = self.presence.session_opened(
+            device_id, agent_version=state.agent_version[:64],
+            capability_version=negotiate(state.capability_version), hardware_class=record.hardware_class,
+            profile=record.profile, hostname=record.hostname,
+        )
+
+    def _close_sessions(self, reason: str) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            self.presence.session_closed(session, reason)
+
+    async def _vouch_loop(self) -> None:
+        """The broker's keepalive and Last Will watch the device's link; while it says online, so do we."""
+        while True:
+            await asyncio.sleep(max(0.05, self.presence.heartbeat_interval_s))
+            for device_id, session in list(self._sessions.items()):
+                if self.presence.is_current(session):
+                    self.presence.seen(session)
+                else:
+                    del self._sessions[device_id]  # a gRPC session for the device took over
+
+
+def replica_client_id(grpc_address: str) -> str:
+    """Stable across restarts of one replica (so its broker session survives), distinct between replicas."""
+    return f"edgefleet-controller-{socket.gethostname()}-{grpc_address.rpartition(':')[2]}"

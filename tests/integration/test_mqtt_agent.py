@@ -1,0 +1,113 @@
+"""A real agent with --transport mqtt against a real controller and Mosquitto (over TLS).
+
+Enrollment is one gRPC call (the reply carries the device's broker login); after that the
+agent only speaks MQTT: telemetry up with acks down on `cmd`, presence through a retained
+state and a Last Will, and a persistent session that holds `cmd` messages while it is away.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mqtt_harness import (
+    ADMIN_PASSWORD,
+    ADMIN_USER,
+    Broker,
+    TestClient,
+    mqtt_controller,
+    outbox_state,
+    stored_seqs,
+)
+
+from edgefleet.protos.v1 import fleet_pb2
+from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+
+pytestmark = pytest.mark.integration
+
+AGENT_ARGS = ["--transport", "mqtt", "--telemetry-interval", "0.1s"]
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[Broker]:
+    broker = Broker(tmp_path, tls=True).start()
+    yield broker
+    broker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def mqtt_ctl(tmp_path: Path, tls_broker: Broker, procs: list[Proc]) -> ControllerProc:
+    proc = mqtt_controller(tmp_path, tls_broker)
+    procs.append(proc)
+    return proc.start()
+
+
+def _agent(tmp_path: Path, procs: list[Proc], controller: ControllerProc, token: str = "") -> AgentProc:
+    agent = AgentProc(tmp_path, "agent", controller, token, AGENT_ARGS)
+    procs.append(agent)
+    return agent
+
+
+def test_mqtt_only_agent_reports_and_shows_presence(
+    tmp_path: Path, tls_broker: Broker, mqtt_ctl: ControllerProc, procs: list[Proc]
+) -> None:
+    agent = _agent(tmp_path, procs, mqtt_ctl, mqtt_ctl.create_token()).start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrollment")
+    login = (agent.state_dir / "mqtt.json")
+    assert login.stat().st_mode & 0o777 == 0o600
+    assert f"mqtts://127.0.0.1:{tls_broker.tls_port}" in login.read_text()
+
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to show online")
+    wait_until(lambda: len(stored_seqs(mqtt_ctl.state_dir, device_id)) >= 10, 20, "telemetry over MQTT")
+    # Acks come back on cmd and the outbox is emptied: at most the last few batches are in flight.
+    wait_until(lambda: len(outbox_state(agent.state_dir)[0]) <= 3, 10, "acked batches to leave the outbox")
+    assert "mqtt connected" in agent.log() and "session open" not in agent.log()  # no gRPC session
+
+    agent.kill()  # the TCP link drops without a DISCONNECT: the broker publishes the Last Will
+    wait_until(lambda: not mqtt_ctl.device(device_id).online, 10, "the Last Will to mark it offline")
+
+    agent.start()  # same identity, no token: sequence numbers carry on
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to come back")
+    before = len(stored_seqs(mqtt_ctl.state_dir, device_id))
+    wait_until(lambda: len(stored_seqs(mqtt_ctl.state_dir, device_id)) > before + 3, 20, "telemetry after restart")
+    agent.stop()  # a clean exit publishes offline itself
+    wait_until(lambda: not mqtt_ctl.device(device_id).online, 10, "a clean exit to show offline")
+    pending, next_seq = outbox_state(agent.state_dir)
+    seqs = [seq for _, seq in stored_seqs(mqtt_ctl.state_dir, device_id)]
+    assert sorted(set(seqs) | set(pending)) == list(range(1, next_seq)), "a sequence number went missing"
+
+
+def test_cmd_published_while_offline_arrives_once_on_return(
+    tmp_path: Path, tls_broker: Broker, mqtt_ctl: ControllerProc, procs: list[Proc]
+) -> None:
+    agent = _agent(tmp_path, procs, mqtt_ctl, mqtt_ctl.create_token()).start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrollment")
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to show online")
+    agent.stop()
+    wait_until(lambda: not mqtt_ctl.device(device_id).online, 10, "the device to go offline")
+
+    ca = tls_broker.tls.ca_cert.read_text() if tls_broker.tls else ""
+    admin = TestClient(tls_broker.device_url, ADMIN_USER, ADMIN_PASSWORD, ca_pem=ca)
+    admin.connect()
+    admin.subscribe(f"edgefleet/v1/{device_id}/ack")
+    command = fleet_pb2.Command(command_id="cmd-offline-1", nonce="n-1",
+                                expires_at_unix_ms=int(time.time() * 1000) + 120_000)
+    admin.publish(f"edgefleet/v1/{device_id}/cmd", fleet_pb2.ControllerMessage(command=command).SerializeToString())
+
+    agent.start()  # the broker kept its session (clean_start false + expiry) and delivers the command now
+
+    def acks() -> list[fleet_pb2.CommandAck]:
+        with admin.lock:
+            messages = list(admin.messages)
+        return [fleet_pb2.AgentMessage.FromString(m.payload).command_ack for m in messages]
+
+    first = wait_until(acks, 20, "the command's ack")[0]
+    assert first.command_id == "cmd-offline-1" and first.final
+    # A replay of the same command is answered from the journal, not run again.
+    admin.publish(f"edgefleet/v1/{device_id}/cmd", fleet_pb2.ControllerMessage(command=command).SerializeToString())
+    wait_until(lambda: "command already done" in agent.log(), 10, "the replay to be recognised")
+    assert agent.log().count("command already done") == 1
+    admin.close()
