@@ -183,6 +183,17 @@ class PowerMeter:
         return fleet_pb2.PowerReading(watts=watts, source=source, idle_watts=idle, idle_source=idle_source)
 
 
+def estimated_energy_per_inference_mj(model: PowerModel, process_utilisation: float, interval_s: float,
+                                      inferences: int) -> float:
+    """The modelled dynamic energy of the serving process alone: its share of the CPU x dynamic W.
+
+    Without a sensor, charging inference with the whole device's utilisation would bill it for
+    every other process on the board."""
+    if inferences <= 0 or interval_s <= 0:
+        return 0.0
+    return model.dynamic_w * min(1.0, max(0.0, process_utilisation)) * interval_s / inferences * 1000
+
+
 def energy_per_inference_mj(power: fleet_pb2.PowerReading, interval_s: float, inferences: int) -> tuple[float, str]:
     """Dynamic energy per inference over the interval, with its source.
 

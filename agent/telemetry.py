@@ -7,6 +7,7 @@ appends the batch to the on-disk outbox (which assigns its sequence number).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from edgefleet.agent import latency
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.outbox import TelemetryOutbox
-from edgefleet.agent.power import PowerMeter, energy_per_inference_mj
+from edgefleet.agent.power import PowerMeter, energy_per_inference_mj, estimated_energy_per_inference_mj
 from edgefleet.protos.v1 import fleet_pb2
 
 
@@ -101,11 +102,15 @@ class TelemetryCollector:
         inferences = sum(m.count for m in models)
         power = self.power.read(device.cpu_percent_system / 100.0, inferences)
         # Dynamic power is shared between the models served in proportion to their inferences.
+        if power.source.startswith("estimated"):
+            share = device.cpu_percent_process / 100.0 / (os.cpu_count() or 1)
+            energy = (estimated_energy_per_inference_mj(self.power.model, share, interval_s, inferences),
+                      "estimated:model")
+        else:
+            energy = energy_per_inference_mj(power, interval_s, inferences)
         for stats in models:
             if stats.count:
-                stats.energy_per_inference_mj, stats.energy_source = energy_per_inference_mj(
-                    power, interval_s, inferences
-                )
+                stats.energy_per_inference_mj, stats.energy_source = energy
         batch = fleet_pb2.TelemetryBatch(
             start_unix_ms=int(self._start * 1000),
             end_unix_ms=int(end * 1000),

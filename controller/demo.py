@@ -24,6 +24,8 @@ from edgefleet.controller.client import Connection, UserError
 from edgefleet.protos.v1 import control_pb2
 
 HEARTBEAT = "1s"
+TELEMETRY_INTERVAL = "1s"
+WORKLOAD = "golden:20/s"
 
 
 def free_port() -> int:
@@ -118,7 +120,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
                 group.start(f"agent-{i + 1}", [
                     py, "-m", "edgefleet.agent.cli", "run", "--controller", grpc_address, "--token", token,
                     "--state-dir", str(root / f"agent-{i + 1}"), "--labels", f"site=demo-{i % 2 + 1}",
-                    "--no-microbench",
+                    "--no-microbench", "--telemetry-interval", TELEMETRY_INTERVAL, "--workload", WORKLOAD,
                 ])
 
             def all_online() -> bool:
@@ -127,13 +129,21 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
 
             wait_for(all_online, 60, f"{agents} agents to enroll and come online", group)
             env_hint = f"EDGEFLEET_STATE_DIR={controller_dir}"
+            cli = [py, "-m", "edgefleet.controller.cli", "--state-dir", str(controller_dir)]
             click.echo(f"demo: {agents} agents enrolled and online:\n")
-            subprocess.run([py, "-m", "edgefleet.controller.cli", "--state-dir", str(controller_dir),
-                            "devices", "list"], check=False)
+            subprocess.run([*cli, "devices", "list"], check=False)
+            rollout_id = roll_out_demo_model(client, root / "model", wait_for, group)
+            click.echo("\ndemo: rollout finished:\n")
+            subprocess.run([*cli, "rollout", "status", rollout_id], check=False)
+            wait_for(lambda: live_rows(client) >= agents, 60, "live latency from every device", group)
+            click.echo("\ndemo: live telemetry from the fleet (every device runs digits:1 at 20 inferences/s):\n")
+            subprocess.run([*cli, "telemetry", "watch", "--once"], check=False)
             click.echo(
                 "\nwhere to look next (in another terminal):\n"
                 f"  {env_hint} edgefleet devices list\n"
                 f"  {env_hint} edgefleet devices show <DEVICE> --json\n"
+                f"  {env_hint} edgefleet telemetry watch\n"
+                f"  {env_hint} edgefleet rollout status {rollout_id}\n"
                 f"  curl http://{http_address}/metrics\n"
                 f"  logs: {logs}\n"
             )
@@ -147,3 +157,32 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0
+
+
+def roll_out_demo_model(client, work: Path, wait_for, group: ProcessGroup) -> str:  # type: ignore[no-untyped-def]
+    """Train the digits model, register it, and roll it out: canary, then everyone."""
+    from edgefleet.controller.cli import upload_artifact
+    from edgefleet.controller.demo_model import build_digits_model
+
+    model, calib, accuracy = build_digits_model(work)
+    click.echo(f"\ndemo: trained digits:1 (held-out accuracy {accuracy:.1%}); compiling per class and rolling out")
+    client.call("AddModel", control_pb2.AddModelRequest(
+        name="digits", version=1, sha256=upload_artifact(client, model), format="onnx",
+        calib_sha256=upload_artifact(client, calib), budget=0.99))
+    info = client.call("CreateRollout", control_pb2.CreateRolloutRequest(
+        model="digits", version=1, to="all", waves="1,100%", soak_s=3, max_failures=0.0,
+        gates=["p95_ms<=1.5x", "error_rate<=0.01"], device_timeout_s=120, auto_rollback=True))
+
+    def finished() -> bool:
+        state = client.call("GetRollout", control_pb2.GetRolloutRequest(rollout_id=info.rollout_id)).state
+        if state in ("paused", "failed", "aborted"):
+            raise UserError(f"the demo rollout stopped: {state}; see `edgefleet rollout status {info.rollout_id}`")
+        return bool(state == "completed")
+
+    wait_for(finished, 300, "the rollout to complete", group)
+    return str(info.rollout_id)
+
+
+def live_rows(client) -> int:  # type: ignore[no-untyped-def]
+    rows = client.call("TelemetrySummary", control_pb2.TelemetrySummaryRequest(model="digits")).rows
+    return sum(1 for r in rows if r.p95_ms > 0)

@@ -98,3 +98,12 @@ def test_power_model_table_and_override(tmp_path: Path) -> None:
     override.write_text('{"x": {"idle_w": "a lot"}}')
     with pytest.raises(ValueError, match="needs numeric idle_w and dynamic_w"):
         load_power_models(override)
+
+
+def test_estimated_energy_bills_only_the_serving_process() -> None:
+    from edgefleet.agent.power import estimated_energy_per_inference_mj
+
+    # 20 W dynamic, the agent used 10% of the device for 2 s and served 40 inferences: 2 W x 2 s / 40.
+    assert estimated_energy_per_inference_mj(MODEL, 0.10, 2.0, 40) == pytest.approx(100.0)
+    assert estimated_energy_per_inference_mj(MODEL, 3.0, 1.0, 10) == pytest.approx(2000.0)  # clamped to 100%
+    assert estimated_energy_per_inference_mj(MODEL, 0.5, 1.0, 0) == 0.0
