@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import click
@@ -38,7 +37,7 @@ def cli(log_level: str) -> None:
     setup_logging(log_level)
 
 
-def state_dir_option(fn):  # type: ignore[no-untyped-def]
+def state_dir_option(fn):
     return click.option(
         "--state-dir", type=click.Path(path_type=Path), envvar="EDGEFLEET_AGENT_STATE_DIR",
         default=default_state_dir, show_default="/var/lib/edgefleet-agent", help="Where the agent keeps its state.",
@@ -104,7 +103,7 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
         raise UserError(str(exc)) from None
 
 
-def _run_until_signal(coro) -> None:  # type: ignore[no-untyped-def]
+def _run_until_signal(coro) -> None:
     """Run the coroutine; SIGINT/SIGTERM cancel it so streams close cleanly."""
 
     async def wrapper() -> None:
@@ -120,7 +119,7 @@ def _run_until_signal(coro) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(wrapper())
 
 
-def collect_profile_for_agent(state_dir: Path | None, *, microbench: bool, hardware_class: str | None):  # type: ignore[no-untyped-def]
+def collect_profile_for_agent(state_dir: Path | None, *, microbench: bool, hardware_class: str | None):
     from edgefleet.agent.profiler import collect_profile
 
     return collect_profile(
@@ -289,4 +288,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

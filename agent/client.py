@@ -60,13 +60,13 @@ class LocalClient:
         try:
             return self._stub.Infer(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise InferenceError(exc.code(), exc.details()) from None  # type: ignore[attr-defined]
+            raise InferenceError(exc.code(), exc.details()) from None
 
     def status(self) -> local_pb2.AgentStatus:
         try:
             return self._stub.Status(local_pb2.StatusRequest(), timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise InferenceError(exc.code(), exc.details()) from None  # type: ignore[attr-defined]
+            raise InferenceError(exc.code(), exc.details()) from None
 
     def close(self) -> None:
         self._channel.close()

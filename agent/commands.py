@@ -69,10 +69,10 @@ class GrpcArtifactSource:
                 position += len(chunk.data)
                 yield chunk.data
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
             if code in _TRANSIENT:
-                raise SourceInterrupted(f"artifact transfer interrupted: {exc.details()}") from None  # type: ignore[attr-defined]
-            raise RuntimeError(f"controller refused the artifact: {exc.details()}") from None  # type: ignore[attr-defined]
+                raise SourceInterrupted(f"artifact transfer interrupted: {exc.details()}") from None
+            raise RuntimeError(f"controller refused the artifact: {exc.details()}") from None
         finally:
             call.cancel()
             channel.close()

@@ -23,7 +23,7 @@ def _feed(inputs_npz: bytes) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(data[name][:1]) for name in data.files}
 
 
-def _session(path: Path, provider: str, threads: int):  # type: ignore[no-untyped-def]
+def _session(path: Path, provider: str, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -52,7 +52,7 @@ def time_candidates(
                                      threads)
             feed = _feed(candidate.inputs_npz)
             for _ in range(warmup):
-                session.run(None, feed)  # type: ignore[attr-defined]
+                session.run(None, feed)
             sessions[candidate.name] = (session, feed, used)
             timings[candidate.name].runtime = used
         except Exception as exc:  # a candidate that does not load here is a result, not a crash

@@ -340,7 +340,7 @@ def upload_artifact(client: ControlClient, path: Path, chunk: int = 1024 * 1024)
             digest.update(block)
     sha, size = digest.hexdigest(), path.stat().st_size
 
-    def messages():  # type: ignore[no-untyped-def]
+    def messages():
         yield control_pb2.ArtifactUpload(sha256=sha, size=size)
         with open(path, "rb") as f:
             while block := f.read(chunk):

@@ -116,7 +116,7 @@ class ControlClient:
                 metadata=(("authorization", f"Bearer {self.connection.token}"),),
             )
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details()
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise UserError(
                     f"cannot reach the controller at {self.connection.address}; start it with "

@@ -75,7 +75,7 @@ def demo_state_dir(state_dir: Path | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def wait_for(predicate, timeout_s: float, what: str, procs: ProcessGroup) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout_s: float, what: str, procs: ProcessGroup) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, proc in procs.procs.items():
@@ -159,7 +159,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
         return 0
 
 
-def roll_out_demo_model(client, work: Path, wait_for, group: ProcessGroup) -> str:  # type: ignore[no-untyped-def]
+def roll_out_demo_model(client, work: Path, wait_for, group: ProcessGroup) -> str:
     """Train the digits model, register it, and roll it out: canary, then everyone."""
     from edgefleet.controller.cli import upload_artifact
     from edgefleet.controller.demo_model import build_digits_model
@@ -183,6 +183,6 @@ def roll_out_demo_model(client, work: Path, wait_for, group: ProcessGroup) -> st
     return str(info.rollout_id)
 
 
-def live_rows(client) -> int:  # type: ignore[no-untyped-def]
+def live_rows(client) -> int:
     rows = client.call("TelemetrySummary", control_pb2.TelemetrySummaryRequest(model="digits")).rows
     return sum(1 for r in rows if r.p95_ms > 0)

@@ -128,7 +128,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             mqtt=enrolled.mqtt.to_proto() if enrolled.mqtt else None,  # issue 7
         )
 
-    async def Session(  # type: ignore[override]
+    async def Session(
         self, request_iterator: AsyncIterator[fleet_pb2.AgentMessage], context: grpc.aio.ServicerContext
     ) -> None:
         try:
@@ -227,7 +227,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         while True:
             await context.write(await outbox.get())
 
-    async def FetchArtifact(  # type: ignore[override]
+    async def FetchArtifact(
         self, request: fleet_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
         try:
@@ -323,7 +323,7 @@ class CommandControl:
     artifacts: ArtifactStore
     commands: CommandDispatcher
 
-    async def UploadArtifact(  # type: ignore[override]
+    async def UploadArtifact(
         self, request_iterator: AsyncIterator[control_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
     ) -> control_pb2.ArtifactInfo:
         try:
@@ -609,7 +609,7 @@ class OperatorAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         if handler_call_details.method.startswith("/edgefleet.v1.Control/"):
-            md = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+            md = dict(handler_call_details.invocation_metadata or ())
             header = str(md.get("authorization", ""))
             token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
             if not token or not self.store.is_operator_token(auth.digest(token)):

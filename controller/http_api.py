@@ -115,7 +115,7 @@ class HttpApi:
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+            return self._metrics(environ, start_response)
         if path == "/healthz":
             body = json.dumps({"status": "ok", "sessions": self.presence.online_count()}).encode()
             start_response("200 OK", [("Content-Type", "application/json")])

@@ -125,7 +125,7 @@ def selector_matches(selector: str, device: DeviceRecord) -> bool:
 def assign_waves(device_ids: list[str], waves: list[WaveSize]) -> dict[str, int]:
     """Wave index per device of one class: a count is absolute, a fraction cumulative."""
     n = len(device_ids)
-    targets = []
+    targets: list[int] = []
     for wave in waves:
         target = min(n, wave.count) if wave.count is not None else math.ceil((wave.fraction or 0) * n)
         targets.append(max(target, targets[-1] if targets else 0))
@@ -285,9 +285,9 @@ class RolloutEngine:
         classes = sorted({r.hardware_class for r in rows if r.state != "superseded"})
         builds = {c: self._build(rollout.model, rollout.version, c) for c in classes}
         if rollout.state == "planning":
-            failed = {c: b for c, b in builds.items() if b and b.state == "failed"}
-            if failed:
-                detail = "; ".join(f"{c}: {b.error}" for c, b in failed.items())
+            broken = {c: b for c, b in builds.items() if b and b.state == "failed"}
+            if broken:
+                detail = "; ".join(f"{c}: {b.error}" for c, b in broken.items())
                 self._update(rollout, state="failed", reason=f"no build: {detail}")
                 return
             if all(b and b.state == "ready" for b in builds.values()):

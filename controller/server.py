@@ -88,6 +88,9 @@ class Controller:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, store=self.store, presence=self.presence,
                                    ingest=self.ingest, auth=logins,
                                    default_client_id=replica_client_id(config.grpc_address))
+            # Commands ride MQTT like the gRPC Session: open ones go out when a device comes online.
+            self.mqtt.ack_handlers.append(lambda device_id, m: self.commands.on_ack(device_id, m.command_ack))
+            self.mqtt.online_handlers.append(self.commands.deliver_open)
         self.http = HttpApi(self.store, self.presence, self.live, registry)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
@@ -158,7 +161,8 @@ class Controller:
         ]
         endpoint = {
             "grpc": f"{host}:{self.grpc_port}",
-            "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}" if self.http_port else "",
+            "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}"
+            if self.config.http_address and self.http_port else "",
             "pid": os.getpid(),
         }
         atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)

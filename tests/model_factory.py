@@ -16,8 +16,16 @@ from edgefleet.firmware.selftest import describe_onnx_model
 from edgefleet.firmware.sources import FileSource
 
 
-def mlp_onnx(path: Path, *, inputs: int = 64, hidden: int = 256, outputs: int = 10, seed: int = 0,
-             extra_matmuls: int = 0, tanh_chain: int = 0) -> Path:
+def mlp_onnx(
+    path: Path,
+    *,
+    inputs: int = 64,
+    hidden: int = 256,
+    outputs: int = 10,
+    seed: int = 0,
+    extra_matmuls: int = 0,
+    tanh_chain: int = 0,
+) -> Path:
     """A float32 MLP with a free batch axis.
 
     `extra_matmuls` adds hidden layers (more weights, which quantization speeds up); `tanh_chain`
@@ -27,14 +35,22 @@ def mlp_onnx(path: Path, *, inputs: int = 64, hidden: int = 256, outputs: int = 
     rng = np.random.default_rng(seed)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", outputs])
-    inits = [numpy_helper.from_array(rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.1, "w0"),
-             numpy_helper.from_array(np.zeros(hidden, np.float32), "b0")]
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("Add", ["h0", "b0"], ["a0"]),
-             helper.make_node("Relu", ["a0"], ["r0"])]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((inputs, hidden)).astype(np.float32) * 0.1, "w0"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "b0"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"]),
+        helper.make_node("Add", ["h0", "b0"], ["a0"]),
+        helper.make_node("Relu", ["a0"], ["r0"]),
+    ]
     last = "r0"
     for i in range(1, extra_matmuls + 1):
         inits.append(numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.05, f"w{i}"))
-        nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"h{i}"]), helper.make_node("Relu", [f"h{i}"], [f"r{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [last, f"w{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+        ]
         last = f"r{i}"
     for i in range(tanh_chain):
         nodes.append(helper.make_node("Tanh", [last], [f"t{i}"]))
@@ -49,14 +65,27 @@ def mlp_onnx(path: Path, *, inputs: int = 64, hidden: int = 256, outputs: int = 
     return path
 
 
-def signed_bundle(tmp: Path, model_path: Path, *, name: str = "mlp", version: int = 1,
-                  hardware_class: str = "x86_64-avx512vnni", key=None, provider: str = "CPUExecutionProvider"):  # type: ignore[no-untyped-def]
+def signed_bundle(
+    tmp: Path,
+    model_path: Path,
+    *,
+    name: str = "mlp",
+    version: int = 1,
+    hardware_class: str = "x86_64-avx512vnni",
+    key=None,
+    provider: str = "CPUExecutionProvider",
+):  # type: ignore[no-untyped-def]
     """(bundle path, signing key) for an ONNX model, with a golden self-test computed here."""
     key = key or generate_signing_key()
     io, self_test = describe_onnx_model(model_path)
     spec = BundleSpec(
-        name=name, version=version, hardware_class=hardware_class, model_file="model.onnx",
-        payload={"model.onnx": model_path}, io=io, self_test=self_test,
+        name=name,
+        version=version,
+        hardware_class=hardware_class,
+        model_file="model.onnx",
+        payload={"model.onnx": model_path},
+        io=io,
+        self_test=self_test,
         runtime=RuntimeSpec(name="onnxruntime", execution_provider=provider),
     )
     out = tmp / f"{name}-{version}.efb"

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from edgefleet.controller.store.base import (
     BuildRecord,
@@ -585,7 +586,7 @@ class SQLiteStore(Store):
                 "SELECT * FROM telemetry_rollups WHERE device_id = ? AND minute_ms >= ? ORDER BY minute_ms, model",
                 (device_id, since_ms),
             ).fetchall()
-        return [Rollup(**{k: (bytes(r[k]) if k == "latency_hdr" else r[k]) for k in r.keys()}) for r in rows]  # noqa: SIM118
+        return [_rollup(r) for r in rows]
 
     def prune_telemetry(self, raw_before_ms: int, rollups_before_ms: int) -> int:
         with self._tx() as db:
@@ -654,8 +655,15 @@ def _rollout(row: sqlite3.Row) -> RolloutRecord:
     return RolloutRecord(**data)
 
 
+def _rollup(row: sqlite3.Row) -> Rollup:
+    data: dict[str, Any] = dict(row)
+    data["latency_hdr"] = bytes(data["latency_hdr"])
+    return Rollup(**data)
+
+
 def _command(row: sqlite3.Row) -> CommandRecord:
-    return CommandRecord(**{k: (bytes(row[k]) if k in ("payload", "ack") else row[k]) for k in row.keys()})  # noqa: SIM118
+    data: dict[str, Any] = {k: (bytes(row[k]) if k in ("payload", "ack") else row[k]) for k in row.keys()}  # noqa: SIM118
+    return CommandRecord(**data)
 
 
 def _points(rows: list[sqlite3.Row], model_rows: list[sqlite3.Row]) -> list[TelemetryPoint]:

@@ -67,8 +67,8 @@ def test_offline_device_gets_the_command_when_it_returns(tmp_path, controller, s
     device = wait_until(lambda: agent.device_id, 30, "enrolled")
     agent.kill()
     bundle, _ = signed_bundle(tmp_path, mlp_onnx(tmp_path / "m.onnx"), version=3, key=controller_key(controller))
-    from edgefleet.controller.client import Connection
     from edgefleet.controller.cli import upload_artifact
+    from edgefleet.controller.client import Connection
 
     client = Connection.resolve(controller.grpc_address, controller.state_dir).control()
     sha = upload_artifact(client, bundle)

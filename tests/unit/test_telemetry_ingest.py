@@ -17,13 +17,21 @@ from edgefleet.protos.v1 import fleet_pb2
 NOW_MS = 1_800_000_000_000
 
 
-def batch(seq: int, end_ms: int = NOW_MS, count: int = 10, value_s: float = 0.004, **power: float) -> fleet_pb2.TelemetryBatch:
+def batch(
+    seq: int, end_ms: int = NOW_MS, count: int = 10, value_s: float = 0.004, **power: float
+) -> fleet_pb2.TelemetryBatch:
     h = latency.new_histogram()
     for _ in range(count):
         latency.record_seconds(h, value_s)
     b = fleet_pb2.TelemetryBatch(seq=seq, start_unix_ms=end_ms - 5000, end_unix_ms=end_ms)
-    b.models.add(model="det", version="3", count=count, latency=latency.to_proto(h), energy_per_inference_mj=2.0,
-                 energy_source="measured:rapl")
+    b.models.add(
+        model="det",
+        version="3",
+        count=count,
+        latency=latency.to_proto(h),
+        energy_per_inference_mj=2.0,
+        energy_source="measured:rapl",
+    )
     b.power.watts = power.get("watts", 7.5)
     b.power.source = "measured:rapl"
     b.device.cpu_percent_system = 40
@@ -34,13 +42,16 @@ def batch(seq: int, end_ms: int = NOW_MS, count: int = 10, value_s: float = 0.00
 def ingest(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = SQLiteStore(tmp_path / "c.db")
     registry = CollectorRegistry()
-    service = telemetry.TelemetryIngest(store, telemetry.TelemetryMetrics(registry), known_device=lambda d: d != "ghost",
-                                        clock=lambda: NOW_MS / 1000)
+    service = telemetry.TelemetryIngest(
+        store, telemetry.TelemetryMetrics(registry), known_device=lambda d: d != "ghost", clock=lambda: NOW_MS / 1000
+    )
     yield service, store, registry
     store.close()
 
 
-def run(service: telemetry.TelemetryIngest, items: list[tuple[str, fleet_pb2.TelemetryBatch]]) -> list[fleet_pb2.TelemetryAck]:
+def run(
+    service: telemetry.TelemetryIngest, items: list[tuple[str, fleet_pb2.TelemetryBatch]]
+) -> list[fleet_pb2.TelemetryAck]:
     acks: list[fleet_pb2.TelemetryAck] = []
     for device, b in items:
         service.submit(device, b, acks.append)
@@ -63,17 +74,25 @@ def test_duplicates_are_acked_but_stored_once(ingest) -> None:  # type: ignore[n
     assert value(registry, "edgefleet_telemetry_batches_total", result="duplicate") == 2
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda b: setattr(b.power, "watts", math.nan), "not_finite"),
-    (lambda b: setattr(b.device, "cpu_percent_system", math.inf), "not_finite"),
-    (lambda b: setattr(b, "end_unix_ms", NOW_MS + 3_600_000), "future_timestamp"),
-    (lambda b: (setattr(b, "end_unix_ms", NOW_MS - 30 * 86_400_000),
-                setattr(b, "start_unix_ms", NOW_MS - 30 * 86_400_000 - 5000)), "stale_timestamp"),
-    (lambda b: setattr(b, "start_unix_ms", b.end_unix_ms + 1), "bad_timestamp"),
-    (lambda b: setattr(b, "seq", 0), "missing_seq"),
-    (lambda b: b.models[0].latency.__setattr__("hdr", b"not a histogram"), "bad_histogram"),
-    (lambda b: [b.models.add(model=f"m{i}") for i in range(40)], "oversized"),
-])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda b: setattr(b.power, "watts", math.nan), "not_finite"),
+        (lambda b: setattr(b.device, "cpu_percent_system", math.inf), "not_finite"),
+        (lambda b: setattr(b, "end_unix_ms", NOW_MS + 3_600_000), "future_timestamp"),
+        (
+            lambda b: (
+                setattr(b, "end_unix_ms", NOW_MS - 30 * 86_400_000),
+                setattr(b, "start_unix_ms", NOW_MS - 30 * 86_400_000 - 5000),
+            ),
+            "stale_timestamp",
+        ),
+        (lambda b: setattr(b, "start_unix_ms", b.end_unix_ms + 1), "bad_timestamp"),
+        (lambda b: setattr(b, "seq", 0), "missing_seq"),
+        (lambda b: b.models[0].latency.__setattr__("hdr", b"not a histogram"), "bad_histogram"),
+        (lambda b: [b.models.add(model=f"m{i}") for i in range(40)], "oversized"),
+    ],
+)
 def test_bad_batches_are_rejected_with_a_counter_and_never_stored(ingest, mutate, reason) -> None:  # type: ignore[no-untyped-def]
     service, store, registry = ingest
     bad = batch(5)
@@ -106,8 +125,13 @@ def test_percentiles_are_recomputed_from_the_histogram_not_trusted(ingest) -> No
 def test_rollups_merge_minutes_and_late_points_rebuild_them(ingest) -> None:  # type: ignore[no-untyped-def]
     service, store, _ = ingest
     minute = NOW_MS - NOW_MS % 60_000 - 60_000
-    run(service, [("d1", batch(1, minute + 5_000, count=10, value_s=0.002)),
-                  ("d1", batch(2, minute + 10_000, count=30, value_s=0.008))])
+    run(
+        service,
+        [
+            ("d1", batch(1, minute + 5_000, count=10, value_s=0.002)),
+            ("d1", batch(2, minute + 10_000, count=30, value_s=0.008)),
+        ],
+    )
     assert telemetry.compute_rollups(store) == 1
     (device_row, model_row) = store.rollups("d1", 0)
     assert device_row.model == "" and device_row.watts_avg == pytest.approx(7.5)
