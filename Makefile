@@ -29,7 +29,9 @@ lint: $(STAMP)
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 	  -p edgefleet.agent -p edgefleet.controller -p edgefleet.firmware
 
+# The benchmarks train their models with PyTorch (CPU build): installed here, never at run time.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pytest -q -s tests/bench $(PYTEST_ARGS)
 
 protos: $(STAMP)
