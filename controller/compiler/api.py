@@ -45,6 +45,8 @@ from edgefleet.controller.compiler.target import TargetSpec
 
 REPORT_SCHEMA = 1
 Progress = Callable[[str], None]
+# Where latencies come from; the CLI's --measure choices are read from here so the two cannot drift.
+MeasureMode = Literal["auto", "local", "estimate"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class CompileSpec:
     recipes: tuple[str, ...] | None = None
     use_cache: bool = True
     cache_dir: Path | None = None
-    measure: Literal["auto", "local", "estimate"] = "auto"
+    measure: MeasureMode = "auto"
     min_speedup: float = 1.05
     tie_tolerance: float = 0.03
     measure_rounds: int = 15
@@ -192,7 +194,7 @@ def _gate_data(
             if t.name in shapes:
                 concrete[t.name] = shapes[t.name]
             elif all(isinstance(d, int) for d in t.shape[1:]):
-                concrete[t.name] = (1, *[int(d) for d in t.shape[1:]])
+                concrete[t.name] = (1, *[d for d in t.shape[1:] if isinstance(d, int)])
             else:
                 raise CompileError(
                     f"input '{t.name}' has dynamic dims and no data was given; pass --calib "

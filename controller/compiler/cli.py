@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
-from edgefleet.controller.compiler.api import CompileSpec, compile_model
+from edgefleet.controller.compiler.api import CompileSpec, MeasureMode, compile_model
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.model_io import parse_input_shapes
 
@@ -78,7 +79,7 @@ class CompileUsageError(click.ClickException):
 @click.option("--recipes", metavar="A,B", help="Only try these recipes (the fp32 baseline is always built).")
 @click.option(
     "--measure",
-    type=click.Choice(["auto", "local", "estimate"]),
+    type=click.Choice(list(get_args(MeasureMode))),
     default="auto",
     show_default=True,
     help="Where latencies come from: auto = this machine for --target local, an online device "
@@ -97,7 +98,7 @@ def compile_command(
     input_shapes: tuple[str, ...],
     out: Path | None,
     recipes: str | None,
-    measure: str,
+    measure: MeasureMode,
     no_cache: bool,
     as_json: bool,
 ) -> None:

@@ -14,11 +14,14 @@ import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from edgefleet.controller.compiler.data import Dataset
 from edgefleet.controller.compiler.errors import CompileError, MissingExtraError
 from edgefleet.controller.compiler.target import TargetSpec
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 class PassError(Exception):
@@ -63,16 +66,22 @@ def param(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-class Pass:
-    """Base of all passes: ``Params`` holds the typed, described parameters."""
+ParamsT = TypeVar("ParamsT", bound="DataclassInstance")
+
+
+class Pass(Generic[ParamsT]):
+    """Base of all passes: ``Params`` holds the typed, described parameters.
+
+    A pass names its own ``Params`` as the type argument (``class Float16(Pass["Float16.Params"])``)
+    so ``self.params`` has that type, and a typo in a parameter name is a type error, not a crash
+    halfway through a compile. ``params`` is positional-only so every keyword is a parameter
+    override, including ones that come from a recipe's ``**dict``.
+    """
 
     name: ClassVar[str] = ""
+    Params: type[ParamsT]
 
-    @dataclass(frozen=True)
-    class Params:
-        pass
-
-    def __init__(self, params: Any = None, **overrides: Any) -> None:
+    def __init__(self, params: ParamsT | None = None, /, **overrides: Any) -> None:
         base = params if params is not None else self.Params()
         if overrides:
             known = {f.name for f in fields(base)}
@@ -82,7 +91,7 @@ class Pass:
                     f"pass '{self.name}' has no parameter {unknown[0]!r} (has: {sorted(known)}); fix the recipe"
                 )
             base = type(base)(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **overrides})
-        self.params = base
+        self.params: ParamsT = base
 
     def run(self, model: Path, ctx: PassContext) -> Path:
         raise NotImplementedError
@@ -240,9 +249,9 @@ def check_pass(name: str, target: TargetSpec, model_format: str = "onnx") -> Pas
     return info
 
 
-def load_pass(name: str, target: TargetSpec, model_format: str = "onnx") -> type[Pass]:
+def load_pass(name: str, target: TargetSpec, model_format: str = "onnx") -> type[Pass[Any]]:
     """Check the registry first (family, format, optional packages), then import the pass module."""
     info = check_pass(name, target, model_format)
     module = importlib.import_module(f"{__name__}.{info.module}")
-    cls: type[Pass] = getattr(module, info.class_name)
+    cls: type[Pass[Any]] = getattr(module, info.class_name)
     return cls

@@ -13,7 +13,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class DynamicInt8(Pass):
+class DynamicInt8(Pass["DynamicInt8.Params"]):
     name = "dynamic_int8"
 
     @dataclass(frozen=True)

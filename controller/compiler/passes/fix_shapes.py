@@ -14,7 +14,7 @@ from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class FixShapes(Pass):
+class FixShapes(Pass["FixShapes.Params"]):
     name = "fix_shapes"
 
     @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class Float16(Pass):
+class Float16(Pass["Float16.Params"]):
     name = "fp16"
 
     @dataclass(frozen=True)

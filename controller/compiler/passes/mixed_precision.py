@@ -139,7 +139,7 @@ def keep_float_edges(model: Any, excluded: set[str]) -> int:
     return bypassed
 
 
-class MixedPrecision(Pass):
+class MixedPrecision(Pass["MixedPrecision.Params"]):
     name = "mixed_precision"
 
     @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from edgefleet.controller.compiler.passes import Pass, PassContext, param
 from edgefleet.controller.compiler.passes.static_int8 import StaticInt8
 
 
-class NpuUint8(Pass):
+class NpuUint8(Pass["NpuUint8.Params"]):
     name = "npu_uint8"
 
     @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class OpsetUpgrade(Pass):
+class OpsetUpgrade(Pass["OpsetUpgrade.Params"]):
     name = "opset_upgrade"
 
     @dataclass(frozen=True)

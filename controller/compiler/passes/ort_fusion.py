@@ -13,7 +13,7 @@ from pathlib import Path
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class OrtFusion(Pass):
+class OrtFusion(Pass["OrtFusion.Params"]):
     name = "ort_fusion"
 
     @dataclass(frozen=True)

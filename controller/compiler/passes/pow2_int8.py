@@ -17,7 +17,7 @@ from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, p
 from edgefleet.controller.compiler.passes.static_int8 import StaticInt8
 
 
-class PowerOfTwoInt8(Pass):
+class PowerOfTwoInt8(Pass["PowerOfTwoInt8.Params"]):
     name = "pow2_int8"
 
     @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PowerOfTwoInt8(Pass):
     def run(self, model: Path, ctx: PassContext) -> Path:
         from onnx import numpy_helper
 
-        q = StaticInt8(
+        static = StaticInt8(
             quant_format="qdq",
             per_channel=False,
             calibration=self.params.calibration,
@@ -38,7 +38,7 @@ class PowerOfTwoInt8(Pass):
             symmetric_activations=True,
             max_calib_samples=self.params.max_calib_samples,
         )
-        quantized = q.quantize(model, ctx, tag="int8-sym", extra_options={"WeightSymmetric": True})
+        quantized = static.quantize(model, ctx, tag="int8-sym", extra_options={"WeightSymmetric": True})
         m = onnx_graph.load(quantized)
         inits = {i.name: i for i in m.graph.initializer}
         producers = {o: n for n in m.graph.node for o in n.output}
@@ -68,10 +68,10 @@ class PowerOfTwoInt8(Pass):
             new_scale = np.power(2.0, np.ceil(np.log2(scale)))
             if node.op_type == "DequantizeLinear" and data is not None:
                 # A constant weight was stored in units of the old scale: re-express it in the new one.
-                q = numpy_helper.to_array(data)
-                info = np.iinfo(q.dtype)
-                requant = np.round(q.astype(np.float64) * scale / new_scale)
-                set_init(data.name, np.clip(requant, info.min, info.max).astype(q.dtype))
+                weights = numpy_helper.to_array(data)
+                info = np.iinfo(weights.dtype)
+                requant = np.round(weights.astype(np.float64) * scale / new_scale)
+                set_init(data.name, np.clip(requant, info.min, info.max).astype(weights.dtype))
             set_init(scale_name, new_scale.astype(np.float32))
             rounded.add(scale_name)
             if len(node.input) > 2 and node.input[2] in inits:

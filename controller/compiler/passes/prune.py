@@ -12,7 +12,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class MagnitudePrune(Pass):
+class MagnitudePrune(Pass["MagnitudePrune.Params"]):
     name = "prune"
 
     @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class Simplify(Pass):
+class Simplify(Pass["Simplify.Params"]):
     name = "simplify"
 
     @dataclass(frozen=True)

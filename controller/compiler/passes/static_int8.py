@@ -69,7 +69,7 @@ class _Reader:
         self._it = iter(self._feeds)
 
 
-class StaticInt8(Pass):
+class StaticInt8(Pass["StaticInt8.Params"]):
     name = "static_int8"
 
     @dataclass(frozen=True)

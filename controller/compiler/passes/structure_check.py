@@ -12,7 +12,7 @@ from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class StructureCheck(Pass):
+class StructureCheck(Pass["StructureCheck.Params"]):
     name = "structure_check"
 
     @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
 
 
-class TfliteExport(Pass):
+class TfliteExport(Pass["TfliteExport.Params"]):
     name = "tflite_export"
 
     @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def _int_tensor_count(path: Path) -> int:
     return sum(1 for d in interp.get_tensor_details() if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16))
 
 
-class TfliteQuantize(Pass):
+class TfliteQuantize(Pass["TfliteQuantize.Params"]):
     name = "tflite_quantize"
 
     @dataclass(frozen=True)
