@@ -18,6 +18,7 @@ import numpy as np
 
 from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.commands import CommandDispatcher
+from edgefleet.controller.errors import FailedPrecondition, NotFound
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
 from edgefleet.protos.v1 import fleet_pb2
@@ -29,6 +30,33 @@ MEASURE_TIMEOUT_S = 300.0
 
 class DeviceMeasurementFailed(RuntimeError):
     pass
+
+
+def sample_npz(inputs: Mapping[str, np.ndarray], samples: int = 4) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v)[:samples] for k, v in inputs.items()})  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def measure_spec(candidates: Sequence[tuple[str, int]], inputs_npz: bytes) -> fleet_pb2.MeasureCandidates:
+    """Candidates are named c0, c1, ... in order; timings come back under the same names."""
+    spec = fleet_pb2.MeasureCandidates(warmup=3, runs=10, rounds=7)
+    for index, (sha, size) in enumerate(candidates):
+        spec.candidates.add(name=f"c{index}", sha256=sha, size=size, runtime="onnxruntime", inputs_npz=inputs_npz)
+    return spec
+
+
+def summarize(device_id: str, timing: fleet_pb2.CandidateTiming, runs: int) -> dict[str, Any]:
+    """Round means -> the compiler's {median_ms, p90_ms, min_ms, samples}."""
+    if timing.error or not timing.latencies_ms:
+        raise DeviceMeasurementFailed(f"device {device_id} could not time candidate {timing.name}: {timing.error}")
+    values = sorted(timing.latencies_ms)
+    return {
+        "median_ms": statistics.median(values),
+        "p90_ms": values[min(len(values) - 1, int(0.9 * len(values)))],
+        "min_ms": values[0],
+        "samples": len(values) * runs,
+    }
 
 
 class DeviceMeasure:
@@ -49,31 +77,13 @@ class DeviceMeasure:
 
     def submit(self, device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """The compiler's DeviceSubmit hook: {str(path): {median_ms, p90_ms, min_ms, samples}}."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.asarray(v)[:4] for k, v in inputs.items()})  # type: ignore[arg-type]
-        sample = buffer.getvalue()
-        spec = fleet_pb2.MeasureCandidates(warmup=3, runs=10, rounds=7)
-        for index, path in enumerate(paths):
-            sha = self.artifacts.put_file(Path(path))
-            spec.candidates.add(name=f"c{index}", sha256=sha, size=Path(path).stat().st_size,
-                                runtime="onnxruntime", inputs_npz=sample)
-        future = asyncio.run_coroutine_threadsafe(self._run(device_id, spec), self.loop)
-        ack = future.result(MEASURE_TIMEOUT_S + 10)
-        out: dict[str, Any] = {}
-        for index, path in enumerate(paths):
-            timing = next(t for t in ack.timings if t.name == f"c{index}")
-            if timing.error or not timing.latencies_ms:
-                raise DeviceMeasurementFailed(f"device {device_id} could not time {Path(path).name}: {timing.error}")
-            values = sorted(timing.latencies_ms)
-            out[str(path)] = {
-                "median_ms": statistics.median(values),
-                "p90_ms": values[min(len(values) - 1, int(0.9 * len(values)))],
-                "min_ms": values[0],
-                "samples": len(values) * spec.runs,
-            }
-        return out
+        candidates = [(self.artifacts.put_file(Path(p)), Path(p).stat().st_size) for p in paths]
+        spec = measure_spec(candidates, sample_npz(inputs))
+        ack = asyncio.run_coroutine_threadsafe(self.run(device_id, spec), self.loop).result(MEASURE_TIMEOUT_S + 10)
+        return {str(path): summarize(device_id, timing, spec.runs) for path, timing in zip(paths, ack.timings,
+                                                                                             strict=True)}
 
-    async def _run(self, device_id: str, spec: fleet_pb2.MeasureCandidates) -> fleet_pb2.CommandAck:
+    async def run(self, device_id: str, spec: fleet_pb2.MeasureCandidates) -> fleet_pb2.CommandAck:
         record = self.commands.issue(device_id, measure=spec, ttl_s=MEASURE_TIMEOUT_S)
         done = await self.commands.wait(record.command_id, MEASURE_TIMEOUT_S)
         if done.state != "done" or not done.ack:
@@ -82,6 +92,19 @@ class DeviceMeasure:
         if ack.result != "done":
             raise DeviceMeasurementFailed(f"device {device_id} failed the measurement: {ack.reason} {ack.message}")
         return ack
+
+    async def measure_on_class(self, hardware_class: str, shas: Sequence[str],
+                               inputs_npz: bytes) -> tuple[str, fleet_pb2.CommandAck]:
+        """For `edgefleet compile`: uploaded candidates timed on any online device of the class."""
+        device_id = self.online_device(hardware_class)
+        if device_id is None:
+            raise FailedPrecondition(f"no online device of class {hardware_class}; latencies can only be estimated")
+        candidates = []
+        for sha in shas:
+            if not self.artifacts.path(sha).exists():
+                raise NotFound(f"no artifact {sha}; upload the candidate first")
+            candidates.append((sha, self.artifacts.size(sha)))
+        return device_id, await self.run(device_id, measure_spec(candidates, inputs_npz))
 
     def measurer_factory(self) -> Any:
         """For compile_model(device_measurers=...): a DeviceMeasurer for an online device of the class."""

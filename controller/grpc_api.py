@@ -22,6 +22,7 @@ import grpc
 from edgefleet.controller import auth, telemetry, validation
 from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.commands import CommandDispatcher
+from edgefleet.controller.device_measure import DeviceMeasure, DeviceMeasurementFailed
 from edgefleet.controller.enrollment import Enrollment
 from edgefleet.controller.errors import (
     FailedPrecondition,
@@ -322,6 +323,18 @@ class CommandControl:
     store: Store
     artifacts: ArtifactStore
     commands: CommandDispatcher
+    device_measure: DeviceMeasure
+
+    @maps_errors
+    async def MeasureOnDevice(
+        self, request: control_pb2.MeasureOnDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.MeasureOnDeviceResponse:
+        try:
+            device_id, ack = await self.device_measure.measure_on_class(
+                request.hardware_class, list(request.candidate_sha256), request.inputs_npz)
+        except DeviceMeasurementFailed as exc:
+            raise FailedPrecondition(str(exc)) from None
+        return control_pb2.MeasureOnDeviceResponse(device_id=device_id, timings=ack.timings)
 
     async def UploadArtifact(
         self, request_iterator: AsyncIterator[control_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
@@ -516,6 +529,7 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_
         artifacts: ArtifactStore,
         commands: CommandDispatcher,
         rollouts: RolloutEngine,
+        device_measure: DeviceMeasure,
     ) -> None:
         self.store = store
         self.enrollment = enrollment
@@ -524,6 +538,7 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_
         self.artifacts = artifacts
         self.commands = commands
         self.rollouts = rollouts
+        self.device_measure = device_measure
 
     def _device(self, record: DeviceRecord, include_profile: bool) -> control_pb2.Device:
         state = self.presence.presence(record)

@@ -126,7 +126,7 @@ class Controller:
         )
         control_pb2_grpc.add_ControlServicer_to_server(
             ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                            self._rollout_engine()), server
+                            self._rollout_engine(), self.device_measure), server
         )
         host, _ = split_address(self.config.grpc_address)
         try:
@@ -169,10 +169,11 @@ class Controller:
         log.info("controller listening", extra=endpoint)
 
     def _rollout_engine(self) -> RolloutEngine:
-        measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands, asyncio.get_running_loop())
+        self.device_measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands,
+                                            asyncio.get_running_loop())
         self.rollouts = RolloutEngine(
             self.store, self.presence, self.commands, self.artifacts, self.signing_key,
-            self.config.state_dir / "compile-cache", device_measurers=measure.measurer_factory,
+            self.config.state_dir / "compile-cache", device_measurers=self.device_measure.measurer_factory,
         )
         return self.rollouts
 

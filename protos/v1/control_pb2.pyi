@@ -491,3 +491,21 @@ class ChangeRolloutRequest(_message.Message):
     rollout_id: str
     action: str
     def __init__(self, rollout_id: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class MeasureOnDeviceRequest(_message.Message):
+    __slots__ = ("hardware_class", "candidate_sha256", "inputs_npz")
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
+    hardware_class: str
+    candidate_sha256: _containers.RepeatedScalarFieldContainer[str]
+    inputs_npz: bytes
+    def __init__(self, hardware_class: _Optional[str] = ..., candidate_sha256: _Optional[_Iterable[str]] = ..., inputs_npz: _Optional[bytes] = ...) -> None: ...
+
+class MeasureOnDeviceResponse(_message.Message):
+    __slots__ = ("device_id", "timings")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    timings: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.CandidateTiming]
+    def __init__(self, device_id: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[_fleet_pb2.CandidateTiming, _Mapping]]] = ...) -> None: ...

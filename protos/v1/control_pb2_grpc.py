@@ -125,6 +125,11 @@ class ControlStub:
                 request_serializer=edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
                 _registered_method=True)
+        self.MeasureOnDevice = channel.unary_unary(
+                '/edgefleet.v1.Control/MeasureOnDevice',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -239,6 +244,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MeasureOnDevice(self, request, context):
+        """Device-in-the-loop timing for `edgefleet compile`: uploaded candidates, timed on an online
+        device of the class with its serving settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +344,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ChangeRollout,
                     request_deserializer=edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_control__pb2.RolloutInfo.SerializeToString,
+            ),
+            'MeasureOnDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.MeasureOnDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -819,6 +837,33 @@ class Control:
             '/edgefleet.v1.Control/ChangeRollout',
             edgefleet_dot_v1_dot_control__pb2.ChangeRolloutRequest.SerializeToString,
             edgefleet_dot_v1_dot_control__pb2.RolloutInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MeasureOnDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/MeasureOnDevice',
+            edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,
