@@ -26,6 +26,7 @@ from edgefleet.protos.v1 import fleet_pb2
 log = logging.getLogger("edgefleet.controller.device_measure")
 
 MEASURE_TIMEOUT_S = 300.0
+MEASURE_RUNS = 10  # runs per round; each round's mean is one timing
 
 
 class DeviceMeasurementFailed(RuntimeError):
@@ -40,7 +41,7 @@ def sample_npz(inputs: Mapping[str, np.ndarray], samples: int = 4) -> bytes:
 
 def measure_spec(candidates: Sequence[tuple[str, int]], inputs_npz: bytes) -> fleet_pb2.MeasureCandidates:
     """Candidates are named c0, c1, ... in order; timings come back under the same names."""
-    spec = fleet_pb2.MeasureCandidates(warmup=3, runs=10, rounds=7)
+    spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7)
     for index, (sha, size) in enumerate(candidates):
         spec.candidates.add(name=f"c{index}", sha256=sha, size=size, runtime="onnxruntime", inputs_npz=inputs_npz)
     return spec
@@ -93,11 +94,16 @@ class DeviceMeasure:
             raise DeviceMeasurementFailed(f"device {device_id} failed the measurement: {ack.reason} {ack.message}")
         return ack
 
-    async def measure_on_class(self, hardware_class: str, shas: Sequence[str],
-                               inputs_npz: bytes) -> tuple[str, fleet_pb2.CommandAck]:
-        """For `edgefleet compile`: uploaded candidates timed on any online device of the class."""
-        device_id = self.online_device(hardware_class)
-        if device_id is None:
+    async def measure_on_class(self, hardware_class: str, shas: Sequence[str], inputs_npz: bytes,
+                               device_id: str = "") -> tuple[str, fleet_pb2.CommandAck]:
+        """For `edgefleet compile`: uploaded candidates timed on a (given, or any) online device of the class."""
+        if device_id:
+            record = self.store.get_device(device_id)
+            if record is None or record.hardware_class != hardware_class or not self.presence.presence(record).online:
+                raise FailedPrecondition(f"device {device_id} is not an online device of class {hardware_class}")
+        else:
+            device_id = self.online_device(hardware_class) or ""
+        if not device_id:
             raise FailedPrecondition(f"no online device of class {hardware_class}; latencies can only be estimated")
         candidates = []
         for sha in shas:

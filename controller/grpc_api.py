@@ -331,7 +331,7 @@ class CommandControl:
     ) -> control_pb2.MeasureOnDeviceResponse:
         try:
             device_id, ack = await self.device_measure.measure_on_class(
-                request.hardware_class, list(request.candidate_sha256), request.inputs_npz)
+                request.hardware_class, list(request.candidate_sha256), request.inputs_npz, request.device_id)
         except DeviceMeasurementFailed as exc:
             raise FailedPrecondition(str(exc)) from None
         return control_pb2.MeasureOnDeviceResponse(device_id=device_id, timings=ack.timings)

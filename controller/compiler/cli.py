@@ -14,6 +14,7 @@ from typing import get_args
 import click
 
 from edgefleet.controller.compiler.api import CompileSpec, MeasureMode, compile_model
+from edgefleet.controller.compiler.controller_measure import controller_device_measurers
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.model_io import parse_input_shapes
 
@@ -123,7 +124,7 @@ def compile_command(
             use_cache=not no_cache,
             measure=measure,
         )
-        report = compile_model(spec, progress=progress)
+        report = compile_model(spec, progress=progress, device_measurers=controller_device_measurers(progress))
     except CompileError as exc:
         raise CompileUsageError(str(exc)) from exc
     if as_json:
