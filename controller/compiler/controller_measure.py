@@ -54,6 +54,7 @@ def _submitter(connection: Any, hardware_class: str) -> Any:
         shas = [upload_artifact(client, Path(p)) for p in paths]
         reply = client.call("MeasureOnDevice", control_pb2.MeasureOnDeviceRequest(
             hardware_class=hardware_class, candidate_sha256=shas, inputs_npz=sample_npz(inputs), device_id=device_id))
-        return {str(path): summarize(device_id, timing, MEASURE_RUNS) for path, timing in zip(paths, reply.timings, strict=True)}
+        timings = zip(paths, reply.timings, strict=True)
+        return {str(path): summarize(device_id, timing, MEASURE_RUNS) for path, timing in timings}
 
     return submit
