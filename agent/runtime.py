@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet.firmware.manifest import IOSpec, Manifest, TensorSpec
+from edgefleet.firmware.selftest import LITERT_RUNTIMES, litert_interpreter_class
 
 log = logging.getLogger("edgefleet.agent.runtime")
 
@@ -109,18 +110,6 @@ def _load_onnx(path: Path, provider: str, threads: int) -> tuple[Runner, str, st
     return _OrtRunner(session), "onnxruntime:CPUExecutionProvider", fallback
 
 
-def litert_interpreter_class() -> tuple[Any, Any, str]:
-    """(Interpreter, load_delegate, package): ai-edge-litert first, tflite-runtime as the fallback."""
-    try:
-        from ai_edge_litert import interpreter as litert
-
-        return litert.Interpreter, litert.load_delegate, "litert"
-    except ImportError:
-        from tflite_runtime import interpreter as tflite  # 2.14 breaks on NumPy 2; only where litert is missing
-
-        return tflite.Interpreter, tflite.load_delegate, "tflite-runtime"
-
-
 _DELEGATE_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so"}
 
 
@@ -147,7 +136,7 @@ def load_model(model_path: Path, manifest: Manifest, threads: int = 0) -> Loaded
     runtime = manifest.runtime
     if runtime.name == "onnxruntime":
         runner, used, fallback = _load_onnx(model_path, runtime.execution_provider, threads)
-    elif runtime.name in ("litert", "tflite", "ai-edge-litert", "tflite-runtime"):
+    elif runtime.name in LITERT_RUNTIMES:
         runner, used, fallback = _load_tflite(model_path, runtime.delegate, threads)
     else:
         raise ValueError(f"runtime {runtime.name!r} is not supported by this agent; use onnxruntime or litert")

@@ -476,7 +476,7 @@ class RolloutEngine:
         from edgefleet.controller.compiler.target import TargetSpec
         from edgefleet.firmware.bundle import BundleSpec, build_bundle
         from edgefleet.firmware.manifest import RuntimeSpec
-        from edgefleet.firmware.selftest import describe_onnx_model
+        from edgefleet.firmware.selftest import describe_onnx_model, describe_tflite_model
 
         registered = self.store.get_model(model, version)
         assert registered is not None
@@ -505,8 +505,14 @@ class RolloutEngine:
 
                 with np.load(calib_file) as data:
                     golden = {k: data[k][:1] for k in data.files}
-            io, self_test = describe_onnx_model(artifact, golden, rtol=1e-2, atol=1e-3)
             provider = str(report.target.get("execution_provider") or "CPUExecutionProvider")
+            if artifact.suffix == ".tflite":
+                # TFLite names its tensors itself, so the golden input is generated from its own spec.
+                io, self_test = describe_tflite_model(artifact, rtol=1e-2, atol=1e-3)
+                runtime = RuntimeSpec(name="litert")
+            else:
+                io, self_test = describe_onnx_model(artifact, golden, rtol=1e-2, atol=1e-3)
+                runtime = RuntimeSpec(name="onnxruntime", execution_provider=provider)
             provenance = {"compile": {k: report.to_dict()[k] for k in (
                 "chosen", "speedup", "cache_key", "toolchain", "baseline", "result")},
                 "source_sha256": registered.sha256}
@@ -516,7 +522,7 @@ class RolloutEngine:
                 build_bundle(BundleSpec(
                     name=model, version=version, hardware_class=hardware_class, model_file=artifact.name,
                     payload={artifact.name: artifact}, io=io, self_test=self_test,
-                    runtime=RuntimeSpec(name="onnxruntime", execution_provider=provider),
+                    runtime=runtime,
                     provenance=provenance, rollback=rollback,
                 ), self.signing_key, bundle)
                 shas.append(self.artifacts.put_file(bundle))

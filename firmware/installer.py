@@ -569,7 +569,7 @@ class Installer:
         self.slots.point_active(record.staging_slot)
         model = active_model(self.state_dir)
         assert model is not None
-        session = load_session(model.model_path, model.manifest.runtime.execution_provider)
+        session = load_session(model.model_path, model.manifest.runtime.execution_provider, model.manifest.runtime.name)
         spec = model.manifest.self_test
 
         def healthy() -> None:

@@ -40,8 +40,51 @@ def _providers(execution_provider: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def load_session(model_path: Path, execution_provider: str = "CPUExecutionProvider") -> Any:
+LITERT_RUNTIMES = ("litert", "tflite", "ai-edge-litert", "tflite-runtime")
+
+
+def litert_interpreter_class() -> tuple[Any, Any, str]:
+    """(Interpreter, load_delegate, package): ai-edge-litert first, tflite-runtime as the fallback."""
+    try:
+        from ai_edge_litert import interpreter as litert
+
+        return litert.Interpreter, litert.load_delegate, "litert"
+    except ImportError:
+        from tflite_runtime import interpreter as tflite  # 2.14 breaks on NumPy 2; only where litert is missing
+
+        return tflite.Interpreter, tflite.load_delegate, "tflite-runtime"
+
+
+class LiteRTSession:
+    """A LiteRT interpreter behind onnxruntime's ``run(names, feeds)``, so one self-test serves both."""
+
+    def __init__(self, model_path: Path, num_threads: int = 1) -> None:
+        interpreter_class, _, _ = litert_interpreter_class()
+        self.interpreter = interpreter_class(model_path=str(model_path), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self.input_details = self.interpreter.get_input_details()
+        self.output_details = self.interpreter.get_output_details()
+
+    def run(self, names: list[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        index = {d["name"]: d["index"] for d in self.input_details}
+        for name, value in feeds.items():
+            self.interpreter.set_tensor(index[name], value)
+        self.interpreter.invoke()
+        outputs = {d["name"]: d["index"] for d in self.output_details}
+        return [self.interpreter.get_tensor(outputs[n]).copy() for n in (names or list(outputs))]
+
+
+def load_session(
+    model_path: Path, execution_provider: str = "CPUExecutionProvider", runtime: str = "onnxruntime"
+) -> Any:
     """An inference session, or ``load_failed`` with the runtime's own words."""
+    if runtime in LITERT_RUNTIMES:
+        try:
+            return LiteRTSession(model_path)
+        except Exception as exc:  # the interpreter raises ValueError/RuntimeError for a bad flatbuffer
+            raise BundleRejected(RejectReason.LOAD_FAILED, f"model {model_path.name} does not load: {exc}") from None
+    if runtime != "onnxruntime":
+        raise BundleRejected(RejectReason.LOAD_FAILED, f"runtime {runtime!r} is not available in this installer")
     import onnxruntime as ort
 
     try:
@@ -90,11 +133,7 @@ def run_golden(session: Any, spec: SelfTestSpec) -> dict[str, np.ndarray]:
 
 def run_self_test(slot_dir: Path, manifest: Manifest, *, repeat: int = 1) -> None:
     """Load the slot's model and check ``repeat`` golden inferences; raises ``BundleRejected``."""
-    if manifest.runtime.name != "onnxruntime":
-        raise BundleRejected(
-            RejectReason.LOAD_FAILED, f"runtime {manifest.runtime.name!r} is not available in this installer"
-        )
-    session = load_session(slot_dir / manifest.model_file, manifest.runtime.execution_provider)
+    session = load_session(slot_dir / manifest.model_file, manifest.runtime.execution_provider, manifest.runtime.name)
     for _ in range(max(1, repeat)):
         compare_outputs(run_golden(session, manifest.self_test), manifest.self_test)
 
@@ -129,6 +168,37 @@ def describe_onnx_model(
         for t in io.inputs:
             shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in t.shape)
             golden_inputs[t.name] = (rng.standard_normal(shape)).astype(t.dtype)
+    outputs = session.run([t.name for t in io.outputs], dict(golden_inputs))
+    self_test = SelfTestSpec(
+        inputs={k: GoldenTensor.from_array(np.asarray(v)) for k, v in golden_inputs.items()},
+        expected_outputs={t.name: GoldenTensor.from_array(v) for t, v in zip(io.outputs, outputs, strict=True)},
+        rtol=rtol,
+        atol=atol,
+    )
+    return io, self_test
+
+
+def describe_tflite_model(
+    model_path: Path,
+    golden_inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[IOSpec, SelfTestSpec]:
+    """The I/O spec and golden self-test of a TFLite model, by running it once with LiteRT."""
+    import numpy as np
+
+    session = LiteRTSession(Path(model_path))
+
+    def spec(detail: dict[str, Any]) -> TensorSpec:
+        return TensorSpec(detail["name"], np.dtype(detail["dtype"]).name, tuple(int(d) for d in detail["shape"]))
+
+    io = IOSpec(inputs=tuple(spec(d) for d in session.input_details),
+                outputs=tuple(spec(d) for d in session.output_details))
+    if golden_inputs is None:
+        rng = np.random.default_rng(seed)
+        golden_inputs = {t.name: rng.standard_normal(tuple(int(d) for d in t.shape)).astype(t.dtype) for t in io.inputs}
     outputs = session.run([t.name for t in io.outputs], dict(golden_inputs))
     self_test = SelfTestSpec(
         inputs={k: GoldenTensor.from_array(np.asarray(v)) for k, v in golden_inputs.items()},
