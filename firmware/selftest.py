@@ -151,8 +151,6 @@ def describe_onnx_model(
 
     Without ``golden_inputs`` a seeded random input is made; symbolic dimensions become 1.
     """
-    import numpy as np
-
     session = load_session(Path(model_path), execution_provider)
 
     def spec(arg: Any) -> TensorSpec:
@@ -162,20 +160,7 @@ def describe_onnx_model(
         inputs=tuple(spec(a) for a in session.get_inputs()),
         outputs=tuple(spec(a) for a in session.get_outputs()),
     )
-    if golden_inputs is None:
-        rng = np.random.default_rng(seed)
-        golden_inputs = {}
-        for t in io.inputs:
-            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in t.shape)
-            golden_inputs[t.name] = (rng.standard_normal(shape)).astype(t.dtype)
-    outputs = session.run([t.name for t in io.outputs], dict(golden_inputs))
-    self_test = SelfTestSpec(
-        inputs={k: GoldenTensor.from_array(np.asarray(v)) for k, v in golden_inputs.items()},
-        expected_outputs={t.name: GoldenTensor.from_array(v) for t, v in zip(io.outputs, outputs, strict=True)},
-        rtol=rtol,
-        atol=atol,
-    )
-    return io, self_test
+    return io, _golden_self_test(session, io, golden_inputs, rtol=rtol, atol=atol, seed=seed)
 
 
 def describe_tflite_model(
@@ -196,14 +181,26 @@ def describe_tflite_model(
 
     io = IOSpec(inputs=tuple(spec(d) for d in session.input_details),
                 outputs=tuple(spec(d) for d in session.output_details))
+    return io, _golden_self_test(session, io, golden_inputs, rtol=rtol, atol=atol, seed=seed)
+
+
+def _golden_self_test(
+    session: Any, io: IOSpec, golden_inputs: Mapping[str, np.ndarray] | None, *, rtol: float, atol: float, seed: int
+) -> SelfTestSpec:
+    """Run the golden input once and record the outputs; without one, a seeded random input
+    (symbolic dimensions become 1)."""
+    import numpy as np
+
     if golden_inputs is None:
         rng = np.random.default_rng(seed)
-        golden_inputs = {t.name: rng.standard_normal(tuple(int(d) for d in t.shape)).astype(t.dtype) for t in io.inputs}
+        golden_inputs = {}
+        for t in io.inputs:
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in t.shape)
+            golden_inputs[t.name] = rng.standard_normal(shape).astype(t.dtype)
     outputs = session.run([t.name for t in io.outputs], dict(golden_inputs))
-    self_test = SelfTestSpec(
+    return SelfTestSpec(
         inputs={k: GoldenTensor.from_array(np.asarray(v)) for k, v in golden_inputs.items()},
         expected_outputs={t.name: GoldenTensor.from_array(v) for t, v in zip(io.outputs, outputs, strict=True)},
         rtol=rtol,
         atol=atol,
     )
-    return io, self_test
