@@ -153,3 +153,27 @@ def test_offline_device_times_out_then_installs_when_it_returns(tmp_path, contro
     wait_until(lambda: {d.state for d in rollout(controller, rid).devices} == {"committed"}, 60,
                "the returning device installs")
     assert serving(away) == "1"
+
+
+def test_late_joiners_get_the_rollout_and_a_newer_rollout_supersedes(tmp_path, controller, start_agent, run_cli):
+    token = controller.create_token(uses=3)
+    first = [start_agent(f"a{i}", token, TELEMETRY) for i in range(2)]
+    wait_until(lambda: sum(d.online for d in controller.devices()) == 2, 60, "2 online")
+    register(run_cli, tmp_path, 1)
+    older = create(run_cli, "mlp:1", "--waves", "1,100%", "--soak", "60s")
+    wait_until(lambda: any(d.state == "committed" for d in rollout(controller, older).devices), 120, "canary")
+
+    late = start_agent("a2", token, TELEMETRY)  # enrolls while the canary soaks
+    wait_until(lambda: late.device_id, 30, "late device enrolled")
+    wait_until(lambda: {d.device_id: d.state for d in rollout(controller, older).devices}.get(late.device_id)
+               == "committed", 60, "the late joiner installs")
+
+    register(run_cli, tmp_path, 2, seed=1)
+    newer = create(run_cli, "mlp:2", "--waves", "100%", "--soak", "0s")
+    old = rollout(controller, older)
+    waiting = next(d for d in old.devices if d.wave == 1)
+    assert waiting.state == "superseded" and newer in waiting.reason
+    assert f"superseded by {newer}" in old.reason
+    info = wait_state(controller, newer, ("completed", "paused", "failed"), 120)
+    assert info.state == "completed" and len(info.devices) == 3
+    assert all(serving(a) == "2" for a in [*first, late])
