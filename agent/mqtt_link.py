@@ -187,6 +187,7 @@ class MqttLink:
         self.keepalive_s = keepalive_s
         self.backoff_max_s = backoff_max_s
         self.on_command = on_command
+        self.serving: Callable[[], tuple[str, int]] | None = None  # (model, version) now served
         self.telemetry_ready = asyncio.Event()
         self.connected = False
         self.connections = 0
@@ -205,9 +206,11 @@ class MqttLink:
                 self._loop.call_soon_threadsafe(fn, *args)
 
     def _state(self, online: bool) -> bytes:
-        return mqtt_pb2.DeviceState(online=online, changed_at_unix_ms=int(time.time() * 1000),
-                                    agent_version=__version__, capability_version=CAPABILITY_VERSION
-                                    ).SerializeToString()
+        state = mqtt_pb2.DeviceState(online=online, changed_at_unix_ms=int(time.time() * 1000),
+                                     agent_version=__version__, capability_version=CAPABILITY_VERSION)
+        if online and self.serving is not None:  # what Hello carries on gRPC: rollouts compare against it
+            state.model, state.model_version = self.serving()
+        return state.SerializeToString()
 
     def _build_client(self) -> mqtt.Client:
         client = new_client(self.device_id, self.address, username=self.login.username,

@@ -3,9 +3,11 @@
 Subscriptions (the broker's ACL gives the controller's admin login the whole edgefleet/v1 tree):
   $share/edgefleet/edgefleet/v1/+/telemetry  shared: replicas split the load; -> TelemetryIngest.submit,
                                               whose ack goes back on the device's `cmd` topic
-  $share/edgefleet/edgefleet/v1/+/ack         shared: command acks -> `ack_handlers` (wired by the
-                                              command path)
-  edgefleet/v1/+/state                        every replica: retained DeviceState -> PresenceTracker
+  $share/edgefleet/edgefleet/v1/+/ack         shared: command acks -> `ack_handlers`
+                                              (server.py: CommandDispatcher.on_ack)
+  edgefleet/v1/+/state                        every replica: retained DeviceState -> PresenceTracker;
+                                              an online device's LiveSession.send publishes to its
+                                              `cmd`, and `online_handlers` run (deliver_open)
 
 The device id always comes from the topic, never from the payload: the broker's ACL lets a
 login publish only under its own id, so a device cannot speak for another one.
@@ -123,7 +125,9 @@ class MqttBridge:
         self.ingest = ingest
         self.auth = auth
         self.client_id = options.client_id or default_client_id or f"edgefleet-controller-{socket.gethostname()}"
-        self.ack_handlers: list[AgentHandler] = []  # command acks (the command path subscribes here)
+        # Hooks for the command path: acks from `ack` topics, and devices coming online over MQTT.
+        self.ack_handlers: list[AgentHandler] = []
+        self.online_handlers: list[Callable[[str], object]] = []
         self.connected = False
         self._sessions: dict[str, LiveSession] = {}
         self._ackers: dict[str, Callable[[fleet_pb2.TelemetryAck], None]] = {}
@@ -253,6 +257,9 @@ class MqttBridge:
         else:
             log.warning("unexpected message dropped", extra={"device": device_id, "topic": leaf, "kind": kind})
 
+    def _send(self, device_id: str, message: fleet_pb2.ControllerMessage) -> None:
+        self.publish(device_id, message)
+
     def _acker(self, device_id: str) -> Callable[[fleet_pb2.TelemetryAck], None]:
         """One callback per device: the ingest groups acks by callback, so a device gets one
         TelemetryAck per stored group instead of one MQTT message per batch."""
@@ -282,11 +289,14 @@ class MqttBridge:
         if record is None:
             log.warning("state from a device that is not enrolled ignored", extra={"device": device_id})
             return
-        self._sessions[device_id] = self.presence.session_opened(
+        session = self._sessions[device_id] = self.presence.session_opened(
             device_id, agent_version=state.agent_version[:64],
             capability_version=negotiate(state.capability_version), hardware_class=record.hardware_class,
-            profile=record.profile, hostname=record.hostname,
+            profile=record.profile, hostname=record.hostname, model=(state.model[:128], int(state.model_version)),
         )
+        session.send = lambda message: self._send(device_id, message)  # presence.sender() finds it
+        for handler in self.online_handlers:
+            handler(device_id)
 
     def _close_sessions(self, reason: str) -> None:
         sessions, self._sessions = self._sessions, {}

@@ -6,13 +6,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DeviceState(_message.Message):
-    __slots__ = ("online", "changed_at_unix_ms", "agent_version", "capability_version")
+    __slots__ = ("online", "changed_at_unix_ms", "agent_version", "capability_version", "model", "model_version")
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     CHANGED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     online: bool
     changed_at_unix_ms: int
     agent_version: str
     capability_version: int
-    def __init__(self, online: _Optional[bool] = ..., changed_at_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., capability_version: _Optional[int] = ...) -> None: ...
+    model: str
+    model_version: int
+    def __init__(self, online: _Optional[bool] = ..., changed_at_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., capability_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

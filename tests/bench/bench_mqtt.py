@@ -1,6 +1,6 @@
 """MQTT ingest benchmark: telemetry messages/s one controller stores from Mosquitto, against a bare drain.
 
-Run: ``python tests/bench/bench_mqtt.py [--devices 50] [--messages 1000] [--json]``.
+Run: ``python tests/bench/bench_mqtt.py [--devices 50] [--messages 1000] [--rounds 3] [--json]``.
 
 Both sides are measured the same way, each on a fresh broker with the same config:
 
@@ -33,10 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mqtt_harness import ADMIN_PASSWORD, ADMIN_USER, Broker, enroll, mqtt_controller
-
 from edgefleet.agent.mqtt_link import new_client, parse_broker_url, session_properties
 from edgefleet.protos.v1 import fleet_pb2
+from mqtt_harness import ADMIN_PASSWORD, ADMIN_USER, Broker, enroll, mqtt_controller
 
 PAYLOAD_BYTES = 100
 
@@ -125,6 +124,15 @@ def enroll_devices(controller: Any, devices: int) -> list[tuple[str, str]]:
     return [(r.mqtt.username, r.mqtt.password) for r in (enroll(controller, token, f"sim{i}") for i in range(devices))]
 
 
+def rows_so_far(state_dir: Path) -> int:
+    """Cheap progress probe (MAX(rowid), no table scan), so polling does not steal the controller's CPU."""
+    db = sqlite3.connect(f"file:{state_dir / 'controller.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(db.execute("SELECT COALESCE(MAX(rowid), 0) FROM telemetry_batches").fetchone()[0])
+    finally:
+        db.close()
+
+
 def stored(state_dir: Path) -> tuple[int, int]:
     db = sqlite3.connect(f"file:{state_dir / 'controller.db'}?mode=ro", uri=True, timeout=30)
     try:
@@ -178,12 +186,12 @@ def run_controller(tmp: Path, devices: int, messages: int) -> dict[str, Any]:
         first_count = count = 0
         deadline = time.monotonic() + 300
         while count < expected and time.monotonic() < deadline:
-            count, _ = stored(controller.state_dir)
+            count = rows_so_far(controller.state_dir)
             now = time.perf_counter()
             if count and not first_at:
                 first_at, first_count = now, count
             last_at = now
-            time.sleep(0.005)
+            time.sleep(0.02)
         total, distinct = stored(controller.state_dir)
     finally:
         controller.stop()
@@ -199,37 +207,61 @@ def run_controller(tmp: Path, devices: int, messages: int) -> dict[str, Any]:
     }
 
 
+def measure(devices: int, messages: int, directory: Path | None = None, rounds: int = 1) -> dict[str, Any]:
+    """Both runs side by side on this machine, `rounds` times alternating; the median round is reported.
+
+    Alternating rounds and taking the median keeps a burst of load from elsewhere on a shared
+    machine from landing on one side only.
+    """
+    expected = devices * messages
+    results = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            bare = run_bare(Path(tmp), devices, messages)
+            ctl = run_controller(Path(tmp), devices, messages)
+        results.append({
+            "bare_drain": bare, "controller": ctl,
+            "ratio": ctl["msgs_per_s"] / bare["msgs_per_s"] if bare["msgs_per_s"] else 0.0,
+            "nothing_lost": ctl["stored"] == ctl["distinct"] == expected and bare["received"] == expected,
+        })
+    median = sorted(results, key=lambda r: r["ratio"])[len(results) // 2]
+    return {
+        "devices": devices, "messages_per_device": messages, "payload_bytes": len(payload(1, 0)),
+        "cpus": os.cpu_count(), **median, "ratios": [round(r["ratio"], 3) for r in results],
+        "nothing_lost": all(r["nothing_lost"] for r in results),
+    }
+
+
+def test_mqtt_ingest_benchmark(tmp_path: Path) -> None:
+    """A small run under pytest: nothing lost, and the ratio printed (it is noisy on a shared box)."""
+    from mqtt_harness import mosquitto_binary
+
+    mosquitto_binary()
+    report = measure(10, 300, tmp_path)
+    print(json.dumps({k: report[k] for k in ("ratio", "nothing_lost")}))
+    assert report["nothing_lost"], report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--messages", type=int, default=1000, help="messages per device")
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/controller rounds (median kept)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        bare = run_bare(Path(tmp), args.devices, args.messages)
-        ctl = run_controller(Path(tmp), args.devices, args.messages)
+    report = measure(args.devices, args.messages, args.dir, args.rounds)
+    bare, ctl = report["bare_drain"], report["controller"]
     expected = args.devices * args.messages
-    report = {
-        "devices": args.devices,
-        "messages_per_device": args.messages,
-        "payload_bytes": len(payload(1, 0)),
-        "cpus": os.cpu_count(),
-        "bare_drain": bare,
-        "controller": ctl,
-        "ratio": ctl["msgs_per_s"] / bare["msgs_per_s"] if bare["msgs_per_s"] else 0.0,
-        "nothing_lost": ctl["stored"] == ctl["distinct"] == expected and bare["received"] == expected,
-    }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.devices} devices x {args.messages} messages of {report['payload_bytes']} B, QoS 1")
         print(f"  bare paho drain:  {bare['msgs_per_s']:9.0f} msg/s  ({bare['received']}/{expected} received)")
-        print(
-            f"  controller ingest:{ctl['msgs_per_s']:9.0f} msg/s  ({ctl['distinct']}/{expected} stored once, "
-            f"{ctl['stored'] - ctl['distinct']} twice)"
-        )
-        print(f"  ratio: {report['ratio']:.0%} (target >= 60%)   nothing lost: {report['nothing_lost']}")
+        print(f"  controller ingest:{ctl['msgs_per_s']:9.0f} msg/s  ({ctl['distinct']}/{expected} stored once, "
+              f"{ctl['stored'] - ctl['distinct']} twice)")
+        print(f"  ratio: {report['ratio']:.0%} (median of {[f'{r:.0%}' for r in report['ratios']]}; target >= 60%)"
+              f"   nothing lost: {report['nothing_lost']}")
     return 0 if report["nothing_lost"] else 1
 
 

@@ -7,12 +7,20 @@ state and a Last Will, and a persistent session that holds `cmd` messages while 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from edgefleet.controller.cli import cli
+from edgefleet.firmware.keys import load_signing_key
+from edgefleet.protos.v1 import fleet_pb2
+from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+from model_factory import mlp_onnx, signed_bundle
 from mqtt_harness import (
     ADMIN_PASSWORD,
     ADMIN_USER,
@@ -22,9 +30,6 @@ from mqtt_harness import (
     outbox_state,
     stored_seqs,
 )
-
-from edgefleet.protos.v1 import fleet_pb2
-from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +56,14 @@ def _agent(tmp_path: Path, procs: list[Proc], controller: ControllerProc, token:
     return agent
 
 
+def _devices_list(controller: ControllerProc) -> dict[str, str]:
+    """`edgefleet devices list` as an operator runs it: device id -> STATE column."""
+    result = CliRunner().invoke(cli, ["devices", "list", "--state-dir", str(controller.state_dir)],
+                                env={"EDGEFLEET_CONTROLLER": "", "EDGEFLEET_TOKEN": ""}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {line.split()[0]: line.split()[1] for line in result.output.splitlines()[1:] if line.strip()}
+
+
 def test_mqtt_only_agent_reports_and_shows_presence(
     tmp_path: Path, tls_broker: Broker, mqtt_ctl: ControllerProc, procs: list[Proc]
 ) -> None:
@@ -61,6 +74,7 @@ def test_mqtt_only_agent_reports_and_shows_presence(
     assert f"mqtts://127.0.0.1:{tls_broker.tls_port}" in login.read_text()
 
     wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to show online")
+    assert _devices_list(mqtt_ctl)[device_id] == "online"  # what `edgefleet devices list` prints
     wait_until(lambda: len(stored_seqs(mqtt_ctl.state_dir, device_id)) >= 10, 20, "telemetry over MQTT")
     # Acks come back on cmd and the outbox is emptied: at most the last few batches are in flight.
     wait_until(lambda: len(outbox_state(agent.state_dir)[0]) <= 3, 10, "acked batches to leave the outbox")
@@ -68,6 +82,7 @@ def test_mqtt_only_agent_reports_and_shows_presence(
 
     agent.kill()  # the TCP link drops without a DISCONNECT: the broker publishes the Last Will
     wait_until(lambda: not mqtt_ctl.device(device_id).online, 10, "the Last Will to mark it offline")
+    assert _devices_list(mqtt_ctl)[device_id] == "offline"
 
     agent.start()  # same identity, no token: sequence numbers carry on
     wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to come back")
@@ -111,3 +126,28 @@ def test_cmd_published_while_offline_arrives_once_on_return(
     wait_until(lambda: "command already done" in agent.log(), 10, "the replay to be recognised")
     assert agent.log().count("command already done") == 1
     admin.close()
+
+
+def test_install_command_over_mqtt(
+    tmp_path: Path, tls_broker: Broker, mqtt_ctl: ControllerProc, procs: list[Proc]
+) -> None:
+    """`edgefleet devices install` to an MQTT device: the command goes down `cmd`, the ack comes up `ack`.
+
+    The bundle itself is still fetched with FetchArtifact (chunked transfer on MQTT is not built yet).
+    """
+    agent = _agent(tmp_path, procs, mqtt_ctl, mqtt_ctl.create_token()).start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrollment")
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "the device to show online")
+    key = load_signing_key(mqtt_ctl.state_dir / "signing-key.pem")
+    bundle, _ = signed_bundle(tmp_path, mlp_onnx(tmp_path / "v1.onnx"), version=1, key=key)
+    result = CliRunner().invoke(
+        cli, ["devices", "install", device_id, str(bundle), "--json", "--timeout", "60s",
+              "--state-dir", str(mqtt_ctl.state_dir)],
+        env={"EDGEFLEET_CONTROLLER": "", "EDGEFLEET_TOKEN": ""}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["result"] == "committed", info
+    agent.stop()
+    wait_until(lambda: not mqtt_ctl.device(device_id).online, 10, "offline")
+    agent.start()  # the new state says which model it serves; the controller keeps it
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "back online")

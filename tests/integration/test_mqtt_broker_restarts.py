@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mqtt_harness import Broker, metric, mqtt_controller, outbox_state, stored_seqs
 
 from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+from mqtt_harness import Broker, metric, mqtt_controller, outbox_state, stored_seqs
 
 pytestmark = pytest.mark.integration
 

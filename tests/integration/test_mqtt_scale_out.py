@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mqtt_harness import Broker, TestClient, enroll, metric, mqtt_controller, stored_seqs, telemetry_batch
 
 from edgefleet.protos.v1.fleet_pb2 import ControllerMessage
 from fleet_harness import ControllerProc, Proc, wait_until
+from mqtt_harness import Broker, TestClient, enroll, metric, mqtt_controller, stored_seqs, telemetry_batch
 
 pytestmark = pytest.mark.integration
 

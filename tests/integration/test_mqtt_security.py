@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from fleet_harness import ControllerProc, Proc, wait_until
 from mqtt_harness import (
     ADMIN_PASSWORD,
     ADMIN_USER,
@@ -17,8 +19,6 @@ from mqtt_harness import (
     stored_seqs,
     telemetry_batch,
 )
-
-from fleet_harness import ControllerProc, Proc, wait_until
 
 pytestmark = pytest.mark.integration
 
