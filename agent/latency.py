@@ -23,30 +23,40 @@ def record_seconds(histogram: HdrHistogram, seconds: float) -> None:
     histogram.record_value(min(HIGHEST_US, max(LOWEST_US, round(seconds * 1e6))))
 
 
-def to_proto(histogram: HdrHistogram) -> fleet_pb2.LatencyHistogram:
+def summary(histogram: HdrHistogram, hdr: bytes | None = None) -> fleet_pb2.LatencyHistogram:
+    """Count and percentiles (one pass over the buckets), with `hdr` or a fresh encoding."""
     count = histogram.get_total_count()
     if count == 0:
         return fleet_pb2.LatencyHistogram()
+    percentiles = histogram.get_percentile_to_value_dict([50, 95, 99])
     return fleet_pb2.LatencyHistogram(
-        hdr=histogram.encode(),
+        hdr=hdr if hdr is not None else histogram.encode(),
         count=count,
-        p50_ms=histogram.get_value_at_percentile(50) / 1000,
-        p95_ms=histogram.get_value_at_percentile(95) / 1000,
-        p99_ms=histogram.get_value_at_percentile(99) / 1000,
+        p50_ms=percentiles[50] / 1000,
+        p95_ms=percentiles[95] / 1000,
+        p99_ms=percentiles[99] / 1000,
         max_ms=histogram.get_max_value() / 1000,
     )
 
 
-def from_proto(message: fleet_pb2.LatencyHistogram) -> HdrHistogram:
-    """Decode (raises ValueError on garbage); an empty message gives an empty histogram."""
+def to_proto(histogram: HdrHistogram) -> fleet_pb2.LatencyHistogram:
+    return summary(histogram)
+
+
+def decode(message: fleet_pb2.LatencyHistogram) -> HdrHistogram:
+    """The sender's histogram as sent (raises ValueError on garbage); empty gives an empty one."""
     if not message.hdr:
         return new_histogram()
     try:
-        decoded = HdrHistogram.decode(message.hdr)
+        return HdrHistogram.decode(message.hdr)
     except Exception as exc:  # the decoder raises assorted zlib/struct/base64 errors
         raise ValueError(f"undecodable latency histogram: {exc}") from None
+
+
+def from_proto(message: fleet_pb2.LatencyHistogram) -> HdrHistogram:
+    """Decode into this side's standard range, ready to be added to."""
     histogram = new_histogram()
-    histogram.add(decoded)
+    histogram.add(decode(message))
     return histogram
 
 

@@ -45,6 +45,11 @@ class TelemetryCollector(Collector):
         self.live = live
 
     def collect(self) -> Iterator[Any]:
+        with self.live.lock:  # a consistent snapshot; the ingest adds to these on another thread
+            families = list(self._families())
+        yield from families
+
+    def _families(self) -> Iterator[Any]:
         limits_us = [round(b * 1e6) for b in LATENCY_BUCKETS_S]
         fleet = HistogramMetricFamily(
             "edgefleet_inference_latency_seconds", "Inference latency across the fleet (request to answer)",

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -102,14 +103,15 @@ def to_point(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
         if not _finite(m.energy_per_inference_mj):
             raise Rejected("not_finite", f"model {m.model!r}: energy_per_inference_mj is not finite")
         try:
-            histogram = latency.from_proto(m.latency)
+            # The sender's encoding is kept as stored; only the percentiles are recomputed, so a
+            # batch cannot claim latencies its own histogram does not show.
+            summary = latency.summary(latency.decode(m.latency), m.latency.hdr)
         except ValueError as exc:
             raise Rejected("bad_histogram", f"model {m.model!r}: {exc}") from None
         energy = m.energy_per_inference_mj
         if energy < 0:
             clamp("negative_energy")
             energy = 0.0
-        summary = latency.to_proto(histogram)
         models.append(ModelPoint(
             model=m.model[:128], version=m.version[:64], count=m.count, errors=m.errors,
             p50_ms=summary.p50_ms, p95_ms=summary.p95_ms, p99_ms=summary.p99_ms, max_ms=summary.max_ms,
@@ -289,8 +291,14 @@ class LiveTelemetry:
         self.latest: dict[str, TelemetryPoint] = {}
         self.fleet: dict[tuple[str, str], HdrHistogram] = {}
         self.totals: dict[tuple[str, str, str], tuple[int, int]] = {}  # (device, model, version) -> count, errors
+        # Ingest adds on the event loop while /metrics reads on the HTTP thread.
+        self.lock = threading.Lock()
 
     def __call__(self, point: TelemetryPoint) -> None:
+        with self.lock:
+            self._add(point)
+
+    def _add(self, point: TelemetryPoint) -> None:
         current = self.latest.get(point.device_id)
         if current is None or point.end_ms >= current.end_ms:
             self.latest[point.device_id] = point

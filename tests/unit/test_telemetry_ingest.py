@@ -157,3 +157,29 @@ def test_pruned_sequences_stay_duplicates(ingest) -> None:  # type: ignore[no-un
     acks = run(service, [("d1", batch(1, NOW_MS - 100_000))])
     assert list(acks[0].seqs) == [1]
     assert [p.seq for p in store.telemetry_window("d1", 0)] == [2]
+
+
+def test_metrics_can_be_scraped_while_telemetry_arrives(ingest) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from edgefleet.controller.http_api import TelemetryCollector
+
+    service, store, _ = ingest
+    live = telemetry.LiveTelemetry()
+    run(service, [("d1", batch(1))])
+    point = store.telemetry_window("d1", 0)[0]
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            live(point)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        for _ in range(200):
+            families = {f.name: f for f in TelemetryCollector(live).collect()}
+            assert "edgefleet_inference_latency_seconds" in families
+    finally:
+        stop.set()
+        feeder.join()
