@@ -19,6 +19,7 @@ rollback bundle of that model's build.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -174,6 +175,9 @@ class RolloutEngine:
         self.tick_s = tick_s
         self.compiles = 0  # compiles run by this process (cache hits included), for tests and status
         self._building: dict[tuple[str, int, str], asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        # An install outcome moves a rollout on at once rather than at the next tick.
+        commands.listeners.append(lambda record, ack: self._wake.set() if record.rollout_id else None)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -278,7 +282,9 @@ class RolloutEngine:
                     self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
-            await asyncio.sleep(self.tick_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            self._wake.clear()
 
     async def step(self, rollout: RolloutRecord) -> None:
         rows = self.store.rollout_devices(rollout.rollout_id)
@@ -470,6 +476,7 @@ class RolloutEngine:
             record = BuildRecord(model, version, hardware_class, state="failed", error=str(exc).splitlines()[0][:300],
                                  updated_at_ms=self._now_ms())
         self.store.put_build(record)
+        self._wake.set()
 
     def _compile_sync(self, model: str, version: int, hardware_class: str) -> BuildRecord:
         from edgefleet.controller.compiler.api import CompileSpec, compile_model
