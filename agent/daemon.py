@@ -16,6 +16,7 @@ from edgefleet.agent.commands import CommandRunner, GrpcArtifactSource
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.identity import Identity, load_identity, save_identity
 from edgefleet.agent.local_api import socket_address, start_local_api
+from edgefleet.agent.mqtt_artifacts import MqttArtifactSource
 from edgefleet.agent.mqtt_link import MqttLink, keep_mqtt_login, link_for_agent  # issue 7
 from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
@@ -25,7 +26,7 @@ from edgefleet.agent.session import AgentSession, enroll
 from edgefleet.agent.telemetry import TelemetryCollector
 from edgefleet.firmware.installer import Installer, InstallPolicy
 from edgefleet.firmware.keys import pin_public_keys, pinned_keys
-from edgefleet.protos.v1 import local_pb2, profile_pb2
+from edgefleet.protos.v1 import fleet_pb2, local_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -213,9 +214,17 @@ class Agent:
             self.session = link_for_agent(self.config.state_dir, self.identity, self.outbox,
                                           url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
         identity = self.identity
+        link = self.session
+
+        def source_for(spec: fleet_pb2.InstallBundle) -> GrpcArtifactSource | MqttArtifactSource:
+            # A device that speaks only MQTT fetches bundles over MQTT too.
+            if isinstance(link, MqttLink):
+                return link.artifact_source(spec.sha256, spec.size)
+            return GrpcArtifactSource(controller, identity, spec.sha256, spec.size)
+
         runner = CommandRunner(
             self.config.state_dir, installer,
-            source_for=lambda spec: GrpcArtifactSource(controller, identity, spec.sha256, spec.size),
+            source_for=source_for,
             send_ack=self.session.send_ack,
             on_installed=self.load_active_model,
             threads=self.threads,

@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from edgefleet.agent import __version__
 from edgefleet.agent.identity import Identity
+from edgefleet.agent.mqtt_artifacts import ChunkRouter, MqttArtifactSource
 from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.agent.session import Refused
 from edgefleet.firmware.durable_files import atomic_write_json, read_json
@@ -198,6 +199,7 @@ class MqttLink:
         self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
+        self.artifacts = ChunkRouter()
 
     # paho thread -> loop
     def _hop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -228,7 +230,7 @@ class MqttLink:
             self._hop(self._refused, refused)
             return
         # Subscribing again is harmless when the broker kept our session, and needed when it did not.
-        client.subscribe(topic(self.device_id, "cmd"), qos=1)
+        client.subscribe([(topic(self.device_id, "cmd"), 1), (topic(self.device_id, "artifact/#"), 1)])
         client.publish(topic(self.device_id, "state"), self._state(True), qos=1, retain=True)
         self._hop(self._connected, bool(getattr(flags, "session_present", False)))
 
@@ -237,6 +239,9 @@ class MqttLink:
         self._hop(self._disconnected, str(reason_code))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if "/artifact/" in message.topic:  # chunks go straight to the reading thread, not via the loop
+            self.artifacts.deliver(message.topic.split("/", 3)[-1], message.payload)
+            return
         self._hop(self._received, message.topic, message.payload)
 
     # on the loop
@@ -300,6 +305,10 @@ class MqttLink:
         """Queue a command ack (as AgentSession.send_ack); it goes out now or right after the next connect."""
         self._acks.append(ack)
         self._flush_acks()
+
+    def artifact_source(self, sha256: str, size: int) -> MqttArtifactSource:
+        """Where an install or a measurement reads a bundle when the device speaks only MQTT."""
+        return MqttArtifactSource(self, self.artifacts, sha256, size)
 
     def publish(self, leaf: str, message: fleet_pb2.AgentMessage, *, qos: int = 1) -> bool:
         """Publish to this device's own `leaf` topic; False while disconnected (the caller keeps it)."""

@@ -4,7 +4,8 @@ Subscriptions (the broker's ACL gives the controller's admin login the whole edg
   $share/edgefleet/edgefleet/v1/+/telemetry  shared: replicas split the load; -> TelemetryIngest.submit,
                                               whose ack goes back on the device's `cmd` topic
   $share/edgefleet/edgefleet/v1/+/ack         shared: command acks -> `ack_handlers`
-                                              (server.py: CommandDispatcher.on_ack)
+                                              (server.py: CommandDispatcher.on_ack); artifact acks
+                                              -> the next window of artifact/<sha>/<n> chunks
   edgefleet/v1/+/state                        every replica: retained DeviceState -> PresenceTracker;
                                               an online device's LiveSession.send publishes to its
                                               `cmd`, and `online_handlers` run (deliver_open)
@@ -41,7 +42,9 @@ from edgefleet.agent.mqtt_link import (
     split_topic,
     topic,
 )
+from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.broker_auth import BrokerAuth
+from edgefleet.controller.errors import FleetError
 from edgefleet.controller.presence import LiveSession, PresenceTracker
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry import TelemetryIngest
@@ -55,6 +58,8 @@ TELEMETRY_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/telemetry"
 ACK_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/ack"
 STATE_FILTER = "edgefleet/v1/+/state"
 DEFAULT_ADMIN = "edgefleet-controller"
+MAX_ARTIFACT_CHUNK = 1024 * 1024
+MAX_ARTIFACT_WINDOW = 64
 
 AgentHandler = Callable[[str, fleet_pb2.AgentMessage], None]
 
@@ -116,7 +121,9 @@ class MqttBridge:
         ingest: TelemetryIngest,
         auth: BrokerAuth,
         default_client_id: str = "",
+        artifacts: ArtifactStore | None = None,
     ) -> None:
+        self.artifacts = artifacts
         self.address: BrokerAddress = parse_broker_url(url)
         self.url = public_url(url)
         self.options = options
@@ -254,8 +261,32 @@ class MqttBridge:
         elif leaf == "ack" and kind == "command_ack":
             for handler in self.ack_handlers:
                 handler(device_id, message)
+        elif leaf == "ack" and kind == "artifact_ack":
+            self._serve_chunks(device_id, message.artifact_ack)
         else:
             log.warning("unexpected message dropped", extra={"device": device_id, "topic": leaf, "kind": kind})
+
+    def _serve_chunks(self, device_id: str, ack: fleet_pb2.ArtifactAck) -> None:
+        """Publish the window of chunks the device asked for (it acked everything before it)."""
+        if self.artifacts is None:
+            return
+        chunk_size = min(max(ack.chunk_size, 4096), MAX_ARTIFACT_CHUNK)
+        window = min(max(ack.window, 1), MAX_ARTIFACT_WINDOW)
+        try:
+            path = self.artifacts.path(ack.sha256)
+            total = path.stat().st_size
+        except (FleetError, OSError):
+            log.warning("artifact request for an unknown artifact", extra={"device": device_id,
+                                                                          "sha256": ack.sha256[:64]})
+            return
+        with open(path, "rb") as f:
+            for n in range(ack.next_chunk, ack.next_chunk + window):
+                offset = n * chunk_size
+                if offset >= total:
+                    break
+                f.seek(offset)
+                chunk = fleet_pb2.ArtifactChunk(offset=offset, data=f.read(chunk_size), total_size=total)
+                self._client.publish(topic(device_id, f"artifact/{ack.sha256}/{n}"), chunk.SerializeToString(), qos=1)
 
     def _send(self, device_id: str, message: fleet_pb2.ControllerMessage) -> None:
         self.publish(device_id, message)

@@ -86,7 +86,7 @@ class Controller:
         self.mqtt: MqttBridge | None = None  # MQTT transport (issue 7)
         if config.mqtt_url and logins is not None:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, store=self.store, presence=self.presence,
-                                   ingest=self.ingest, auth=logins,
+                                   ingest=self.ingest, auth=logins, artifacts=self.artifacts,
                                    default_client_id=replica_client_id(config.grpc_address))
             # Commands ride MQTT like the gRPC Session: open ones go out when a device comes online.
             self.mqtt.ack_handlers.append(lambda device_id, m: self.commands.on_ack(device_id, m.command_ack))

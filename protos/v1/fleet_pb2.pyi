@@ -89,16 +89,18 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at_unix_ms: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "telemetry", "command_ack")
+    __slots__ = ("hello", "heartbeat", "telemetry", "command_ack", "artifact_ack")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ACK_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ACK_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     telemetry: TelemetryBatch
     command_ack: CommandAck
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ...) -> None: ...
+    artifact_ack: ArtifactAck
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., artifact_ack: _Optional[_Union[ArtifactAck, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
     __slots__ = ("capability_version", "heartbeat_interval_ms", "device_id")
@@ -149,6 +151,18 @@ class ArtifactChunk(_message.Message):
     data: bytes
     total_size: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class ArtifactAck(_message.Message):
+    __slots__ = ("sha256", "next_chunk", "window", "chunk_size")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    next_chunk: int
+    window: int
+    chunk_size: int
+    def __init__(self, sha256: _Optional[str] = ..., next_chunk: _Optional[int] = ..., window: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
 class LatencyHistogram(_message.Message):
     __slots__ = ("hdr", "count", "p50_ms", "p95_ms", "p99_ms", "max_ms")
