@@ -143,10 +143,12 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--http", "http_address", default="127.0.0.1:8480", show_default=True, metavar="HOST:PORT|off",
               help="Health and Prometheus /metrics; 'off' disables it.")
 @click.option("--heartbeat-interval", default="5s", show_default=True, help="How often agents heartbeat.")
+@click.option("--store", "store_url", envvar="EDGEFLEET_STORE", metavar="postgresql://USER@HOST:PORT/DB",
+              help="Shared PostgreSQL store for several replicas (default: SQLite in the state dir).")
 @mqtt_serve_options  # issue 7
 @click.pass_obj
 def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
-                     heartbeat_interval: str, **mqtt: Any) -> None:
+                     heartbeat_interval: str, store_url: str | None, **mqtt: Any) -> None:
     """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
     from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
 
@@ -164,13 +166,15 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
         grpc_address=grpc_address,
         http_address=None if http_address == "off" else http_address,
         heartbeat_interval_s=interval,
+        store_url=store_url or None,
         **mqtt_settings(mqtt),  # issue 7
     )
     from edgefleet.controller.mqtt_bridge import MqttConfigError  # issue 7
+    from edgefleet.controller.store import StoreUnavailable
 
     try:
         asyncio.run(serve(config))
-    except (BindError, MqttConfigError) as exc:
+    except (BindError, MqttConfigError, StoreUnavailable) as exc:
         raise UserError(str(exc)) from None
 
 

@@ -27,7 +27,7 @@ from edgefleet.controller.mqtt_bridge import MqttBridge, MqttOptions, broker_aut
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.rollouts import RolloutEngine
 from edgefleet.controller.signing import ensure_signing_key, trusted_public_pems
-from edgefleet.controller.store.sqlite import SQLiteStore
+from edgefleet.controller.store import open_store
 from edgefleet.controller.telemetry import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
 from edgefleet.firmware.durable_files import atomic_write_json
 from edgefleet.protos.capability import CAPABILITY_VERSION
@@ -54,6 +54,7 @@ class ControllerConfig:
     rollup_interval_s: float = 10.0
     mqtt_url: str | None = None  # MQTT transport (issue 7): mqtt[s]://ADMIN:PASSWORD@HOST:PORT
     mqtt: MqttOptions = dataclasses.field(default_factory=MqttOptions)
+    store_url: str | None = None  # postgresql://... for shared-state replicas; None: STATE_DIR/controller.db
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -67,7 +68,7 @@ class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteStore(config.state_dir / "controller.db")
+        self.store = open_store(config.store_url or config.state_dir / "controller.db")
         stale = self.store.reset_connections()
         if stale:
             log.info("cleared stale sessions from a previous run", extra={"devices": stale})

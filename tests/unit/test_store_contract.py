@@ -1,32 +1,109 @@
-"""One contract, run against every store backend."""
+"""One contract, run against every store backend.
+
+The PostgreSQL backend runs against EDGEFLEET_TEST_POSTGRES (default: the local server, database `test`),
+each test in a fresh schema; an unreachable server fails these tests rather than skipping them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from edgefleet.controller.store.base import DeviceRecord, EnrollmentRefused, EnrollmentTokenRecord, Store
+from edgefleet.controller.store import StoreUnavailable, open_store
+from edgefleet.controller.store.base import (
+    BuildRecord,
+    CommandRecord,
+    DeviceRecord,
+    EnrollmentRefused,
+    EnrollmentTokenRecord,
+    ModelPoint,
+    ModelRecord,
+    RolloutDeviceRecord,
+    RolloutRecord,
+    Rollup,
+    Store,
+    StoreError,
+    TelemetryPoint,
+)
+from edgefleet.controller.store.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from edgefleet.controller.store.postgres import PostgresStore
 from edgefleet.controller.store.sqlite import SQLiteStore
 
 NOW = 1_800_000_000_000
+MINUTE = 60_000
+POSTGRES_DSN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def sqlite_store(tmp_path: Path) -> Store:
-    return SQLiteStore(tmp_path / "store.db")
+def with_search_path(dsn: str, schema: str) -> str:
+    """The DSN with every connection's search_path set to `schema` (URL or key=value form)."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+    return psycopg.conninfo.make_conninfo(dsn, options=f"-csearch_path={schema}")
 
 
-BACKENDS = {"sqlite": sqlite_store}
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh, uniquely named schema for one test, dropped afterwards; yields a DSN that uses it."""
+    schema = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0]
+    else:
+        reason = ""
+    if reason:  # outside the except block, so the failure is one message rather than a chained traceback
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_DSN} ({reason}): start it "
+            "(`sudo service postgresql start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust "
+            "postgres:15` then `createdb -h 127.0.0.1 -U postgres test`) or set EDGEFLEET_TEST_POSTGRES to a DSN",
+            pytrace=False,
+        )
+    with admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield with_search_path(POSTGRES_DSN, schema)
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@contextmanager
+def sqlite_store(tmp_path: Path) -> Iterator[Store]:
+    store = SQLiteStore(tmp_path / "store.db")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def postgres_store(tmp_path: Path) -> Iterator[Store]:
+    with postgres_schema() as dsn:
+        store = PostgresStore(dsn)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+BACKENDS: dict[str, Callable[[Path], AbstractContextManager[Store]]] = {
+    "sqlite": sqlite_store,
+    "postgres": postgres_store,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s = BACKENDS[request.param](tmp_path)
-    yield s
-    s.close()
+    with BACKENDS[request.param](tmp_path) as s:
+        yield s
 
 
 def token(token_id: str = "tok-1", uses: int = 2, expires: int = NOW + 60_000, **labels: str) -> EnrollmentTokenRecord:
@@ -36,6 +113,36 @@ def token(token_id: str = "tok-1", uses: int = 2, expires: int = NOW + 60_000, *
 def device(device_id: str = "dev-1", **labels: str) -> DeviceRecord:
     return DeviceRecord(device_id, f"secret-{device_id}", dict(labels), 0, hostname="h", hardware_class="x86_64-avx2",
                         profile=b"\x08\x01")
+
+
+def enroll(store: Store, *device_ids: str) -> None:
+    store.create_enrollment_token(token("tok-enroll", uses=len(device_ids)))
+    for device_id in device_ids:
+        store.enroll_device("hash-tok-enroll", NOW, device(device_id))
+
+
+def command(command_id: str, device_id: str = "dev-1", created: int = NOW, expires: int = NOW + 60_000,
+            rollout_id: str = "") -> CommandRecord:
+    return CommandRecord(command_id, device_id, "install", b"\x00payload\xff", created, expires, rollout_id=rollout_id)
+
+
+def point(seq: int, device_id: str = "dev-1", end_ms: int = NOW + 30_000, **overrides: object) -> TelemetryPoint:
+    models = (
+        ModelPoint("det", "3", 100, 2, 1.5, 4.25, 9.0, 12.0, b"\x1c\x84\x00hdr", 3.5, "measured", "onnxruntime"),
+        ModelPoint("cls", "1", 10, 0, 0.5, 0.75, 1.0, 1.25, b"hdr2", 0.0, "", "litert"),
+    )
+    fields: dict[str, object] = dict(
+        device_id=device_id, seq=seq, start_ms=end_ms - 1000, end_ms=end_ms, received_ms=end_ms + 5, watts=7.125,
+        power_source="rapl", cpu_system=0.5, cpu_process=0.25, rss_bytes=123_456_789_012,
+        memory_available_bytes=2**40, temperature_c=51.5, load1=0.75, dropped_batches=0, models=models,
+    )
+    fields.update(overrides)
+    return TelemetryPoint(**fields)  # type: ignore[arg-type]
+
+
+def rollout(rollout_id: str, created: int = NOW, state: str = "planning") -> RolloutRecord:
+    return RolloutRecord(rollout_id, "det", 3, "class=x86_64-avx2", "1,50%,100%", 30.5, 0.25, '["p95<1.2x"]', 120.0,
+                         True, state=state, created_at_ms=created, updated_at_ms=created)
 
 
 class TestStoreContract:
@@ -114,6 +221,226 @@ class TestStoreContract:
         assert revoked is not None and revoked.revoked
         assert store.revoke_enrollment_token("tok-zzz") is None
 
+    # -- commands ------------------------------------------------------------------------------
+    def test_commands_round_trip_and_open_ones_oldest_first(self, store: Store) -> None:
+        store.add_command(command("c-2", created=NOW + 2))
+        store.add_command(command("c-1", created=NOW + 1))
+        store.add_command(command("c-other", device_id="dev-2"))
+        got = store.get_command("c-1")
+        assert got == dataclasses.replace(command("c-1", created=NOW + 1), updated_at_ms=NOW + 1)
+        assert got is not None and got.payload == b"\x00payload\xff" and got.state == "pending"
+        assert store.get_command("nope") is None
+        assert [c.command_id for c in store.open_commands("dev-1", NOW + 10)] == ["c-1", "c-2"]
+        store.mark_command_sent("c-1", NOW + 20)
+        sent = store.get_command("c-1")
+        assert sent is not None and sent.state == "sent" and sent.updated_at_ms == NOW + 20
+        assert [c.command_id for c in store.open_commands("dev-1", NOW + 30)] == ["c-1", "c-2"]  # sent is still open
+
+    def test_open_commands_expires_old_ones(self, store: Store) -> None:
+        store.add_command(command("c-old", expires=NOW + 100))
+        store.add_command(command("c-new", expires=NOW + 10_000))
+        assert [c.command_id for c in store.open_commands("dev-1", NOW + 100)] == ["c-new"]
+        expired = store.get_command("c-old")
+        assert expired is not None and (expired.state, expired.result, expired.updated_at_ms) == (
+            "expired", "expired", NOW + 100)
+        assert store.finish_command("c-old", state="done", result="ok", reason="", message="", ack=b"a",
+                                    now_ms=NOW + 200) is None
+
+    def test_finish_command_once_and_sent_only_from_pending(self, store: Store) -> None:
+        store.add_command(command("c-1"))
+        done = store.finish_command("c-1", state="done", result="failed", reason="self_test", message="bad output",
+                                    ack=b"\x01ack", now_ms=NOW + 5)
+        assert done is not None
+        assert (done.state, done.result, done.reason, done.message, done.ack, done.updated_at_ms) == (
+            "done", "failed", "self_test", "bad output", b"\x01ack", NOW + 5)
+        assert store.finish_command("c-1", state="done", result="ok", reason="", message="", ack=b"",
+                                    now_ms=NOW + 6) is None
+        store.mark_command_sent("c-1", NOW + 7)  # a finished command is never re-opened
+        assert store.get_command("c-1") == done
+        assert store.open_commands("dev-1", NOW + 8) == []
+        assert store.finish_command("missing", state="done", result="ok", reason="", message="", ack=b"",
+                                    now_ms=NOW) is None
+
+    def test_concurrent_acks_finish_a_command_exactly_once(self, store: Store) -> None:
+        store.add_command(command("c-1"))
+        winners: list[int] = []
+
+        def ack(i: int) -> None:
+            if store.finish_command("c-1", state="done", result="ok", reason="", message=str(i), ack=b"",
+                                    now_ms=NOW + i) is not None:
+                winners.append(i)
+
+        threads = [threading.Thread(target=ack, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(winners) == 1
+        assert store.get_command("c-1").message == str(winners[0])  # type: ignore[union-attr]
+
+    def test_list_commands_filters(self, store: Store) -> None:
+        store.add_command(command("c-3", created=NOW + 3, rollout_id="r-1"))
+        store.add_command(command("c-1", created=NOW + 1))
+        store.add_command(command("c-2", device_id="dev-2", created=NOW + 2, rollout_id="r-1"))
+        assert [c.command_id for c in store.list_commands()] == ["c-1", "c-2", "c-3"]
+        assert [c.command_id for c in store.list_commands(device_id="dev-1")] == ["c-1", "c-3"]
+        assert [c.command_id for c in store.list_commands(rollout_id="r-1")] == ["c-2", "c-3"]
+        assert [c.command_id for c in store.list_commands(device_id="dev-2", rollout_id="r-1")] == ["c-2"]
+        assert store.list_commands(device_id="dev-9") == []
+
+    # -- models, builds, rollouts -----------------------------------------------------------------
+    def test_models_are_immutable_per_version_and_sorted_bytewise(self, store: Store) -> None:
+        det = ModelRecord("det", 3, "a" * 64, "onnx", calib_sha256="c" * 64, budget=0.985, created_at_ms=NOW)
+        store.add_model(det)
+        store.add_model(det)  # the same content again is a no-op
+        with pytest.raises(StoreError, match="new --version"):
+            store.add_model(dataclasses.replace(det, sha256="b" * 64))
+        assert store.get_model("det", 3) == det
+        assert store.get_model("det", 4) is None
+        for name, version in (("det", 10), ("Zeta", 1), ("alpha", 2), ("det", 2)):
+            store.add_model(ModelRecord(name, version, "d" * 64, "tflite"))
+        assert [(m.name, m.version) for m in store.list_models()] == [
+            ("Zeta", 1), ("alpha", 2), ("det", 2), ("det", 3), ("det", 10)]
+
+    def test_set_device_model(self, store: Store) -> None:
+        enroll(store, "dev-1")
+        store.set_device_model("dev-1", "det", 3)
+        got = store.get_device("dev-1")
+        assert got is not None and (got.model, got.model_version) == ("det", 3)
+        store.set_device_model("dev-unknown", "det", 3)  # no such device: nothing happens
+        assert store.get_device("dev-unknown") is None
+
+    def test_builds_are_replaced_per_model_version_and_class(self, store: Store) -> None:
+        pending = BuildRecord("det", 3, "arm64-dotprod", updated_at_ms=NOW)
+        store.put_build(pending)
+        assert store.get_build("det", 3, "arm64-dotprod") == pending
+        ready = dataclasses.replace(pending, state="ready", bundle_sha256="e" * 64, rollback_bundle_sha256="f" * 64,
+                                    report='{"winner": "int8"}', updated_at_ms=NOW + 1)
+        store.put_build(ready)
+        store.put_build(BuildRecord("det", 3, "x86_64-avx2", state="failed", error="no kernels"))
+        assert store.get_build("det", 3, "arm64-dotprod") == ready
+        assert store.get_build("det", 3, "x86_64-avx2").error == "no kernels"  # type: ignore[union-attr]
+        assert store.get_build("det", 4, "arm64-dotprod") is None
+
+    def test_rollouts_replace_list_and_filter_active(self, store: Store) -> None:
+        r1 = rollout("r-1", created=NOW + 1)
+        store.put_rollout(r1)
+        assert store.get_rollout("r-1") == r1
+        store.put_rollout(rollout("r-0", created=NOW, state="completed"))
+        running = dataclasses.replace(r1, state="running", wave=2, soak_until_ms=NOW + 99, auto_rollback=False,
+                                      updated_at_ms=NOW + 50)
+        store.put_rollout(running)
+        store.put_rollout(rollout("r-2", created=NOW + 2, state="paused"))
+        assert store.get_rollout("r-1") == running
+        assert store.get_rollout("r-9") is None
+        assert [r.rollout_id for r in store.list_rollouts()] == ["r-0", "r-1", "r-2"]
+        assert [r.rollout_id for r in store.list_rollouts(active_only=True)] == ["r-1"]
+
+    def test_rollout_devices_replace_and_order_by_wave_class_device(self, store: Store) -> None:
+        rows = [
+            RolloutDeviceRecord("r-1", "dev-b", "x86_64-avx2", 1),
+            RolloutDeviceRecord("r-1", "dev-c", "arm64-dotprod", 1),
+            RolloutDeviceRecord("r-1", "dev-a", "x86_64-avx2", 0),
+            RolloutDeviceRecord("r-1", "dev-d", "x86_64-avx2", 1),
+            RolloutDeviceRecord("r-2", "dev-a", "x86_64-avx2", 0),
+        ]
+        for row in rows:
+            store.put_rollout_device(row)
+        sent = dataclasses.replace(rows[0], state="committed", command_id="c-1", previous_model="det",
+                                   previous_version=2, baseline='{"p95_ms": 4.5}', dispatched_at_ms=NOW,
+                                   finished_at_ms=NOW + 9, rollback_command_id="c-9", reason="ok")
+        store.put_rollout_device(sent)
+        got = store.rollout_devices("r-1")
+        assert [d.device_id for d in got] == ["dev-a", "dev-c", "dev-b", "dev-d"]
+        assert got[2] == sent
+        assert store.rollout_devices("r-none") == []
+
+    # -- telemetry -------------------------------------------------------------------------------
+    def test_ingest_stores_new_points_and_reports_duplicates(self, store: Store) -> None:
+        first = point(1, end_ms=NOW + 1_000, temperature_c=None)
+        assert store.ingest_telemetry([first, point(2, end_ms=NOW + 2_000, watts=7, load1=1)]) == [True, True]
+        # A retransmit of seq 1 and a repeat inside the same batch are duplicates; nothing is overwritten.
+        again = store.ingest_telemetry([point(1, watts=99.0), point(3, end_ms=NOW + 3_000), point(3, watts=1.0)])
+        assert again == [False, True, False]
+        window = store.telemetry_window("dev-1", NOW)
+        assert [p.seq for p in window] == [1, 2, 3]
+        assert window[0] == dataclasses.replace(
+            first, models=tuple(sorted(first.models, key=lambda m: (m.model, m.version))))
+        assert window[0].temperature_c is None and window[2].watts == 7.125
+        assert store.ingest_telemetry([]) == []
+
+    def test_telemetry_window_is_half_open_and_per_device(self, store: Store) -> None:
+        store.ingest_telemetry([point(s, end_ms=NOW + s * 1_000, models=()) for s in range(1, 6)])
+        store.ingest_telemetry([point(1, device_id="dev-2", end_ms=NOW + 2_000)])
+        assert [p.seq for p in store.telemetry_window("dev-1", NOW + 2_000, NOW + 4_000)] == [2, 3]
+        assert [p.seq for p in store.telemetry_window("dev-1", NOW + 4_000)] == [4, 5]
+        assert store.telemetry_window("dev-1", NOW + 2_000, NOW + 4_000)[0].models == ()
+        assert [p.device_id for p in store.telemetry_window("dev-2", 0)] == ["dev-2"]
+
+    def test_latest_telemetry_is_the_highest_seq_per_device(self, store: Store) -> None:
+        assert store.latest_telemetry() == {}
+        store.ingest_telemetry([point(1), point(7, models=()), point(3), point(2, device_id="dev-2")])
+        latest = store.latest_telemetry()
+        assert {k: v.seq for k, v in latest.items()} == {"dev-1": 7, "dev-2": 2}
+        assert latest["dev-1"].models == () and [m.model for m in latest["dev-2"].models] == ["cls", "det"]
+
+    def test_concurrent_ingest_stores_each_point_once(self, store: Store) -> None:
+        batches = [[point(seq, device_id=f"dev-{d}") for d in range(3) for seq in range(1, 21)] for _ in range(6)]
+        results: list[list[bool]] = []
+
+        def ingest(batch: list[TelemetryPoint]) -> None:
+            results.append(store.ingest_telemetry(batch))
+
+        threads = [threading.Thread(target=ingest, args=(b,)) for b in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(sum(r) for r in results) == 60
+        for column in zip(*results, strict=True):
+            assert sum(column) == 1  # each (device, seq) was new for exactly one caller
+        assert len(store.telemetry_window("dev-1", 0)) == 20
+
+    def test_rollups_follow_dirty_minutes(self, store: Store) -> None:
+        minute = NOW - NOW % MINUTE
+        store.ingest_telemetry([point(1, end_ms=minute + 5), point(2, end_ms=minute + 59_999),
+                                point(3, end_ms=minute + MINUTE), point(1, device_id="dev-2", end_ms=minute + 1)])
+        assert sorted(store.dirty_rollups()) == [("dev-1", minute), ("dev-1", minute + MINUTE), ("dev-2", minute)]
+        assert len(store.dirty_rollups(limit=2)) == 2
+        old = Rollup("dev-1", "det", "3", minute, 1, 0, b"old", 1, 1, 1, 1, 1, 1)
+        store.write_rollups([old], [])
+        fresh = [
+            Rollup("dev-1", "det", "3", minute, 200, 4, b"\x00hdr", 1.5, 4.25, 9.0, 12.0, 7.125, 3.5),
+            Rollup("dev-1", "", "", minute, 0, 0, b"", 0, 0, 0, 0, 7, 0),  # ints in float fields, as callers pass
+            Rollup("dev-1", "cls", "1", minute + MINUTE, 10, 0, b"h", 0.5, 0.75, 1.0, 1.25, 7.0, 0.0),
+        ]
+        store.write_rollups(fresh, [("dev-1", minute), ("dev-1", minute + MINUTE)])
+        assert store.dirty_rollups() == [("dev-2", minute)]
+        assert store.rollups("dev-1", minute) == [fresh[1], fresh[0], fresh[2]]  # by minute, then model
+        assert store.rollups("dev-1", minute + 1) == [fresh[2]]
+        assert store.rollups("dev-2", 0) == []
+        store.ingest_telemetry([point(2, end_ms=minute + 10)])  # a duplicate does not dirty its minute again
+        assert store.dirty_rollups() == [("dev-2", minute)]
+        store.ingest_telemetry([point(4, end_ms=minute + 10)])
+        assert sorted(store.dirty_rollups()) == [("dev-1", minute), ("dev-2", minute)]
+
+    def test_prune_drops_old_data_and_keeps_pruned_seqs_out(self, store: Store) -> None:
+        minute = NOW - NOW % MINUTE
+        store.ingest_telemetry([point(s, end_ms=minute + s * 1_000) for s in range(1, 5)])
+        store.write_rollups([Rollup("dev-1", "det", "3", m, 1, 0, b"", 1, 1, 1, 1, 1, 1)
+                             for m in (minute - MINUTE, minute)], [])
+        assert store.prune_telemetry(minute + 3_000, minute) == 2
+        assert [p.seq for p in store.telemetry_window("dev-1", 0)] == [3, 4]
+        assert [r.minute_ms for r in store.rollups("dev-1", 0)] == [minute]
+        # A late retransmit of a pruned batch is a duplicate, not a resurrection; newer seqs still land.
+        assert store.ingest_telemetry([point(1, end_ms=minute + 1_000), point(5, end_ms=minute + 5_000)]) == [
+            False, True]
+        assert store.prune_telemetry(minute, minute) == 0
+        assert store.ingest_telemetry([point(2, end_ms=minute + 2_000)]) == [False]  # the watermark never drops
+        assert store.prune_telemetry(minute + 10 * MINUTE, minute + 10 * MINUTE) == 3
+        assert store.telemetry_window("dev-1", 0) == [] and store.rollups("dev-1", 0) == []
+        assert store.latest_telemetry() == {}
+
 
 def test_sqlite_reopen_keeps_everything_and_uses_wal(tmp_path: Path) -> None:
     first = SQLiteStore(tmp_path / "s.db")
@@ -125,3 +452,101 @@ def test_sqlite_reopen_keeps_everything_and_uses_wal(tmp_path: Path) -> None:
     mode = second._db.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     second.close()
+
+
+# -- PostgreSQL only ---------------------------------------------------------------------------
+def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
+    sqlite = open_store(tmp_path / "c.db")
+    assert isinstance(sqlite, SQLiteStore) and sqlite.backend_name == "sqlite"
+    sqlite.close()
+    with postgres_schema() as dsn:
+        for url in (dsn, dsn.replace("postgresql://", "postgres://", 1)):
+            store = open_store(url)
+            assert isinstance(store, PostgresStore) and store.backend_name == "postgres"
+            store.close()
+
+
+def test_postgres_reopen_keeps_everything_and_records_the_schema_version() -> None:
+    with postgres_schema() as dsn:
+        first = open_store(dsn)
+        first.create_enrollment_token(token())
+        first.enroll_device("hash-tok-1", NOW, device())
+        first.close()
+        second = open_store(dsn)
+        assert second.get_device("dev-1") is not None and second.list_enrollment_tokens()[0].uses_left == 1
+        second.close()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(POSTGRES_MIGRATIONS),)]
+
+
+def test_postgres_replicas_starting_together_migrate_once() -> None:
+    with postgres_schema() as dsn:
+        barrier = threading.Barrier(6)
+        opened: list[Store] = []
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                opened.append(PostgresStore(dsn, max_connections=2))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(opened) == 6
+        opened[0].add_operator_token("h", NOW)
+        assert all(s.is_operator_token("h") for s in opened)
+        for s in opened:
+            s.close()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(POSTGRES_MIGRATIONS),)]
+
+
+def test_postgres_refuses_a_newer_schema() -> None:
+    with postgres_schema() as dsn:
+        PostgresStore(dsn).close()
+        with psycopg.connect(dsn) as conn:
+            conn.execute("UPDATE schema_version SET version = 999")
+        with pytest.raises(StoreUnavailable, match=r"newer than this controller.*upgrade edgefleet"):
+            PostgresStore(dsn)
+
+
+def test_unreachable_postgres_says_how_to_fix_it_without_the_password() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StoreUnavailable) as caught:
+        open_store(f"postgresql://edge:s3cret@127.0.0.1:{port}/fleet")
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}/fleet" in message and "start PostgreSQL" in message and "EDGEFLEET_STORE" in message
+    assert "s3cret" not in message and "\n" not in message
+
+
+def test_postgres_search_path_without_a_schema_says_so() -> None:
+    dsn = with_search_path(POSTGRES_DSN, f"edgefleet_missing_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StoreUnavailable, match="CREATE SCHEMA"):
+        PostgresStore(dsn)
+
+
+def test_postgres_store_survives_its_connections_being_killed() -> None:
+    """What a Postgres restart or failover does to a running replica's pool."""
+    app = f"edgefleet_test_{uuid.uuid4().hex[:8]}"
+    with postgres_schema() as dsn:
+        store = PostgresStore(f"{dsn}&application_name={app}", max_connections=3)
+        try:
+            store.add_operator_token("h", NOW)
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+                    (app,),
+                ).fetchone()
+            assert killed is not None and killed[0] >= 1
+            assert store.is_operator_token("h")
+        finally:
+            store.close()
