@@ -123,7 +123,7 @@ class CommandRunner:
         self.source_for = source_for
         self.send_ack = send_ack
         self.on_installed = on_installed
-        self._queue: asyncio.Queue[fleet_pb2.Command] = asyncio.Queue()
+        self._queue: asyncio.Queue[fleet_pb2.Command | fleet_pb2.InstallBundle] = asyncio.Queue()
         self._queued: set[str] = set()
 
     def submit(self, command: fleet_pb2.Command) -> None:
@@ -138,9 +138,18 @@ class CommandRunner:
         self._queued.add(command.command_id)
         self._queue.put_nowait(command)
 
+    def converge(self, bundle: fleet_pb2.InstallBundle) -> None:
+        """Install a bundle no command asked for (the retained desired model, after the device's
+        queued commands were lost); it runs in turn with commands and is never acked."""
+        if not self._queued:
+            self._queue.put_nowait(bundle)
+
     async def run(self) -> None:
         while True:
             command = await self._queue.get()
+            if isinstance(command, fleet_pb2.InstallBundle):
+                await self._converge(command)
+                continue
             try:
                 ack = await self._execute(command)
             except Exception as exc:  # a bug must not kill the agent; the controller sees it
@@ -162,6 +171,17 @@ class CommandRunner:
             return await self._measure(command)
         return fleet_pb2.CommandAck(command_id=command.command_id, result="rejected", reason="unsupported",
                                     message=f"this agent does not know command {kind!r}; upgrade it", final=True)
+
+    async def _converge(self, bundle: fleet_pb2.InstallBundle) -> None:
+        log.info("installing the desired model", extra={"model": bundle.name, "version": bundle.version})
+        try:
+            outcome = await asyncio.to_thread(self.installer.install, self.source_for(bundle), None)
+        except Exception:  # the next desired message or command tries again
+            log.exception("desired install failed", extra={"model": bundle.name})
+            return
+        log.info("desired install finished", extra={"result": outcome.result, "reason": outcome.reason})
+        if outcome.result == "committed":
+            self.on_installed()
 
     async def _install(self, command: fleet_pb2.Command) -> fleet_pb2.CommandAck:
         spec = command.install

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,10 +27,11 @@ from edgefleet.agent.session import AgentSession, enroll
 from edgefleet.agent.telemetry import TelemetryCollector
 from edgefleet.firmware.installer import Installer, InstallPolicy
 from edgefleet.firmware.keys import pin_public_keys, pinned_keys
-from edgefleet.protos.v1 import fleet_pb2, local_pb2, profile_pb2
+from edgefleet.protos.v1 import fleet_pb2, local_pb2, mqtt_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent")
 
+CONVERGE_AFTER_S = 10.0  # how long a desired model waits for its install command
 _WORKLOAD_RE = re.compile(r"^golden:(\d+(?:\.\d+)?)/s$")
 
 
@@ -78,6 +80,7 @@ class Agent:
         self.collector = TelemetryCollector(self.outbox, power, DeviceSampler())
         self.service = InferenceService(self.collector)
         self.threads = int(profile.cpu.physical_cores or 0)
+        self._after_install: list[Callable[[], None]] = []
 
     def load_active_model(self) -> None:
         from edgefleet.firmware.slots import active_model
@@ -88,6 +91,21 @@ class Agent:
             self.service.swap(None)
             return
         self.service.swap(load_model(active.model_path, active.manifest, self.threads))
+
+    def _schedule_converge(self, runner: CommandRunner, desired: mqtt_pb2.DesiredModel) -> None:
+        """Give the install command that set `desired` time to arrive; install it ourselves if not."""
+
+        def check() -> None:
+            if self.serving() != (desired.model, int(desired.version)):
+                runner.converge(fleet_pb2.InstallBundle(sha256=desired.bundle_sha256, size=desired.bundle_size,
+                                                        name=desired.model, version=desired.version))
+
+        asyncio.get_running_loop().call_later(CONVERGE_AFTER_S, check)
+
+    def installed(self) -> None:
+        self.load_active_model()
+        for hook in self._after_install:
+            hook()
 
     def serving(self) -> tuple[str, int]:
         model = self.service.model
@@ -226,11 +244,14 @@ class Agent:
             self.config.state_dir, installer,
             source_for=source_for,
             send_ack=self.session.send_ack,
-            on_installed=self.load_active_model,
+            on_installed=self.installed,
             threads=self.threads,
         )
         self.session.on_command = runner.submit
         self.session.serving = self.serving
+        if isinstance(link, MqttLink):
+            link.on_desired = lambda desired: self._schedule_converge(runner, desired)
+            self._after_install.append(link.publish_state)
         tasks = [
             asyncio.create_task(self.session.run()),
             asyncio.create_task(runner.run()),

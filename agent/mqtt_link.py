@@ -189,6 +189,8 @@ class MqttLink:
         self.backoff_max_s = backoff_max_s
         self.on_command = on_command
         self.serving: Callable[[], tuple[str, int]] | None = None  # (model, version) now served
+        self.desired: mqtt_pb2.DesiredModel | None = None
+        self.on_desired: Callable[[mqtt_pb2.DesiredModel], None] | None = None
         self.telemetry_ready = asyncio.Event()
         self.connected = False
         self.connections = 0
@@ -230,7 +232,8 @@ class MqttLink:
             self._hop(self._refused, refused)
             return
         # Subscribing again is harmless when the broker kept our session, and needed when it did not.
-        client.subscribe([(topic(self.device_id, "cmd"), 1), (topic(self.device_id, "artifact/#"), 1)])
+        client.subscribe([(topic(self.device_id, "cmd"), 1), (topic(self.device_id, "artifact/#"), 1),
+                          (topic(self.device_id, "desired"), 1)])
         client.publish(topic(self.device_id, "state"), self._state(True), qos=1, retain=True)
         self._hop(self._connected, bool(getattr(flags, "session_present", False)))
 
@@ -240,7 +243,7 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if "/artifact/" in message.topic:  # chunks go straight to the reading thread, not via the loop
-            self.artifacts.deliver(message.topic.split("/", 3)[-1], message.payload)
+            self.artifacts.deliver(message.topic.split("/", 3)[-1], bytes(message.payload))
             return
         self._hop(self._received, message.topic, message.payload)
 
@@ -270,6 +273,9 @@ class MqttLink:
         self._connected_event.clear()
 
     def _received(self, name: str, payload: bytes) -> None:
+        if name.endswith("/desired"):
+            self._on_desired(payload)
+            return
         try:
             message = fleet_pb2.ControllerMessage.FromString(payload)
         except Exception:
@@ -284,6 +290,21 @@ class MqttLink:
             command_id = message.command.command_id if kind == "command" else ""
             log.info("controller message received; no handler on this transport yet",
                      extra={"device": self.device_id, "kind": kind, "command": command_id})
+
+    def _on_desired(self, payload: bytes) -> None:
+        try:
+            desired = mqtt_pb2.DesiredModel.FromString(payload)
+        except Exception:
+            log.warning("undecodable desired model dropped", extra={"device": self.device_id})
+            return
+        self.desired = desired if desired.model else None
+        if self.desired is not None and self.on_desired is not None:
+            self.on_desired(self.desired)
+
+    def publish_state(self) -> None:
+        """Say again what this device serves (after an install), on the retained state topic."""
+        if self._client is not None and self.connected:
+            self._client.publish(topic(self.device_id, "state"), self._state(True), qos=1, retain=True)
 
     def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
         seqs = list(ack.seqs) + [r.seq for r in ack.rejected]

@@ -32,6 +32,8 @@ class CommandDispatcher:
         self.presence = presence
         self.clock = clock
         self.listeners: list[AckListener] = []
+        # Called with every new command (the MQTT bridge publishes the retained desired model).
+        self.issue_listeners: list[Callable[[CommandRecord, fleet_pb2.Command], None]] = []
         self._waiters: dict[str, list[asyncio.Future[CommandRecord]]] = {}
 
     def _now_ms(self) -> int:
@@ -73,6 +75,8 @@ class CommandDispatcher:
             created_at_ms=now, expires_at_ms=command.expires_at_unix_ms, rollout_id=rollout_id,
         )
         self.store.add_command(record)
+        for listener in self.issue_listeners:
+            listener(record, command)
         log.info("command issued", extra={"device": device_id, "command": record.command_id, "kind": kind,
                                           "rollout": rollout_id})
         self.deliver_open(device_id)

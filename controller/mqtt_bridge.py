@@ -46,7 +46,7 @@ from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.broker_auth import BrokerAuth
 from edgefleet.controller.errors import FleetError
 from edgefleet.controller.presence import LiveSession, PresenceTracker
-from edgefleet.controller.store.base import Store
+from edgefleet.controller.store.base import CommandRecord, Store
 from edgefleet.controller.telemetry import TelemetryIngest
 from edgefleet.protos.capability import negotiate
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
@@ -251,7 +251,7 @@ class MqttBridge:
             self._on_state(device_id, payload)
             return
         try:
-            message = fleet_pb2.AgentMessage.FromString(payload)
+            message = fleet_pb2.AgentMessage.FromString(bytes(payload))
         except Exception:
             log.warning("undecodable agent message dropped", extra={"device": device_id, "topic": leaf})
             return
@@ -288,6 +288,15 @@ class MqttBridge:
                 chunk = fleet_pb2.ArtifactChunk(offset=offset, data=f.read(chunk_size), total_size=total)
                 self._client.publish(topic(device_id, f"artifact/{ack.sha256}/{n}"), chunk.SerializeToString(), qos=1)
 
+    def publish_desired(self, record: CommandRecord, command: fleet_pb2.Command) -> None:
+        """Retain the model an install command asks for on the device's `desired` topic."""
+        if command.WhichOneof("action") != "install":
+            return
+        desired = mqtt_pb2.DesiredModel(
+            model=command.install.name, version=command.install.version, bundle_sha256=command.install.sha256,
+            bundle_size=command.install.size, command_id=command.command_id, set_at_unix_ms=record.created_at_ms)
+        self._client.publish(topic(record.device_id, "desired"), desired.SerializeToString(), qos=1, retain=True)
+
     def _send(self, device_id: str, message: fleet_pb2.ControllerMessage) -> None:
         self.publish(device_id, message)
 
@@ -304,7 +313,7 @@ class MqttBridge:
 
     def _on_state(self, device_id: str, payload: bytes | bytearray) -> None:
         try:  # an empty payload (a cleared retained state) parses as offline, which is what it means
-            state = mqtt_pb2.DeviceState.FromString(payload)
+            state = mqtt_pb2.DeviceState.FromString(bytes(payload))
         except Exception:
             log.warning("undecodable device state dropped", extra={"device": device_id})
             return
@@ -315,7 +324,9 @@ class MqttBridge:
                 self.presence.session_closed(session, "mqtt: offline (last will or clean exit)")
             return
         if session is not None and self.presence.is_current(session):
-            return  # already online through us
+            # Already online through us; a state published again says the model changed.
+            self.store.set_device_model(device_id, state.model[:128], int(state.model_version))
+            return
         record = self.store.get_device(device_id)
         if record is None:
             log.warning("state from a device that is not enrolled ignored", extra={"device": device_id})

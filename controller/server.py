@@ -92,6 +92,7 @@ class Controller:
             # Commands ride MQTT like the gRPC Session: open ones go out when a device comes online.
             self.mqtt.ack_handlers.append(lambda device_id, m: self.commands.on_ack(device_id, m.command_ack))
             self.mqtt.online_handlers.append(self.commands.deliver_open)
+            self.commands.issue_listeners.append(self.mqtt.publish_desired)
         self.http = HttpApi(self.store, self.presence, self.live, registry)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0

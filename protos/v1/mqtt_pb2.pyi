@@ -20,3 +20,19 @@ class DeviceState(_message.Message):
     model: str
     model_version: int
     def __init__(self, online: _Optional[bool] = ..., changed_at_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., capability_version: _Optional[int] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class DesiredModel(_message.Message):
+    __slots__ = ("model", "version", "bundle_sha256", "bundle_size", "command_id", "set_at_unix_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    SET_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    bundle_sha256: str
+    bundle_size: int
+    command_id: str
+    set_at_unix_ms: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., bundle_size: _Optional[int] = ..., command_id: _Optional[str] = ..., set_at_unix_ms: _Optional[int] = ...) -> None: ...

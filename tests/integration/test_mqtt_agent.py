@@ -169,3 +169,40 @@ def test_install_over_mqtt_only_survives_a_broker_restart_mid_transfer(
     # the pending window ack after reconnecting and the same read went on; never from byte 0 again.
     downloads = [e for e in entries if e.get("state") == "DOWNLOADING"]
     assert all(e["have"] >= cut_at for e in downloads[1:]), downloads
+
+
+def test_a_device_converges_on_the_retained_desired_model_without_a_command(
+    tmp_path: Path, tls_broker: Broker, mqtt_ctl: ControllerProc, procs: list[Proc]
+) -> None:
+    """Its queued commands were lost (say the broker session expired while it was away): the
+    retained `desired` model still brings the device to the right model when it returns."""
+    from edgefleet.agent.client import LocalClient
+    from edgefleet.controller.cli import upload_artifact
+    from edgefleet.controller.client import Connection
+    from edgefleet.protos.v1 import mqtt_pb2
+
+    agent = _agent(tmp_path, procs, mqtt_ctl, mqtt_ctl.create_token()).start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrollment")
+    wait_until(lambda: mqtt_ctl.device(device_id).online, 20, "online")
+    agent.stop()
+    key = load_signing_key(mqtt_ctl.state_dir / "signing-key.pem")
+    bundle, _ = signed_bundle(tmp_path, mlp_onnx(tmp_path / "v3.onnx"), version=3, key=key)
+    sha = upload_artifact(Connection.resolve(mqtt_ctl.grpc_address, mqtt_ctl.state_dir).control(), bundle)
+    ca = tls_broker.tls.ca_cert.read_text() if tls_broker.tls else ""
+    admin = TestClient(tls_broker.device_url, ADMIN_USER, ADMIN_PASSWORD, ca_pem=ca)
+    admin.connect()
+    desired = mqtt_pb2.DesiredModel(model="mlp", version=3, bundle_sha256=sha, bundle_size=bundle.stat().st_size)
+    admin.publish(f"edgefleet/v1/{device_id}/desired", desired.SerializeToString(), retain=True)  # waits for PUBACK
+    admin.close()
+
+    agent.start()
+    socket = agent.state_dir / "agent.sock"
+
+    def version() -> str:
+        if not socket.exists():
+            return ""
+        with LocalClient(f"unix://{socket}") as client:
+            return client.status().version
+
+    wait_until(lambda: version() == "3", 60, "the device to install the desired model by itself")
+    assert "installing the desired model" in agent.log()
