@@ -45,8 +45,10 @@ class PresenceTracker:
         heartbeat_interval_s: float,
         clock: Callable[[], float] = time.time,
         flush_interval_s: float = 2.0,
+        owner: str = "",
     ) -> None:
         self.store = store
+        self.owner = owner  # this replica, recorded on the device rows whose streams it holds
         self.heartbeat_interval_s = heartbeat_interval_s
         self.flush_interval_s = flush_interval_s
         self.clock = clock
@@ -87,6 +89,7 @@ class PresenceTracker:
             hardware_class=hardware_class,
             profile=profile,
             hostname=hostname,
+            owner=self.owner,
         )
         if model is not None:
             self.store.set_device_model(device_id, *model)
@@ -107,7 +110,8 @@ class PresenceTracker:
             return  # superseded by a newer stream; that one owns the device's presence
         del self._live[session.device_id]
         self._dirty.pop(session.device_id, None)
-        self.store.update_device_session(session.device_id, connected=False, last_seen_ms=session.last_seen_ms)
+        self.store.update_device_session(session.device_id, connected=False, last_seen_ms=session.last_seen_ms,
+                                         owner=self.owner)
         log.info("device offline", extra={"device": session.device_id, "reason": reason})
 
     def sender(self, device_id: str) -> Callable[[fleet_pb2.ControllerMessage], None] | None:

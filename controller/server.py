@@ -69,13 +69,15 @@ class Controller:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url or config.state_dir / "controller.db")
-        stale = self.store.reset_connections()
+        # Streams this replica held before a restart are gone; other replicas' are not.
+        self.replica = replica_client_id(config.grpc_address)
+        stale = self.store.reset_connections(self.replica)
         if stale:
             log.info("cleared stale sessions from a previous run", extra={"devices": stale})
         self.operator_token_path = auth.ensure_operator_token(self.store, config.state_dir)
         logins = broker_auth(config.mqtt_url, config.mqtt, config.state_dir) if config.mqtt_url else None  # issue 7
         self.enrollment = Enrollment(self.store, mqtt_logins=logins)
-        self.presence = PresenceTracker(self.store, config.heartbeat_interval_s)
+        self.presence = PresenceTracker(self.store, config.heartbeat_interval_s, owner=self.replica)
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
         self.signing_key = ensure_signing_key(config.state_dir)
         self.commands = CommandDispatcher(self.store, self.presence)
@@ -88,7 +90,7 @@ class Controller:
         if config.mqtt_url and logins is not None:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, store=self.store, presence=self.presence,
                                    ingest=self.ingest, auth=logins, artifacts=self.artifacts,
-                                   default_client_id=replica_client_id(config.grpc_address))
+                                   default_client_id=self.replica)
             # Commands ride MQTT like the gRPC Session: open ones go out when a device comes online.
             self.mqtt.ack_handlers.append(lambda device_id, m: self.commands.on_ack(device_id, m.command_ack))
             self.mqtt.online_handlers.append(self.commands.deliver_open)

@@ -48,6 +48,7 @@ class DeviceRecord:
     last_seen_ms: int = 0
     connected: bool = False       # a Session stream is open on some controller
     token_id: str = ""
+    connected_by: str = ""        # which controller replica holds that stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,16 +238,21 @@ class Store(abc.ABC):
         hardware_class: str | None = None,
         profile: bytes | None = None,
         hostname: str | None = None,
+        owner: str = "",
     ) -> None:
-        """Record a session opening or closing; fields left as None are kept."""
+        """Record a session opening or closing; fields left as None are kept.
+
+        `owner` names the controller replica holding the stream: opening records it, and closing
+        changes nothing when another replica has taken the device over meanwhile."""
 
     @abc.abstractmethod
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         """Advance last_seen for many devices in one write (heartbeats are flushed in batches)."""
 
     @abc.abstractmethod
-    def reset_connections(self) -> int:
-        """Mark every device disconnected; a controller calls this on start. Returns the count."""
+    def reset_connections(self, owner: str = "") -> int:
+        """Mark disconnected the devices whose stream `owner` held (all, when owner is ""); a
+        controller calls this on start, so restarting one replica leaves the others' devices be."""
 
     # -- commands --------------------------------------------------------------------------
     @abc.abstractmethod

@@ -222,6 +222,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (rollout_id, device_id)
     );
     """,
+    """
+    ALTER TABLE devices ADD COLUMN connected_by TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -415,8 +418,11 @@ class PostgresStore(Store):
         hardware_class: str | None = None,
         profile: bytes | None = None,
         hostname: str | None = None,
+        owner: str = "",
     ) -> None:
         updates: dict[str, object] = {"connected": connected, "last_seen_ms": last_seen_ms}
+        if connected:
+            updates["connected_by"] = owner
         optional = {
             "agent_version": agent_version,
             "capability_version": capability_version,
@@ -425,11 +431,14 @@ class PostgresStore(Store):
             "hostname": hostname,
         }
         updates.update({k: v for k, v in optional.items() if v is not None})
-        query = sql.SQL("UPDATE devices SET {} WHERE device_id = %s").format(
-            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in updates)
+        # Closing must not undo a newer stream that another replica opened meanwhile.
+        guard = sql.SQL("") if connected else sql.SQL(" AND connected_by = %s")
+        query = sql.SQL("UPDATE devices SET {} WHERE device_id = %s{}").format(
+            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column)) for column in updates), guard
         )
+        args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._statement() as cur:
-            cur.execute(query, (*updates.values(), device_id))
+            cur.execute(query, args)
 
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         newest: dict[str, int] = {}
@@ -447,9 +456,12 @@ class PostgresStore(Store):
                 (ids, [newest[i] for i in ids]),
             )
 
-    def reset_connections(self) -> int:
+    def reset_connections(self, owner: str = "") -> int:
         with self._statement() as cur:
-            return cur.execute("UPDATE devices SET connected = FALSE WHERE connected").rowcount
+            return cur.execute(
+                "UPDATE devices SET connected = FALSE WHERE connected AND (connected_by = %s OR %s = '')",
+                (owner, owner),
+            ).rowcount
 
     # -- commands --------------------------------------------------------------------------
     def add_command(self, record: CommandRecord) -> None:

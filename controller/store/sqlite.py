@@ -200,6 +200,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (rollout_id, device_id)
     );
     """,
+    """
+    ALTER TABLE devices ADD COLUMN connected_by TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -344,8 +347,11 @@ class SQLiteStore(Store):
         hardware_class: str | None = None,
         profile: bytes | None = None,
         hostname: str | None = None,
+        owner: str = "",
     ) -> None:
         updates: dict[str, object] = {"connected": int(connected), "last_seen_ms": last_seen_ms}
+        if connected:
+            updates["connected_by"] = owner
         optional = {
             "agent_version": agent_version,
             "capability_version": capability_version,
@@ -355,10 +361,11 @@ class SQLiteStore(Store):
         }
         updates.update({k: v for k, v in optional.items() if v is not None})
         assignments = ", ".join(f"{column} = ?" for column in updates)
+        # Closing must not undo a newer stream that another replica opened meanwhile.
+        guard = "" if connected else " AND connected_by = ?"
+        args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._tx() as db:
-            db.execute(
-                f"UPDATE devices SET {assignments} WHERE device_id = ?", (*updates.values(), device_id)
-            )
+            db.execute(f"UPDATE devices SET {assignments} WHERE device_id = ?{guard}", args)
 
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         pairs = [(ms, device_id, ms) for device_id, ms in last_seen]
@@ -369,9 +376,11 @@ class SQLiteStore(Store):
                 "UPDATE devices SET last_seen_ms = ? WHERE device_id = ? AND last_seen_ms < ?", pairs
             )
 
-    def reset_connections(self) -> int:
+    def reset_connections(self, owner: str = "") -> int:
         with self._tx() as db:
-            return db.execute("UPDATE devices SET connected = 0 WHERE connected = 1").rowcount
+            return db.execute(
+                "UPDATE devices SET connected = 0 WHERE connected = 1 AND (connected_by = ? OR ? = '')", (owner, owner)
+            ).rowcount
 
     # -- commands --------------------------------------------------------------------------
     def add_command(self, record: CommandRecord) -> None:
@@ -639,6 +648,7 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         token_id=row["token_id"],
         model=row["model"],
         model_version=row["model_version"],
+        connected_by=row["connected_by"],
     )
 
 

@@ -195,6 +195,22 @@ class TestStoreContract:
         assert results.count(True) == 5 and len(store.list_devices()) == 5
         assert store.list_enrollment_tokens()[0].uses_left == 0
 
+    def test_each_replica_resets_and_closes_only_its_own_streams(self, store: Store) -> None:
+        store.create_enrollment_token(token(uses=3))
+        for name in ("dev-1", "dev-2", "dev-3"):
+            store.enroll_device("hash-tok-1", NOW, device(name))
+        store.update_device_session("dev-1", connected=True, last_seen_ms=NOW, owner="replica-a")
+        store.update_device_session("dev-2", connected=True, last_seen_ms=NOW, owner="replica-b")
+        store.update_device_session("dev-3", connected=True, last_seen_ms=NOW, owner="replica-a")
+        # dev-3 moved to replica-b; replica-a's late close of its old stream must not undo that.
+        store.update_device_session("dev-3", connected=True, last_seen_ms=NOW + 1, owner="replica-b")
+        store.update_device_session("dev-3", connected=False, last_seen_ms=NOW, owner="replica-a")
+        assert store.get_device("dev-3").connected_by == "replica-b"  # type: ignore[union-attr]
+        assert store.get_device("dev-3").connected  # type: ignore[union-attr]
+        assert store.reset_connections("replica-a") == 1  # replica-a restarts: only dev-1 was its
+        assert [d.connected for d in store.list_devices()] == [False, True, True]
+        assert store.reset_connections() == 2  # no owner: everything
+
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))
         store.enroll_device("hash-tok-1", NOW, device("dev-1"))
