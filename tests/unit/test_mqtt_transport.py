@@ -13,6 +13,8 @@ import pytest
 from edgefleet.agent.mqtt_link import parse_broker_url, split_topic, topic
 from edgefleet.controller.broker_auth import BrokerAuth, device_acl, hash_password, verify_password
 from edgefleet.controller.mqtt_bridge import MqttBridge, MqttConfigError, MqttOptions, broker_auth, public_url
+from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord
+from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
 
 
@@ -103,18 +105,19 @@ class FakePresence:
         return id(session) in self.current
 
 
-class FakeStore:
-    def get_device(self, device_id: str) -> Any:
-        if device_id != "dev-known":
-            return None
-        return type("R", (), {"hardware_class": "x", "profile": b"", "hostname": "h"})()
+def known_store(tmp_path: Path) -> SQLiteStore:
+    """A real store with one enrolled device, dev-known."""
+    store = SQLiteStore(tmp_path / "store.db")
+    store.create_enrollment_token(EnrollmentTokenRecord("tok", "hash", 1, 1, 0, 2**62, {}))
+    store.enroll_device("hash", 1, DeviceRecord("dev-known", "secret", {}, 0, hostname="h", hardware_class="x"))
+    return store
 
 
 def test_bridge_only_translates(tmp_path: Path) -> None:
     """Topic -> device id, payload -> handler; acks go back on that device's cmd topic."""
     ingest, presence = FakeIngest(), FakePresence()
     auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
-    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=FakeStore(), presence=presence,  # type: ignore[arg-type]
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=known_store(tmp_path), presence=presence,  # type: ignore[arg-type]
                         ingest=ingest, auth=auth)  # type: ignore[arg-type]
     published: list[tuple[str, fleet_pb2.ControllerMessage]] = []
     bridge.publish = lambda device_id, message, **_: published.append((device_id, message)) or True  # type: ignore[method-assign]
@@ -127,17 +130,20 @@ def test_bridge_only_translates(tmp_path: Path) -> None:
 
     online = mqtt_pb2.DeviceState(online=True, agent_version="1").SerializeToString()
     bridge._dispatch("edgefleet/v1/dev-known/state", online)
-    bridge._dispatch("edgefleet/v1/dev-known/state", online)  # a repeat changes nothing
+    again = mqtt_pb2.DeviceState(online=True, agent_version="1", model="det", model_version=2).SerializeToString()
+    bridge._dispatch("edgefleet/v1/dev-known/state", again)  # a repeat is no new session, but it updates the model
     bridge._dispatch("edgefleet/v1/dev-unknown/state", online)  # not enrolled: ignored
     bridge._dispatch("edgefleet/v1/dev-known/state", mqtt_pb2.DeviceState(online=False).SerializeToString())
     assert presence.events == [("online", "dev-known"), ("offline", "dev-known")]
+    device = bridge.store.get_device("dev-known")
+    assert device is not None and (device.model, device.model_version) == ("det", 2)
 
 
 def test_bridge_batches_hops_onto_the_loop(tmp_path: Path) -> None:
     """Many paho callbacks, one call_soon_threadsafe: the loop is woken once per burst."""
     ingest = FakeIngest()
     auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
-    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=FakeStore(), presence=FakePresence(),  # type: ignore[arg-type]
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=known_store(tmp_path), presence=FakePresence(),  # type: ignore[arg-type]
                         ingest=ingest, auth=auth)  # type: ignore[arg-type]
     bridge.publish = lambda *a, **k: True  # type: ignore[method-assign]
 
