@@ -8,6 +8,7 @@ which optional packages it needs, so the compiler can check a pass suits a targe
 
 from __future__ import annotations
 
+import abc
 import importlib
 import importlib.util
 import itertools
@@ -69,7 +70,7 @@ def param(default: Any, help: str) -> Any:
 ParamsT = TypeVar("ParamsT", bound="DataclassInstance")
 
 
-class Pass(Generic[ParamsT]):
+class Pass(Generic[ParamsT], abc.ABC):
     """Base of all passes: ``Params`` holds the typed, described parameters.
 
     A pass names its own ``Params`` as the type argument (``class Float16(Pass["Float16.Params"])``)
@@ -93,8 +94,9 @@ class Pass(Generic[ParamsT]):
             base = type(base)(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **overrides})
         self.params: ParamsT = base
 
+    @abc.abstractmethod
     def run(self, model: Path, ctx: PassContext) -> Path:
-        raise NotImplementedError
+        """Take a model file, return a new one (written under ctx.workdir)."""
 
     @classmethod
     def describe(cls) -> dict[str, dict[str, str]]:

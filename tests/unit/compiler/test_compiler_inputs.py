@@ -56,11 +56,6 @@ def test_tflite_without_quantizer_names_the_extra(tmp_path: Path, monkeypatch: p
 
 
 def test_target_local_profiles_and_measures_here(tmp_path: Path, mlp: dict[str, Path]) -> None:
-    pytest.importorskip("edgefleet.agent.profiler")
-    from edgefleet.agent import profiler
-
-    if not hasattr(profiler, "collect_profile"):
-        pytest.skip("agent profiler not written yet")
     result = CliRunner().invoke(
         compile_command,
         [
