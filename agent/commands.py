@@ -21,7 +21,7 @@ from edgefleet.agent.identity import Identity
 from edgefleet.firmware.durable_files import atomic_write_json, read_json
 from edgefleet.firmware.installer import Installer
 from edgefleet.firmware.replay import InstallCommand
-from edgefleet.firmware.sources import SourceInterrupted
+from edgefleet.firmware.sources import ControllerArtifact, SourceInterrupted
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger("edgefleet.agent.commands")
@@ -34,22 +34,13 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
               grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
-class GrpcArtifactSource:
+class GrpcArtifactSource(ControllerArtifact):
     """A bundle in the controller's artifact store, read with FetchArtifact from any offset."""
 
     def __init__(self, controller: str, identity: Identity, sha256: str, size: int) -> None:
+        super().__init__(sha256, size)
         self.controller = controller
         self.identity = identity
-        self.sha256 = sha256
-        self._size = size
-
-    @property
-    def ref(self) -> str:
-        return f"sha256:{self.sha256}"
-
-    @property
-    def total_size(self) -> int:
-        return self._size
 
     def read(self, offset: int) -> Iterator[bytes]:
         channel = grpc.insecure_channel(self.controller, options=[

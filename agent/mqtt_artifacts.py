@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
-from edgefleet.firmware.sources import SourceInterrupted
+from edgefleet.firmware.sources import ControllerArtifact, SourceInterrupted
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.agent.mqtt_artifacts")
@@ -59,26 +59,17 @@ class ChunkRouter:
             q.put((int(parts[2]), fleet_pb2.ArtifactChunk.FromString(payload)))
 
 
-class MqttArtifactSource:
+class MqttArtifactSource(ControllerArtifact):
     """An ArtifactSource (see firmware/sources.py) that fetches over the device's MQTT link."""
 
     def __init__(self, link: ChunkLink, router: ChunkRouter, sha256: str, size: int, *,
                  chunk_size: int = CHUNK_SIZE, window: int = WINDOW, silence_s: float = SILENCE_S) -> None:
+        super().__init__(sha256, size)
         self.link = link
         self.router = router
-        self.sha256 = sha256
-        self._size = size
         self.chunk_size = chunk_size
         self.window = window
         self.silence_s = silence_s
-
-    @property
-    def ref(self) -> str:
-        return f"sha256:{self.sha256}"
-
-    @property
-    def total_size(self) -> int:
-        return self._size
 
     def _ask(self, next_chunk: int) -> None:
         ack = fleet_pb2.ArtifactAck(sha256=self.sha256, next_chunk=next_chunk, window=self.window,
@@ -87,7 +78,7 @@ class MqttArtifactSource:
             raise SourceInterrupted("not connected to the broker")
 
     def read(self, offset: int) -> Iterator[bytes]:
-        chunks = -(-self._size // self.chunk_size)
+        chunks = -(-self.total_size // self.chunk_size)
         next_chunk, skip = divmod(offset, self.chunk_size)
         log.info("fetching artifact over mqtt", extra={"device": self.link.device_id, "sha256": self.sha256[:12],
                                                        "from_chunk": next_chunk, "chunks": chunks})

@@ -76,3 +76,20 @@ class FileSource:
             return None
         path = Path(ref[len("file:") :])
         return cls(path) if path.is_file() else None
+
+
+class ControllerArtifact:
+    """Base of the transports' sources for an artifact in the controller's content-addressed
+    store: the ref is its sha256 and the size comes with the command, before the first byte."""
+
+    def __init__(self, sha256: str, size: int) -> None:
+        self.sha256 = sha256
+        self._size = size
+
+    @property
+    def ref(self) -> str:
+        return f"sha256:{self.sha256}"
+
+    @property
+    def total_size(self) -> int:
+        return self._size
