@@ -107,6 +107,14 @@ def test_a_slower_model_trips_the_p95_gate_after_the_canary_and_rolls_back(
     assert [d.state for d in rollout(controller, rid).devices if d.wave == 1] == ["planned", "planned"]
     assert all(serving(a) == "1" for a in agents)
 
+    # The same breach with --auto-rollback off only pauses: the canary keeps the new model.
+    again = create(run_cli, "mlp:2", "--waves", "1,100%", "--soak", "3s", "--gate", "p95_ms<=1.5x",
+                   "--auto-rollback", "off")
+    info = wait_state(controller, again, ("completed", "paused", "failed"), 180)
+    assert info.state == "paused" and "gate breach" in info.reason and "rolling back" not in info.reason
+    canary = next(d for d in info.devices if d.wave == 0)
+    assert canary.state == "committed" and serving(by_id[canary.device_id]) == "2"
+
 
 def test_one_failed_install_of_three_pauses_with_the_reason(tmp_path, controller, start_agent, run_cli):
     agents = start_fleet(controller, start_agent, 3, {2: ["--model-disk-limit", "4096"]})
