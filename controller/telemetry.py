@@ -235,7 +235,7 @@ def compute_rollups(store: Store, limit: int = 500) -> int:
         if not dirty:
             return done
         rollups: list[Rollup] = []
-        for device_id, minute_ms in dirty:
+        for device_id, minute_ms, _ in dirty:
             points = store.telemetry_window(device_id, minute_ms, minute_ms + MINUTE_MS)
             rollups += build_rollups(device_id, minute_ms, points)
         store.write_rollups(rollups, dirty)

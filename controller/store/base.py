@@ -328,12 +328,14 @@ class Store(abc.ABC):
         """The newest point of every device that has any."""
 
     @abc.abstractmethod
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int]]:
-        """(device_id, minute_ms) pairs whose raw points changed since their rollup was written."""
+    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
+        """(device_id, minute_ms, marks) for minutes whose raw points changed since their rollup was
+        written; `marks` counts the changes, so a write can tell whether more arrived meanwhile."""
 
     @abc.abstractmethod
-    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int]]) -> None:
-        """Replace the rollups of the `done` minutes with `rollups`, and clear them from dirty."""
+    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int, int]]) -> None:
+        """Replace the rollups of the `done` minutes with `rollups`, and clear them from dirty unless
+        new points marked them again after `dirty_rollups` was read (then they stay dirty)."""
 
     @abc.abstractmethod
     def rollups(self, device_id: str, since_ms: int) -> list[Rollup]: ...

@@ -225,6 +225,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE devices ADD COLUMN connected_by TEXT NOT NULL DEFAULT '';
     """,
+    """
+    ALTER TABLE telemetry_dirty_minutes ADD COLUMN marks BIGINT NOT NULL DEFAULT 1;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -629,8 +632,9 @@ class PostgresStore(Store):
             minutes = sorted({(p.device_id, p.end_ms - p.end_ms % MINUTE_MS) for p in kept})
             if minutes:
                 cur.execute(
-                    "INSERT INTO telemetry_dirty_minutes SELECT * FROM unnest(%s::text[], %s::bigint[]) "
-                    "ON CONFLICT DO NOTHING",
+                    "INSERT INTO telemetry_dirty_minutes (device_id, minute_ms) "
+                    "SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+                    "ON CONFLICT (device_id, minute_ms) DO UPDATE SET marks = telemetry_dirty_minutes.marks + 1",
                     ([d for d, _ in minutes], [m for _, m in minutes]),
                 )
         return [(p.device_id, p.seq) in stored and candidates[(p.device_id, p.seq)] is p for p in points]
@@ -662,15 +666,16 @@ class PostgresStore(Store):
             ).fetchall() if rows else []
         return {p.device_id: p for p in _points(rows, models)}
 
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int]]:
+    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
         rows = self._all(
-            "SELECT device_id, minute_ms FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id LIMIT %s",
+            "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id "
+            "LIMIT %s",
             (limit,),
         )
-        return [(r["device_id"], r["minute_ms"]) for r in rows]
+        return [(r["device_id"], r["minute_ms"], r["marks"]) for r in rows]
 
-    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int]]) -> None:
-        done_columns = ([d for d, _ in done], [m for _, m in done])
+    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int, int]]) -> None:
+        done_columns = ([d for d, _, _ in done], [m for _, m, _ in done])
         with self._tx() as cur:
             cur.execute(
                 "DELETE FROM telemetry_rollups r USING unnest(%s::text[], %s::bigint[]) AS t(device_id, minute_ms) "
@@ -689,9 +694,9 @@ class PostgresStore(Store):
                 )
             cur.execute(
                 "DELETE FROM telemetry_dirty_minutes d "
-                "USING unnest(%s::text[], %s::bigint[]) AS t(device_id, minute_ms) "
-                "WHERE d.device_id = t.device_id AND d.minute_ms = t.minute_ms",
-                done_columns,
+                "USING unnest(%s::text[], %s::bigint[], %s::bigint[]) AS t(device_id, minute_ms, marks) "
+                "WHERE d.device_id = t.device_id AND d.minute_ms = t.minute_ms AND d.marks = t.marks",
+                (*done_columns, [k for _, _, k in done]),
             )
 
     def rollups(self, device_id: str, since_ms: int) -> list[Rollup]:

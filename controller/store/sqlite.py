@@ -203,6 +203,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE devices ADD COLUMN connected_by TEXT NOT NULL DEFAULT '';
     """,
+    """
+    ALTER TABLE telemetry_dirty_minutes ADD COLUMN marks INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -535,7 +538,8 @@ class SQLiteStore(Store):
                       m.max_ms, m.latency_hdr, m.energy_mj, m.energy_source, m.runtime) for m in p.models],
                 )
                 db.execute(
-                    "INSERT OR IGNORE INTO telemetry_dirty_minutes VALUES (?, ?)",
+                    "INSERT INTO telemetry_dirty_minutes (device_id, minute_ms, marks) VALUES (?, ?, 1) "
+                    "ON CONFLICT (device_id, minute_ms) DO UPDATE SET marks = marks + 1",
                     (p.device_id, p.end_ms - p.end_ms % MINUTE_MS),
                 )
                 stored.append(True)
@@ -568,17 +572,18 @@ class SQLiteStore(Store):
             ).fetchall()
         return {p.device_id: p for p in _points(rows, models)}
 
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int]]:
+    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT device_id, minute_ms FROM telemetry_dirty_minutes ORDER BY minute_ms LIMIT ?", (limit,)
+                "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id "
+                "LIMIT ?", (limit,)
             ).fetchall()
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
-    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int]]) -> None:
+    def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int, int]]) -> None:
         with self._tx() as db:
             db.executemany(
-                "DELETE FROM telemetry_rollups WHERE device_id = ? AND minute_ms = ?", done
+                "DELETE FROM telemetry_rollups WHERE device_id = ? AND minute_ms = ?", [(d, m) for d, m, _ in done]
             )
             db.executemany(
                 "INSERT INTO telemetry_rollups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -586,7 +591,7 @@ class SQLiteStore(Store):
                   r.p95_ms, r.p99_ms, r.max_ms, r.watts_avg, r.energy_mj_avg) for r in rollups],
             )
             db.executemany(
-                "DELETE FROM telemetry_dirty_minutes WHERE device_id = ? AND minute_ms = ?", done
+                "DELETE FROM telemetry_dirty_minutes WHERE device_id = ? AND minute_ms = ? AND marks = ?", done
             )
 
     def rollups(self, device_id: str, since_ms: int) -> list[Rollup]:

@@ -419,9 +419,13 @@ class TestStoreContract:
 
     def test_rollups_follow_dirty_minutes(self, store: Store) -> None:
         minute = NOW - NOW % MINUTE
+
+        def dirty() -> list[tuple[str, int]]:
+            return sorted((d, m) for d, m, _ in store.dirty_rollups())
+
         store.ingest_telemetry([point(1, end_ms=minute + 5), point(2, end_ms=minute + 59_999),
                                 point(3, end_ms=minute + MINUTE), point(1, device_id="dev-2", end_ms=minute + 1)])
-        assert sorted(store.dirty_rollups()) == [("dev-1", minute), ("dev-1", minute + MINUTE), ("dev-2", minute)]
+        assert dirty() == [("dev-1", minute), ("dev-1", minute + MINUTE), ("dev-2", minute)]
         assert len(store.dirty_rollups(limit=2)) == 2
         old = Rollup("dev-1", "det", "3", minute, 1, 0, b"old", 1, 1, 1, 1, 1, 1)
         store.write_rollups([old], [])
@@ -430,15 +434,25 @@ class TestStoreContract:
             Rollup("dev-1", "", "", minute, 0, 0, b"", 0, 0, 0, 0, 7, 0),  # ints in float fields, as callers pass
             Rollup("dev-1", "cls", "1", minute + MINUTE, 10, 0, b"h", 0.5, 0.75, 1.0, 1.25, 7.0, 0.0),
         ]
-        store.write_rollups(fresh, [("dev-1", minute), ("dev-1", minute + MINUTE)])
-        assert store.dirty_rollups() == [("dev-2", minute)]
+        store.write_rollups(fresh, [t for t in store.dirty_rollups() if t[0] == "dev-1"])
+        assert dirty() == [("dev-2", minute)]
         assert store.rollups("dev-1", minute) == [fresh[1], fresh[0], fresh[2]]  # by minute, then model
         assert store.rollups("dev-1", minute + 1) == [fresh[2]]
         assert store.rollups("dev-2", 0) == []
         store.ingest_telemetry([point(2, end_ms=minute + 10)])  # a duplicate does not dirty its minute again
-        assert store.dirty_rollups() == [("dev-2", minute)]
+        assert dirty() == [("dev-2", minute)]
         store.ingest_telemetry([point(4, end_ms=minute + 10)])
-        assert sorted(store.dirty_rollups()) == [("dev-1", minute), ("dev-2", minute)]
+        assert dirty() == [("dev-1", minute), ("dev-2", minute)]
+
+    def test_a_point_landing_while_a_rollup_is_built_keeps_its_minute_dirty(self, store: Store) -> None:
+        minute = NOW - NOW % MINUTE
+        store.ingest_telemetry([point(1, end_ms=minute + 5)])
+        seen = store.dirty_rollups()  # a rollup worker reads the dirty minute ...
+        store.ingest_telemetry([point(2, end_ms=minute + 6)])  # ... a late point lands in it meanwhile ...
+        store.write_rollups([Rollup("dev-1", "", "", minute, 0, 0, b"", 0, 0, 0, 0, 1, 0)], seen)
+        assert [(d, m) for d, m, _ in store.dirty_rollups()] == [("dev-1", minute)]  # ... so it is built again
+        store.write_rollups([], store.dirty_rollups())
+        assert store.dirty_rollups() == []
 
     def test_prune_drops_old_data_and_keeps_pruned_seqs_out(self, store: Store) -> None:
         minute = NOW - NOW % MINUTE
