@@ -189,6 +189,18 @@ class RolloutDeviceRecord:
     rollback_command_id: str = ""
 
 
+def session_columns(
+    connected: bool, last_seen_ms: int, owner: str, **optional: object
+) -> dict[str, object]:
+    """The device columns a session change writes: every backend's update_device_session uses it.
+    Opening a stream records its replica; fields given as None keep their stored value."""
+    columns: dict[str, object] = {"connected": connected, "last_seen_ms": last_seen_ms}
+    if connected:
+        columns["connected_by"] = owner
+    columns.update({k: v for k, v in optional.items() if v is not None})
+    return columns
+
+
 class Store(abc.ABC):
     """Durable controller state. Implementations must be safe to call from several threads."""
 

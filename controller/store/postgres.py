@@ -42,6 +42,7 @@ from edgefleet.controller.store.base import (
     Store,
     StoreError,
     TelemetryPoint,
+    session_columns,
 )
 
 # Schema changes are appended here, never edited: index + 1 is the schema version. The steps
@@ -423,17 +424,9 @@ class PostgresStore(Store):
         hostname: str | None = None,
         owner: str = "",
     ) -> None:
-        updates: dict[str, object] = {"connected": connected, "last_seen_ms": last_seen_ms}
-        if connected:
-            updates["connected_by"] = owner
-        optional = {
-            "agent_version": agent_version,
-            "capability_version": capability_version,
-            "hardware_class": hardware_class,
-            "profile": profile,
-            "hostname": hostname,
-        }
-        updates.update({k: v for k, v in optional.items() if v is not None})
+        updates = session_columns(connected, last_seen_ms, owner, agent_version=agent_version,
+                                  capability_version=capability_version, hardware_class=hardware_class,
+                                  profile=profile, hostname=hostname)
         # Closing must not undo a newer stream that another replica opened meanwhile.
         guard = sql.SQL("") if connected else sql.SQL(" AND connected_by = %s")
         query = sql.SQL("UPDATE devices SET {} WHERE device_id = %s{}").format(

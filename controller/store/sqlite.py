@@ -25,6 +25,7 @@ from edgefleet.controller.store.base import (
     Store,
     StoreError,
     TelemetryPoint,
+    session_columns,
 )
 
 # Schema changes are appended here, never edited: index + 1 is the schema version.
@@ -352,17 +353,9 @@ class SQLiteStore(Store):
         hostname: str | None = None,
         owner: str = "",
     ) -> None:
-        updates: dict[str, object] = {"connected": int(connected), "last_seen_ms": last_seen_ms}
-        if connected:
-            updates["connected_by"] = owner
-        optional = {
-            "agent_version": agent_version,
-            "capability_version": capability_version,
-            "hardware_class": hardware_class,
-            "profile": profile,
-            "hostname": hostname,
-        }
-        updates.update({k: v for k, v in optional.items() if v is not None})
+        updates = session_columns(connected, last_seen_ms, owner, agent_version=agent_version,
+                                  capability_version=capability_version, hardware_class=hardware_class,
+                                  profile=profile, hostname=hostname)
         assignments = ", ".join(f"{column} = ?" for column in updates)
         # Closing must not undo a newer stream that another replica opened meanwhile.
         guard = "" if connected else " AND connected_by = ?"
