@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from cachetools import LRUCache
+
 from edgefleet.controller.errors import InvalidArgument, NotFound
+from edgefleet.protos.v1 import fleet_pb2
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_CHUNK = 256 * 1024
 MAX_CHUNK = 2 * 1024 * 1024
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class ArtifactStore:
@@ -99,17 +103,50 @@ class ArtifactStore:
             raise NotFound(f"no artifact {sha256}")
         return path.stat().st_size
 
-    def read_chunks(self, sha256: str, offset: int, chunk_size: int) -> Iterator[tuple[int, bytes, int]]:
-        """Yield (offset, data, total_size) from `offset` to the end."""
-        path = self.path(sha256)
-        if not path.exists():
-            raise NotFound(f"no artifact {sha256}")
+
+class ChunkCache:
+    """FetchArtifact replies, serialized once and shared by every device that fetches the same chunk.
+
+    In a rollout hundreds of devices fetch the same bundle with the same chunk size. Keeping each
+    chunk's wire encoding (an LRU bounded in bytes) makes a chunk cost one read and one protobuf
+    serialization for the whole wave instead of one per device; a resumed fetch starting at an
+    odd offset simply misses. Artifacts are content-addressed and never rewritten, so an entry
+    can never go stale. Used from the event loop only.
+    """
+
+    def __init__(self, store: ArtifactStore, max_bytes: int = CHUNK_CACHE_BYTES) -> None:
+        self.store = store
+        self._cache: LRUCache[tuple[str, int, int], bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
+        self.hits = 0
+        self.misses = 0
+
+    def messages(self, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+        """Serialized ArtifactChunk messages from `offset` to the end of the artifact."""
+        path = self.store.path(sha256)
+        total = self.store.size(sha256)
         chunk_size = min(chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
-        total = path.stat().st_size
         if offset > total:
             raise InvalidArgument(f"field 'offset' is {offset}, past the artifact's end ({total} bytes)")
-        with open(path, "rb") as f:
-            f.seek(offset)
-            while block := f.read(chunk_size):
-                yield offset, block, total
-                offset += len(block)
+        source = None
+        try:
+            while offset < total:
+                key = (sha256, offset, chunk_size)
+                message = self._cache.get(key)
+                if message is None:
+                    self.misses += 1
+                    if source is None:
+                        source = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
+                    source.seek(offset)
+                    data = source.read(chunk_size)
+                    if not data:
+                        raise NotFound(f"artifact {sha256} is shorter than its {total} bytes")
+                    message = fleet_pb2.ArtifactChunk(offset=offset, data=data, total_size=total).SerializeToString()
+                    if len(message) <= self._cache.maxsize:
+                        self._cache[key] = message
+                else:
+                    self.hits += 1
+                yield message
+                offset += min(chunk_size, total - offset)
+        finally:
+            if source is not None:
+                source.close()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edgefleet.controller import auth, telemetry, validation
-from edgefleet.controller.artifacts import ArtifactStore
+from edgefleet.controller.artifacts import ArtifactStore, ChunkCache
 from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.device_measure import DeviceMeasure, DeviceMeasurementFailed
 from edgefleet.controller.enrollment import Enrollment
@@ -89,6 +89,46 @@ def device_credentials(context: grpc.aio.ServicerContext) -> tuple[str, str]:
     return md.get(DEVICE_ID_HEADER, ""), md.get(DEVICE_SECRET_HEADER, "")
 
 
+def _chunk_or_message(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+class _PreSerializedReplies:
+    """A server seen through `add_FleetServicer_to_server`: FetchArtifact's handler gets a response
+    serializer that passes already-serialized bytes through, so the ChunkCache's encodings go to
+    the wire as they are. Every other method keeps protoc's generated handler untouched."""
+
+    def __init__(self, server: grpc.aio.Server, methods: set[str]) -> None:
+        self._server = server
+        self._methods = methods
+
+    def _patch(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.rsplit("/", 1)[-1] in self._methods and handler is not None:
+            return handler._replace(response_serializer=_chunk_or_message)  # type: ignore[attr-defined, no-any-return]
+        return handler
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: self._patch(name, handler) for name, handler in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        patch = self._patch
+
+        class Patched(grpc.GenericRpcHandler):
+            def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+                self.inner = inner
+
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                handler = self.inner.service(details)
+                return patch(details.method, handler) if handler is not None else None  # type: ignore[attr-defined]
+
+        self._server.add_generic_rpc_handlers(tuple(Patched(h) for h in handlers))
+
+
+def add_fleet_servicer(servicer: FleetServicer, server: grpc.aio.Server) -> None:
+    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, _PreSerializedReplies(server, {"FetchArtifact"}))
+
+
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def __init__(
         self,
@@ -103,6 +143,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self.enrollment = enrollment
         self.presence = presence
         self.artifacts = artifacts
+        self.chunks = ChunkCache(artifacts)
         self.ingest = ingest
         self.commands = commands
         self.trusted_public_keys_pem = trusted_public_keys_pem
@@ -230,12 +271,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     async def FetchArtifact(
         self, request: fleet_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
+    ) -> AsyncIterator[bytes]:
+        """ArtifactChunk messages, already serialized by the ChunkCache (see `add_fleet_servicer`)."""
         try:
             self.enrollment.authenticate_device(*device_credentials(context))
-            chunks = self.artifacts.read_chunks(request.sha256, request.offset, request.chunk_size)
-            for offset, data, total in chunks:
-                yield fleet_pb2.ArtifactChunk(offset=offset, data=data, total_size=total)
+            for message in self.chunks.messages(request.sha256, request.offset, request.chunk_size):
+                yield message
         except FleetError as exc:
             await context.abort(status_for(exc), str(exc))
 

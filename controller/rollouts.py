@@ -275,18 +275,23 @@ class RolloutEngine:
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
         while True:
+            advanced = False
             for rollout in self.store.list_rollouts():
                 try:
                     if rollout.state in ACTIVE:
-                        await self.step(rollout)
+                        advanced = await self.step(rollout) or advanced
                     self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
+            if advanced:  # a rollout started running or moved to its next wave: dispatch that now
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
             self._wake.clear()
 
-    async def step(self, rollout: RolloutRecord) -> None:
+    async def step(self, rollout: RolloutRecord) -> bool:
+        """One pass over a rollout; True when it started running or moved on to its next wave."""
         rows = self.store.rollout_devices(rollout.rollout_id)
         classes = sorted({r.hardware_class for r in rows if r.state != "superseded"})
         builds = {c: self._build(rollout.model, rollout.version, c) for c in classes}
@@ -295,10 +300,11 @@ class RolloutEngine:
             if broken:
                 detail = "; ".join(f"{c}: {b.error}" for c, b in broken.items())
                 self._update(rollout, state="failed", reason=f"no build: {detail}")
-                return
+                return False
             if all(b and b.state == "ready" for b in builds.values()):
                 self._update(rollout, state="running", wave=0)
-            return
+                return True
+            return False
         self._join_late_devices(rollout, rows)
         rows = self.store.rollout_devices(rollout.rollout_id)
         wave_rows = [r for r in rows if r.wave == rollout.wave and r.state != "superseded"]
@@ -312,28 +318,29 @@ class RolloutEngine:
         wave_rows = [r for r in self.store.rollout_devices(rollout.rollout_id)
                      if r.wave == rollout.wave and r.state != "superseded"]
         if any(r.state not in FINAL_DEVICE_STATES for r in wave_rows):
-            return
+            return False
         failed = [r for r in wave_rows if r.state == "failed"]
         if wave_rows and len(failed) / len(wave_rows) > rollout.max_failures:
             reasons = ", ".join(f"{r.device_id}: {r.reason}" for r in failed)
             self._breach(rollout, wave_rows, f"wave {rollout.wave + 1}: {len(failed)} of {len(wave_rows)} "
                          f"installs failed (max {rollout.max_failures:.0%}): {reasons}")
-            return
+            return False
         committed = [r for r in wave_rows if r.state == "committed"]
         if rollout.soak_until_ms == 0:
             last = max((r.finished_at_ms for r in committed), default=now)
             rollout = self._update(rollout, soak_until_ms=max(last + int(rollout.soak_s * 1000), now))
         if now < rollout.soak_until_ms:
-            return
+            return False
         breaches = self._check_gates(rollout, committed)
         if breaches:
             self._breach(rollout, wave_rows, f"wave {rollout.wave + 1} gate breach: " + "; ".join(breaches))
-            return
+            return False
         later = sorted({r.wave for r in rows if r.wave > rollout.wave})
         if later:
             self._update(rollout, wave=later[0], soak_until_ms=0)
-        else:
-            self._update(rollout, state="completed", soak_until_ms=0)
+            return True
+        self._update(rollout, state="completed", soak_until_ms=0)
+        return False
 
     def _join_late_devices(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> None:
         known = {r.device_id for r in rows}

@@ -21,7 +21,7 @@ from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.device_measure import DeviceMeasure
 from edgefleet.controller.enrollment import Enrollment
-from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, OperatorAuthInterceptor
+from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, OperatorAuthInterceptor, add_fleet_servicer
 from edgefleet.controller.http_api import HttpApi
 from edgefleet.controller.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
 from edgefleet.controller.presence import PresenceTracker
@@ -31,7 +31,7 @@ from edgefleet.controller.store import open_store
 from edgefleet.controller.telemetry import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
 from edgefleet.firmware.durable_files import atomic_write_json
 from edgefleet.protos.capability import CAPABILITY_VERSION
-from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2_grpc
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger("edgefleet.controller")
 
@@ -121,7 +121,7 @@ class Controller:
             heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
             started_at_unix_ms=self.started_at_ms,
         )
-        fleet_pb2_grpc.add_FleetServicer_to_server(
+        add_fleet_servicer(
             FleetServicer(
                 self.enrollment, self.presence, self.artifacts, self.ingest, self.commands,
                 self.config.heartbeat_interval_s, trusted_public_pems(self.config.state_dir, self.signing_key),
