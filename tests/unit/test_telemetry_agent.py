@@ -36,6 +36,27 @@ def test_histograms_merge_exactly_and_percentiles_hold() -> None:
     assert cumulative == sorted(cumulative) and cumulative[-1] == 8000
 
 
+def test_percentiles_match_the_library_scan() -> None:
+    """latency.percentile_values (numpy) gives exactly what hdrh's own Python scan gives."""
+    rng = np.random.default_rng(7)
+    percentiles = (0, 1, 50, 95, 99, 99.9, 100)
+    for _ in range(60):
+        histogram = latency.new_histogram()
+        spread = float(rng.uniform(0.05, 2.0))
+        for value in rng.lognormal(np.log(10 ** rng.uniform(-5, 2)), spread, int(rng.integers(1, 1500))):
+            latency.record_seconds(histogram, float(value))
+        for h in (histogram, latency.decode(latency.to_proto(histogram))):  # live and as decoded from the wire
+            assert latency.percentile_values(h, percentiles) == h.get_percentile_to_value_dict(list(percentiles))
+
+
+def test_histogram_whose_counts_do_not_add_up_is_refused() -> None:
+    histogram = latency.new_histogram()
+    latency.record_seconds(histogram, 0.002)
+    histogram.total_count = 5  # what a forged header would claim
+    with pytest.raises(ValueError, match="do not add up"):
+        latency.percentile_values(histogram, (99,))
+
+
 def test_outbox_assigns_persistent_seqs_caps_and_reports_drops(tmp_path: Path) -> None:
     box = TelemetryOutbox(tmp_path / "q.db", cap=3)
     appended = [box.append(fleet_pb2.TelemetryBatch()) for _ in range(5)]
