@@ -104,11 +104,11 @@ class _PreSerializedReplies:
 
     def _patch(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method.rsplit("/", 1)[-1] in self._methods and handler is not None:
-            return handler._replace(response_serializer=_chunk_or_message)  # type: ignore[attr-defined, no-any-return]
+            return handler._replace(response_serializer=_chunk_or_message)
         return handler
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+        self._server.add_registered_method_handlers(
             service, {name: self._patch(name, handler) for name, handler in handlers.items()})
 
     def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
@@ -120,7 +120,7 @@ class _PreSerializedReplies:
 
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
                 handler = self.inner.service(details)
-                return patch(details.method, handler) if handler is not None else None  # type: ignore[attr-defined]
+                return patch(details.method, handler) if handler is not None else None
 
         self._server.add_generic_rpc_handlers(tuple(Patched(h) for h in handlers))
 
