@@ -219,7 +219,7 @@ class Agent:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         try:
-            local_api = await start_local_api(self.service, self.status, address)
+            local_api = start_local_api(self.service, self.status, address)
         except (OSError, RuntimeError) as exc:
             raise ConfigError(
                 f"cannot serve the local API on {address}: {exc}; choose another with --local-api"
@@ -255,7 +255,6 @@ class Agent:
         tasks = [
             asyncio.create_task(self.session.run()),
             asyncio.create_task(runner.run()),
-            asyncio.create_task(self.service.run()),
             asyncio.create_task(self._telemetry_loop()),
         ]
         if self.config.workload_rate:
@@ -270,7 +269,8 @@ class Agent:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await task
-            await local_api.stop(0.5)
+            await asyncio.to_thread(local_api.stop(0.5).wait)
+            self.service.close()
             # The interval in progress is cut and kept, so a restart does not lose it.
             with contextlib.suppress(Exception):
                 self.collector.cut()

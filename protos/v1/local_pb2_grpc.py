@@ -40,6 +40,11 @@ class LocalInferenceStub:
                 request_serializer=edgefleet_dot_v1_dot_local__pb2.InferRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_local__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/edgefleet.v1.LocalInference/InferStream',
+                request_serializer=edgefleet_dot_v1_dot_local__pb2.InferRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_local__pb2.InferResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/edgefleet.v1.LocalInference/Status',
                 request_serializer=edgefleet_dot_v1_dot_local__pb2.StatusRequest.SerializeToString,
@@ -56,6 +61,15 @@ class LocalInferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """The same exchange as Infer, any number of times on one stream: one response per request, in
+        order. It saves a call setup per inference; a rejected request ends the stream with the
+        status Infer would have returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -67,6 +81,11 @@ def add_LocalInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
+                    request_deserializer=edgefleet_dot_v1_dot_local__pb2.InferRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_local__pb2.InferResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
                     request_deserializer=edgefleet_dot_v1_dot_local__pb2.InferRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_local__pb2.InferResponse.SerializeToString,
             ),
@@ -101,6 +120,33 @@ class LocalInference:
             request,
             target,
             '/edgefleet.v1.LocalInference/Infer',
+            edgefleet_dot_v1_dot_local__pb2.InferRequest.SerializeToString,
+            edgefleet_dot_v1_dot_local__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgefleet.v1.LocalInference/InferStream',
             edgefleet_dot_v1_dot_local__pb2.InferRequest.SerializeToString,
             edgefleet_dot_v1_dot_local__pb2.InferResponse.FromString,
             options,

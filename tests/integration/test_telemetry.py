@@ -62,6 +62,43 @@ def test_local_api_serves_and_rejects_bad_inputs_without_crashing(served_agent):
     assert served_agent.running
 
 
+def test_inference_streams_are_renewed_and_capped(served_agent):
+    """LocalClient keeps one InferStream per client; a stream is used for the first half of its
+    deadline only (then renewed), and when the agent's streams are all taken the client goes on
+    with unary Infer calls instead of failing."""
+    from edgefleet.agent.local_api import MAX_STREAMS
+
+    address = f"unix://{served_agent.state_dir / 'agent.sock'}"
+    wait_until(lambda: (served_agent.state_dir / "agent.sock").exists(), 30, "local API socket")
+    x = np.ones((1, 64), np.float32)
+    with LocalClient(address, timeout_s=0.5) as client:
+        assert client.infer({"x": x})["logits"].shape == (1, 10)
+        first = client._stream
+        assert first is not None
+        time.sleep(0.6)  # past the fresh half: the next call opens another stream
+        assert client.infer({"x": x})["logits"].shape == (1, 10)
+        assert client._stream is not None and client._stream is not first
+        time.sleep(1.2)  # past the whole deadline: the agent has ended that stream
+        assert client.infer({"x": x})["logits"].shape == (1, 10)
+    holders = [LocalClient(address) for _ in range(MAX_STREAMS)]
+    try:
+        for holder in holders:
+            holder.infer({"x": x})  # each holds one stream open
+        with LocalClient(address) as late:
+            assert late.infer({"x": x})["logits"].shape == (1, 10)
+            assert not late.use_stream  # refused a stream, served by unary calls
+    finally:
+        for holder in holders:
+            holder.close()
+
+    def stream_granted() -> bool:  # closed streams are given back
+        with LocalClient(address) as again:
+            again.infer({"x": x})
+            return again.use_stream and again._stream is not None
+
+    wait_until(stream_granted, 10, "a stream granted once the others closed")
+
+
 def test_agent_infer_command(served_agent, tmp_path):
     wait_until(lambda: (served_agent.state_dir / "agent.sock").exists(), 30, "local API socket")
     np.save(tmp_path / "x.npy", np.ones((1, 64), np.float32))
