@@ -3,13 +3,17 @@
 Run: ``.venv/bin/pytest -s tests/bench/bench_agent.py``.
 
 1. Overhead over the Unix socket: a real agent process serving an installed model, called through
-   ``LocalClient``, against a bare onnxruntime ``session.run`` of the same model file with the
-   agent's thread count (the profile's physical cores), in this process. Blocks of requests
-   alternate between the two, so both see the same machine load. Target: +0.3 ms at p50.
-   The model is a small MLP (tens of microseconds of compute), so the difference is the overhead.
-2. Overhead in process: ``InferenceService.infer`` on an asyncio loop (queue, batching check,
-   worker thread hop, telemetry recording) against bare ``session.run``, interleaved the same way,
-   on a model whose compute is a few ms so that a 5% target means something. Target: < 5% at p50.
+   ``LocalClient`` (its InferStream, and plain unary Infer calls), against a bare onnxruntime
+   ``session.run`` of the same model file with the agent's thread count (the profile's physical
+   cores), in this process. Beside them, an echo stream to a do-nothing gRPC server in another
+   process (tests/bench/grpc_echo.py): the transport's own floor on this machine. Blocks of
+   requests alternate between the arms, so all see the same machine load. Target: +0.3 ms at
+   p50. The model is a small MLP (microseconds of compute), so the difference is the overhead.
+2. Overhead in process: ``InferenceService.infer_blocking`` (the model runs on the caller's
+   thread, batching check and telemetry recording included) against bare ``session.run``,
+   interleaved call by call, on a model whose compute is a few ms so that a 5% target means
+   something; ``await InferenceService.infer`` (asyncio callers: a hop to an inference thread
+   and back) is reported beside it. Target: < 5% at p50.
 3. Footprint: idle CPU of the agent process (telemetry every 5 s, controller heartbeat 1 s) over
    ~20 s of psutil ``cpu_times``, target < 1% of a core; RSS with the model loaded.
 """
