@@ -144,7 +144,9 @@ class AgentSession:
         self.connected = False
         self.sessions_opened = 0
         self.last_rtt_ms: float | None = None
+        self.heartbeats_sent = 0
         self._started = time.monotonic()
+        self._last_write = self._started
 
     async def run(self) -> None:
         """Stay connected until cancelled; raises Refused when the controller rejects this identity."""
@@ -209,15 +211,26 @@ class AgentSession:
     async def _send(self, call: Any, message: fleet_pb2.AgentMessage) -> None:
         async with self._write_lock:  # one write at a time on a stream
             await call.write(message)
+            self._last_write = time.monotonic()
 
     async def _heartbeat_loop(self, call: Any, interval_s: float) -> None:
+        """A heartbeat goes out only after a whole interval in which nothing else did.
+
+        The controller counts any message as a sign of life, so a device whose telemetry already
+        goes out every interval sends no heartbeats at all: half the messages a large fleet
+        sends at the default settings (telemetry and heartbeat both every 5 s).
+        """
+        self._last_write = time.monotonic()
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(max(0.0, self._last_write + interval_s - time.monotonic()))
+            if time.monotonic() - self._last_write < interval_s:
+                continue  # something else went out meanwhile
             await self._send(call, fleet_pb2.AgentMessage(
                 heartbeat=fleet_pb2.Heartbeat(
                     sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
                 )
             ))
+            self.heartbeats_sent += 1
 
     def send_ack(self, ack: fleet_pb2.CommandAck) -> None:
         """Queue a command ack; it goes out on this session or the next one."""
