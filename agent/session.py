@@ -214,23 +214,30 @@ class AgentSession:
             self._last_write = time.monotonic()
 
     async def _heartbeat_loop(self, call: Any, interval_s: float) -> None:
-        """A heartbeat goes out only after a whole interval in which nothing else did.
+        """Heartbeat ticks every interval; a tick sends one only if nothing else went out since the last.
 
         The controller counts any message as a sign of life, so a device whose telemetry already
-        goes out every interval sends no heartbeats at all: half the messages a large fleet
-        sends at the default settings (telemetry and heartbeat both every 5 s).
+        goes out every interval sends no heartbeats at all: half the messages a large fleet sends
+        at the default settings (telemetry and heartbeat both every 5 s). The ticks keep a fixed
+        grid rather than following the last write, so two equal periods cannot race each other
+        into a heartbeat just before every batch. The longest silence is two intervals; the
+        controller waits three.
         """
-        self._last_write = time.monotonic()
+        next_tick = time.monotonic() + interval_s
+        quiet_since = next_tick - interval_s
         while True:
-            await asyncio.sleep(max(0.0, self._last_write + interval_s - time.monotonic()))
-            if time.monotonic() - self._last_write < interval_s:
-                continue  # something else went out meanwhile
-            await self._send(call, fleet_pb2.AgentMessage(
-                heartbeat=fleet_pb2.Heartbeat(
-                    sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
-                )
-            ))
-            self.heartbeats_sent += 1
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            if self._last_write <= quiet_since:
+                await self._send(call, fleet_pb2.AgentMessage(
+                    heartbeat=fleet_pb2.Heartbeat(
+                        sent_at_unix_ms=int(time.time() * 1000), uptime_s=time.monotonic() - self._started
+                    )
+                ))
+                self.heartbeats_sent += 1
+            quiet_since = next_tick
+            next_tick += interval_s
+            if next_tick < time.monotonic():  # the loop was held up: skip the ticks missed
+                next_tick = time.monotonic() + interval_s
 
     def send_ack(self, ack: fleet_pb2.CommandAck) -> None:
         """Queue a command ack; it goes out on this session or the next one."""

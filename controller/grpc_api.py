@@ -203,11 +203,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 )
             )
             self.commands.deliver_open(device.device_id)
-            limit = self.presence.silence_limit_s
+            handler = asyncio.current_task()
+            assert handler is not None
+            session.end_silent = handler.cancel  # called by PresenceTracker.expire_silent
             while True:
                 try:
-                    message = await asyncio.wait_for(context.read(), timeout=limit)
-                except asyncio.TimeoutError:
+                    message = await context.read()
+                except asyncio.CancelledError:
+                    if not session.silent:
+                        raise  # the server is stopping
+                    limit = self.presence.silence_limit_s
                     reason = f"silent for {limit:g}s"
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED, f"no message for {limit:g}s; reconnect"
@@ -219,7 +224,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                     await context.abort(grpc.StatusCode.ABORTED, "a newer session for this device replaced this one")
                 self.presence.seen(session)
                 kind = message.WhichOneof("body")
-                if kind == "heartbeat":
+                if kind == "telemetry":
+                    self.ingest.submit(
+                        device.device_id,
+                        message.telemetry,
+                        lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
+                    )
+                elif kind == "heartbeat":
                     outbox.put_nowait(
                         fleet_pb2.ControllerMessage(
                             heartbeat_ack=fleet_pb2.HeartbeatAck(
@@ -227,12 +238,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                                 controller_time_unix_ms=int(time.time() * 1000),
                             )
                         )
-                    )
-                elif kind == "telemetry":
-                    self.ingest.submit(
-                        device.device_id,
-                        message.telemetry,
-                        lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
                     )
                 elif kind == "command_ack":
                     self.commands.on_ack(device.device_id, message.command_ack)

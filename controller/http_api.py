@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from edgefleet.agent import latency
+from edgefleet.controller import histograms
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry import LATENCY_BUCKETS_S, LiveTelemetry
@@ -45,28 +45,26 @@ class TelemetryCollector(Collector):
         self.live = live
 
     def collect(self) -> Iterator[Any]:
-        with self.live.lock:  # a consistent snapshot; the ingest adds to these on another thread
-            families = list(self._families())
-        yield from families
-
-    def _families(self) -> Iterator[Any]:
+        # A consistent snapshot, copied under the lock and formatted outside it: with thousands
+        # of devices the formatting takes long enough to stall the ingest that adds to these.
+        latest, fleet_counts, totals = self.live.snapshot()
         limits_us = [round(b * 1e6) for b in LATENCY_BUCKETS_S]
         fleet = HistogramMetricFamily(
             "edgefleet_inference_latency_seconds", "Inference latency across the fleet (request to answer)",
             labels=["model", "version"],
         )
-        for (model, version), histogram in sorted(self.live.fleet.items()):
-            counts = latency.count_at_or_below(histogram, limits_us)
-            total = histogram.get_total_count()
-            buckets = [(repr(b), c) for b, c in zip(LATENCY_BUCKETS_S, counts, strict=True)] + [("+Inf", total)]
-            fleet.add_metric([model, version], buckets, sum_value=histogram.get_mean_value() * total / 1e6)
+        for (model, version), counts in sorted(fleet_counts.items()):
+            below = histograms.at_or_below(counts, limits_us)
+            total = int(counts.sum())
+            buckets = [(repr(b), c) for b, c in zip(LATENCY_BUCKETS_S, below, strict=True)] + [("+Inf", total)]
+            fleet.add_metric([model, version], buckets, sum_value=histograms.mean_us(counts) * total / 1e6)
         yield fleet
 
         inferences = CounterMetricFamily("edgefleet_device_inferences", "Inferences served",
                                          labels=["device", "model", "version"])
         errors = CounterMetricFamily("edgefleet_device_inference_errors", "Failed inferences",
                                      labels=["device", "model", "version"])
-        for (device, model, version), (count, failed) in sorted(self.live.totals.items()):
+        for (device, model, version), (count, failed) in sorted(totals.items()):
             inferences.add_metric([device, model, version], count)
             errors.add_metric([device, model, version], failed)
         yield inferences
@@ -83,7 +81,7 @@ class TelemetryCollector(Collector):
         cpu = GaugeMetricFamily("edgefleet_device_cpu_percent", "System CPU utilisation", labels=["device"])
         rss = GaugeMetricFamily("edgefleet_device_agent_rss_bytes", "Agent resident memory", labels=["device"])
         temperature = GaugeMetricFamily("edgefleet_device_temperature_celsius", "SoC temperature", labels=["device"])
-        for device, point in sorted(self.live.latest.items()):
+        for device, point in sorted(latest.items()):
             for m in point.models:
                 for q, value in (("0.5", m.p50_ms), ("0.95", m.p95_ms), ("0.99", m.p99_ms)):
                     quantiles.add_metric([device, m.model, m.version, q], value / 1000)

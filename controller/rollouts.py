@@ -34,7 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.agent import latency
+from edgefleet.controller import histograms
 from edgefleet.controller.artifacts import ArtifactStore
 from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -408,7 +408,7 @@ class RolloutEngine:
         rows = [m for p in points for m in p.models if m.model == model and m.version == str(version)]
         if not rows:
             return {}
-        summary = latency.to_proto(merge_hdr(m.latency_hdr for m in rows))
+        summary = histograms.to_proto(merge_hdr(m.latency_hdr for m in rows))
         count = sum(m.count for m in rows)
         errors = sum(m.errors for m in rows)
         metrics = {"p50_ms": summary.p50_ms, "p95_ms": summary.p95_ms, "p99_ms": summary.p99_ms,

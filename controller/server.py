@@ -158,7 +158,8 @@ class Controller:
         self._server = server
         assert self.rollouts is not None  # made with the servicers, on this loop
         self._tasks = [
-            asyncio.create_task(self._every(self.presence.flush_interval_s, self.presence.flush, "presence flush")),
+            asyncio.create_task(self._flush_presence()),
+            asyncio.create_task(self._expire_silent_sessions()),
             asyncio.create_task(self.ingest.run()),
             asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups")),
@@ -180,6 +181,24 @@ class Controller:
             self.config.state_dir / "compile-cache", device_measurers=self.device_measure.measurer_factory,
         )
         return self.rollouts
+
+    async def _flush_presence(self) -> None:
+        """last_seen to the store in one batch per interval: taken on the loop, written off it."""
+        while True:
+            await asyncio.sleep(self.presence.flush_interval_s)
+            try:
+                await asyncio.to_thread(self.store.touch_devices, self.presence.take_dirty())
+            except Exception:
+                log.exception("periodic job failed", extra={"job": "presence flush"})
+
+    async def _expire_silent_sessions(self) -> None:
+        """On the event loop (the sessions live there), a few times per heartbeat interval."""
+        interval = min(1.0, max(0.05, self.config.heartbeat_interval_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            expired = self.presence.expire_silent()
+            if expired:
+                log.info("ended silent sessions", extra={"sessions": expired})
 
     async def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
         while True:

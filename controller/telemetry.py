@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from edgefleet.agent import latency
+from edgefleet.controller import histograms
 from edgefleet.controller.store.base import ModelPoint, Rollup, Store, TelemetryPoint
 from edgefleet.protos.v1 import fleet_pb2
 
@@ -50,7 +50,11 @@ class Rejected(Exception):
 class _Pending:
     device_id: str
     point: TelemetryPoint
+    counts: list[np.ndarray]  # each model's latency bucket counts, decoded once for the listeners
     ack: Ack
+
+
+Listener = Callable[[TelemetryPoint, "list[np.ndarray]"], None]
 
 
 class TelemetryMetrics:
@@ -76,6 +80,12 @@ def _finite(*values: float) -> bool:
 def to_point(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
              clamp: Callable[[str], None]) -> TelemetryPoint:
     """Validate a batch and convert it; raises Rejected. Percentiles are recomputed from the histogram."""
+    return convert(device_id, batch, now_ms, clamp)[0]
+
+
+def convert(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
+            clamp: Callable[[str], None]) -> tuple[TelemetryPoint, list[np.ndarray]]:
+    """`to_point`, plus each model's decoded latency bucket counts."""
     size = batch.ByteSize()
     if size > MAX_BATCH_BYTES:
         raise Rejected("oversized", f"batch is {size} bytes; at most {MAX_BATCH_BYTES}")
@@ -98,32 +108,35 @@ def to_point(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
     if watts < 0:
         clamp("negative_watts")
         watts = 0.0
-    models = []
+    models, counts = [], []
     for m in batch.models:
         if not _finite(m.energy_per_inference_mj):
             raise Rejected("not_finite", f"model {m.model!r}: energy_per_inference_mj is not finite")
         try:
             # The sender's encoding is kept as stored; only the percentiles are recomputed, so a
             # batch cannot claim latencies its own histogram does not show.
-            summary = latency.summary(latency.decode(m.latency), m.latency.hdr)
+            buckets = histograms.decode(m.latency.hdr)
+            summary = histograms.summary(buckets, m.latency.hdr)
         except ValueError as exc:
             raise Rejected("bad_histogram", f"model {m.model!r}: {exc}") from None
         energy = m.energy_per_inference_mj
         if energy < 0:
             clamp("negative_energy")
             energy = 0.0
+        counts.append(buckets)
         models.append(ModelPoint(
             model=m.model[:128], version=m.version[:64], count=m.count, errors=m.errors,
             p50_ms=summary.p50_ms, p95_ms=summary.p95_ms, p99_ms=summary.p99_ms, max_ms=summary.max_ms,
             latency_hdr=summary.hdr, energy_mj=energy, energy_source=m.energy_source[:64], runtime=m.runtime[:128],
         ))
-    return TelemetryPoint(
+    point = TelemetryPoint(
         device_id=device_id, seq=batch.seq, start_ms=batch.start_unix_ms, end_ms=batch.end_unix_ms,
         received_ms=now_ms, watts=watts, power_source=p.source[:64],
         cpu_system=min(100.0, max(0.0, d.cpu_percent_system)), cpu_process=max(0.0, d.cpu_percent_process),
         rss_bytes=d.rss_bytes, memory_available_bytes=d.memory_available_bytes, temperature_c=temperature,
         load1=max(0.0, d.load1), dropped_batches=batch.dropped_batches, models=tuple(models),
     )
+    return point, counts
 
 
 class TelemetryIngest:
@@ -145,14 +158,17 @@ class TelemetryIngest:
         self.clock = clock
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
-        self.listeners: list[Callable[[TelemetryPoint], None]] = []
+        self.listeners: list[Listener] = []
+
+    def _clamped(self, reason: str) -> None:
+        self.metrics.clamped.labels(reason).inc()
 
     def submit(self, device_id: str, batch: fleet_pb2.TelemetryBatch, ack: Ack) -> None:
         now_ms = int(self.clock() * 1000)
         try:
             if self.known_device is not None and not self.known_device(device_id):
                 raise Rejected("unknown_device", f"device {device_id!r} is not enrolled")
-            point = to_point(device_id, batch, now_ms, lambda reason: self.metrics.clamped.labels(reason).inc())
+            point, counts = convert(device_id, batch, now_ms, self._clamped)
         except Rejected as exc:
             self.metrics.batches.labels("rejected").inc()
             self.metrics.rejected.labels(exc.reason).inc()
@@ -160,7 +176,7 @@ class TelemetryIngest:
                                                       "detail": str(exc)})
             ack(fleet_pb2.TelemetryAck(rejected=[fleet_pb2.RejectedBatch(seq=batch.seq, reason=str(exc))]))
             return
-        self._queue.append(_Pending(device_id, point, ack))
+        self._queue.append(_Pending(device_id, point, counts, ack))
         if len(self._queue) >= self.max_group:
             self._wake.set()
 
@@ -192,18 +208,19 @@ class TelemetryIngest:
                 if pending.point.dropped_batches:
                     self.metrics.agent_dropped.inc(pending.point.dropped_batches)
                 for listener in self.listeners:
-                    listener(pending.point)
+                    listener(pending.point, pending.counts)
             else:
                 self.metrics.batches.labels("duplicate").inc()
         for ack, seqs in acks.values():
             ack(fleet_pb2.TelemetryAck(seqs=seqs))
 
 
-def merge_hdr(blobs: Iterable[bytes]) -> HdrHistogram:
-    merged = latency.new_histogram()
+def merge_hdr(blobs: Iterable[bytes]) -> np.ndarray:
+    """The bucket counts of several stored histograms added together."""
+    merged = histograms.empty()
     for blob in blobs:
         if blob:
-            merged.add(HdrHistogram.decode(blob))
+            merged += histograms.decode(blob)
     return merged
 
 
@@ -216,8 +233,7 @@ def build_rollups(device_id: str, minute_ms: int, points: list[TelemetryPoint]) 
     watts_avg = sum(p.watts for p in points) / len(points) if points else 0.0
     rollups = [Rollup(device_id, "", "", minute_ms, 0, 0, b"", 0, 0, 0, 0, watts_avg, 0.0)] if points else []
     for (model, version), rows in sorted(by_model.items()):
-        merged = merge_hdr(r.latency_hdr for r in rows)
-        summary = latency.to_proto(merged)
+        summary = histograms.to_proto(merge_hdr(r.latency_hdr for r in rows))
         count = sum(r.count for r in rows)
         energy = sum(r.energy_mj * r.count for r in rows) / count if count else 0.0
         rollups.append(Rollup(
@@ -275,7 +291,7 @@ def metric_value(point: TelemetryPoint, metric: str, model: str | None = None) -
     if metric in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
         if len(models) == 1:
             return float(getattr(models[0], metric))
-        summary = latency.to_proto(merge_hdr(m.latency_hdr for m in models))
+        summary = histograms.to_proto(merge_hdr(m.latency_hdr for m in models))
         return float(getattr(summary, metric))
     raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
@@ -285,32 +301,38 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 class LiveTelemetry:
     """In-memory view fed by the ingest: the latest point per device and cumulative fleet
-    histograms per model version, for /metrics and the live watch."""
+    histograms (bucket counts) per model version, for /metrics and the live watch."""
 
     def __init__(self) -> None:
         self.latest: dict[str, TelemetryPoint] = {}
-        self.fleet: dict[tuple[str, str], HdrHistogram] = {}
+        self.fleet: dict[tuple[str, str], np.ndarray] = {}
         self.totals: dict[tuple[str, str, str], tuple[int, int]] = {}  # (device, model, version) -> count, errors
         # Ingest adds on the event loop while /metrics reads on the HTTP thread.
         self.lock = threading.Lock()
 
-    def __call__(self, point: TelemetryPoint) -> None:
+    def __call__(self, point: TelemetryPoint, counts: list[np.ndarray]) -> None:
         with self.lock:
-            self._add(point)
+            self._add(point, counts)
 
-    def _add(self, point: TelemetryPoint) -> None:
+    def _add(self, point: TelemetryPoint, counts: list[np.ndarray]) -> None:
         current = self.latest.get(point.device_id)
         if current is None or point.end_ms >= current.end_ms:
             self.latest[point.device_id] = point
-        for m in point.models:
+        for m, buckets in zip(point.models, counts, strict=True):
             key = (m.model, m.version)
-            histogram = self.fleet.get(key)
-            if histogram is None:
-                histogram = self.fleet[key] = latency.new_histogram()
-            if m.latency_hdr:
-                histogram.add(HdrHistogram.decode(m.latency_hdr))
+            fleet = self.fleet.get(key)
+            if fleet is None:
+                self.fleet[key] = buckets.copy()
+            else:
+                fleet += buckets
             count, errors = self.totals.get((point.device_id, m.model, m.version), (0, 0))
             self.totals[(point.device_id, m.model, m.version)] = (count + m.count, errors + m.errors)
+
+    def snapshot(self) -> tuple[dict[str, TelemetryPoint], dict[tuple[str, str], np.ndarray],
+                                dict[tuple[str, str, str], tuple[int, int]]]:
+        """Copies to read at leisure: the ingest waits on the lock only while they are taken."""
+        with self.lock:
+            return dict(self.latest), {k: v.copy() for k, v in self.fleet.items()}, dict(self.totals)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +378,7 @@ def _rollup_samples(rollups: list[Rollup], metric: str, model: str | None) -> li
         if metric == "watts":
             value = device_row.watts_avg if device_row else None
         elif metric in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
-            value = float(getattr(latency.to_proto(merge_hdr(r.latency_hdr for r in models)), metric)) \
+            value = float(getattr(histograms.to_proto(merge_hdr(r.latency_hdr for r in models)), metric)) \
                 if models else None
         elif metric == "count":
             value = float(count) if models else None

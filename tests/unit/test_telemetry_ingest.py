@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edgefleet.agent import latency
-from edgefleet.controller import telemetry
+from edgefleet.controller import histograms, telemetry
 from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.protos.v1 import fleet_pb2
 
@@ -168,11 +168,12 @@ def test_metrics_can_be_scraped_while_telemetry_arrives(ingest) -> None:  # type
     live = telemetry.LiveTelemetry()
     run(service, [("d1", batch(1))])
     point = store.telemetry_window("d1", 0)[0]
+    counts = [histograms.decode(m.latency_hdr) for m in point.models]
     stop = threading.Event()
 
     def feed() -> None:
         while not stop.is_set():
-            live(point)
+            live(point, counts)
 
     feeder = threading.Thread(target=feed)
     feeder.start()
