@@ -55,21 +55,21 @@ def decode(hdr: bytes) -> np.ndarray:
             raw = standard.counts
     except Exception as exc:  # the codec raises assorted zlib/struct/base64/ctypes errors
         raise ValueError(f"undecodable latency histogram: {exc}") from None
-    counts = np.ctypeslib.as_array(raw)[:COUNTS_LEN]
+    counts = np.ctypeslib.as_array(raw)[:COUNTS_LEN]  # unsigned 64-bit, as hdrh decodes them
     if counts.size != COUNTS_LEN or int(counts.max(initial=0)) > MAX_COUNT:
         raise ValueError("latency histogram holds impossible bucket counts")
-    return counts.astype(np.int64)
+    return counts.view(np.int64)  # every count is below 2**48: the same numbers, signed
 
 
 def summary(counts: np.ndarray, hdr: bytes) -> fleet_pb2.LatencyHistogram:
     """Count, p50/p95/p99 and max, as hdrh computes them (upper edge of the bucket reached)."""
-    total = int(counts.sum())
+    cumulative = np.cumsum(counts)
+    total = int(cumulative[-1])
     if total == 0:
         return fleet_pb2.LatencyHistogram()
-    cumulative = np.cumsum(counts)
-    targets = [max(1, int(p * total / 100 + 0.5)) for p in (50, 95, 99)]
-    p50, p95, p99 = (int(HIGHEST[i]) for i in np.searchsorted(cumulative, targets, side="left"))
-    top = int(HIGHEST[np.flatnonzero(counts)[-1]])
+    # The first index where the running count reaches the whole count is the last non-empty bucket.
+    targets = [max(1, int(p * total / 100 + 0.5)) for p in (50, 95, 99)] + [total]
+    p50, p95, p99, top = HIGHEST[np.searchsorted(cumulative, targets, side="left")].tolist()
     return fleet_pb2.LatencyHistogram(hdr=hdr, count=total, p50_ms=p50 / 1000, p95_ms=p95 / 1000,
                                       p99_ms=p99 / 1000, max_ms=top / 1000)
 

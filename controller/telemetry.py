@@ -200,17 +200,20 @@ class TelemetryIngest:
     def _after_store(self, group: list[_Pending], stored: list[bool]) -> None:
         now = self.clock()
         acks: dict[int, tuple[Ack, list[int]]] = {}
+        stored_count = duplicates = 0
         for pending, new in zip(group, stored, strict=True):
             acks.setdefault(id(pending.ack), (pending.ack, []))[1].append(pending.point.seq)
             if new:
-                self.metrics.batches.labels("stored").inc()
+                stored_count += 1
                 self.metrics.lag.observe(max(0.0, now - pending.point.end_ms / 1000))
                 if pending.point.dropped_batches:
                     self.metrics.agent_dropped.inc(pending.point.dropped_batches)
                 for listener in self.listeners:
                     listener(pending.point, pending.counts)
             else:
-                self.metrics.batches.labels("duplicate").inc()
+                duplicates += 1
+        self.metrics.batches.labels("stored").inc(stored_count)
+        self.metrics.batches.labels("duplicate").inc(duplicates)
         for ack, seqs in acks.values():
             ack(fleet_pb2.TelemetryAck(seqs=seqs))
 
