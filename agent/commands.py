@@ -34,6 +34,17 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
               grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
+# Downloads: HTTP/2 frames up to 1 MiB (the default 16 KiB cuts every 1 MiB chunk into 64 frames,
+# each parsed on its own), and 4 MiB a stream may receive ahead of the reader.
+TRANSFER_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.http2.max_frame_size", 1024 * 1024),
+    ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+]
+
+
 class GrpcArtifactSource(ControllerArtifact):
     """A bundle in the controller's artifact store, read with FetchArtifact from any offset."""
 
@@ -43,10 +54,7 @@ class GrpcArtifactSource(ControllerArtifact):
         self.identity = identity
 
     def read(self, offset: int) -> Iterator[bytes]:
-        channel = grpc.insecure_channel(self.controller, options=[
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-        ])
+        channel = grpc.insecure_channel(self.controller, options=TRANSFER_CHANNEL_OPTIONS)
         call: Any = fleet_pb2_grpc.FleetStub(channel).FetchArtifact(
             fleet_pb2.FetchArtifactRequest(sha256=self.sha256, offset=offset, chunk_size=FETCH_CHUNK),
             metadata=(("edgefleet-device-id", self.identity.device_id),

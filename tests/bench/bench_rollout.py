@@ -6,10 +6,12 @@ EDGEFLEET_BENCH_ROLLOUT_HIDDEN=1024 and EDGEFLEET_BENCH_ROLLOUT_LAYERS=2 size th
 A real controller process; 200 devices simulated by this one asyncio process over the real
 protocol: Fleet.Enroll (one multi-use token), a Session stream each (Hello with this machine's
 real profile, heartbeats), Command.install received on the stream, the bundle fetched with
-FetchArtifact, and a final CommandAck "committed". Every byte is checked: the first fetch of a
-bundle is sha256-checked against the command, every later one compared byte for byte with that
-first copy. (A real device hashes its own 10 MB on its own CPU in ~35 ms; 200 devices' sha256 on
-this one 2-core machine, ~7 s of CPU, would be the simulation's cost, not the fleet's.)
+FetchArtifact (on channels with the agent's own TRANSFER_CHANNEL_OPTIONS), and a final CommandAck
+"committed". Every byte is checked: the first fetch of a bundle is parsed and sha256-checked
+against the command, and every later fetch's ArtifactChunk replies are compared, as they came
+off the wire, byte for byte with that first fetch's (offsets, data and sizes). (A real device
+parses and hashes its own 10 MB on its own CPU in ~35 ms; doing that for 200 devices on this one
+2-core machine would measure the simulation, not the fleet.)
 The one device the compiler asks to time candidates (MeasureCandidates) fetches
 them and times them with the agent's own ``edgefleet.agent.measure.time_candidates``. The model
 goes in with ``edgefleet models add`` and out with ``edgefleet rollout create --waves 1,10%,100%
@@ -42,7 +44,7 @@ import pytest
 from bench_support import MB, cpu_seconds, device_metadata, enroll_many, env_flag, median, print_table, verdict
 from click.testing import CliRunner
 
-from edgefleet.agent.commands import FETCH_CHUNK
+from edgefleet.agent.commands import FETCH_CHUNK, TRANSFER_CHANNEL_OPTIONS
 from edgefleet.agent.identity import Identity
 from edgefleet.agent.measure import time_candidates
 from edgefleet.agent.profiler import collect_profile
@@ -72,39 +74,49 @@ class FleetLog:
         self.measures = 0
         self.errors: list[str] = []
         self.running = True
-        # sha256 -> {offset: chunk} of the first fetch of that artifact, which was sha256-checked
-        self.references: dict[str, dict[int, bytes]] = {}
+        # sha256 -> the ArtifactChunk replies of the first fetch of that artifact, which was sha256-checked
+        self.references: dict[str, list[bytes]] = {}
+        self.reference_sizes: dict[str, int] = {}
         self.hashed_fetches = 0
 
 
-async def fetch(channel: grpc.aio.Channel, identity: Identity, sha: str) -> tuple[dict[int, bytes], str, int]:
-    """FetchArtifact from offset 0, hashing as the bytes arrive: ({offset: chunk}, sha256, size)."""
-    digest, size, chunks = hashlib.sha256(), 0, {}
-    call = fleet_pb2_grpc.FleetStub(channel).FetchArtifact(
-        fleet_pb2.FetchArtifactRequest(sha256=sha, offset=0, chunk_size=FETCH_CHUNK),
-        metadata=device_metadata(identity))
-    async for chunk in call:
-        data = chunk.data
+def fetch_call(channel: grpc.aio.Channel, identity: Identity, sha: str, raw: bool) -> Any:
+    """FetchArtifact from offset 0; with raw=True the replies come as their wire bytes."""
+    return channel.unary_stream(
+        "/edgefleet.v1.Fleet/FetchArtifact",
+        request_serializer=fleet_pb2.FetchArtifactRequest.SerializeToString,
+        response_deserializer=None if raw else fleet_pb2.ArtifactChunk.FromString,
+    )(fleet_pb2.FetchArtifactRequest(sha256=sha, offset=0, chunk_size=FETCH_CHUNK),
+      metadata=device_metadata(identity))
+
+
+async def fetch(channel: grpc.aio.Channel, identity: Identity, sha: str) -> tuple[list[bytes], dict[int, bytes], str,
+                                                                                   int]:
+    """The first fetch of an artifact, parsed and hashed as the bytes arrive.
+
+    Returns (the ArtifactChunk replies as sent, {offset: data}, sha256, size)."""
+    digest, size, wire, chunks = hashlib.sha256(), 0, [], {}
+    async for message in fetch_call(channel, identity, sha, raw=True):
+        chunk = fleet_pb2.ArtifactChunk.FromString(message)
         if chunk.offset != size:
             raise RuntimeError(f"chunk at {chunk.offset}, expected {size}")
-        digest.update(data)
-        chunks[size] = data
-        size += len(data)
-    return chunks, digest.hexdigest(), size
+        digest.update(chunk.data)
+        wire.append(message)
+        chunks[size] = chunk.data
+        size += len(chunk.data)
+    return wire, chunks, digest.hexdigest(), size
 
 
-async def fetch_compare(channel: grpc.aio.Channel, identity: Identity, sha: str, reference: dict[int, bytes]) -> int:
-    """FetchArtifact from offset 0, every chunk compared byte for byte with the reference: bytes received."""
-    size = 0
-    call = fleet_pb2_grpc.FleetStub(channel).FetchArtifact(
-        fleet_pb2.FetchArtifactRequest(sha256=sha, offset=0, chunk_size=FETCH_CHUNK),
-        metadata=device_metadata(identity))
-    async for chunk in call:
-        data = chunk.data
-        if chunk.offset != size or data != reference.get(size):
-            raise RuntimeError(f"chunk at {chunk.offset} ({len(data)} bytes) differs from the artifact")
-        size += len(data)
-    return size
+async def fetch_compare(channel: grpc.aio.Channel, identity: Identity, sha: str, reference: list[bytes]) -> None:
+    """FetchArtifact from offset 0, every reply compared byte for byte with the first (hashed)
+    fetch's reply at that position: offsets, data and total size all have to match."""
+    index = 0
+    async for message in fetch_call(channel, identity, sha, raw=True):
+        if index >= len(reference) or message != reference[index]:
+            raise RuntimeError(f"reply {index} ({len(message)} bytes) differs from the artifact")
+        index += 1
+    if index != len(reference):
+        raise RuntimeError(f"{index} replies, the artifact has {len(reference)}")
 
 
 class SimulatedAgent:
@@ -172,16 +184,16 @@ class SimulatedAgent:
             self.log.cpu_at_first_install = (cpu_seconds(self.log.controller_pid), time.process_time())
         reference = self.log.references.get(install.sha256)
         if reference is None:
-            chunks, sha, size = await fetch(self.channel, self.identity, install.sha256)
+            wire, _, sha, size = await fetch(self.channel, self.identity, install.sha256)
             if sha != install.sha256 or size != install.size:
                 raise RuntimeError(f"fetched {size} bytes with sha256 {sha[:12]}; the command says {install.size} "
                                    f"bytes, {install.sha256[:12]}")
-            self.log.references[install.sha256] = chunks
+            self.log.references[install.sha256] = wire
+            self.log.reference_sizes[install.sha256] = size
             self.log.hashed_fetches += 1
         else:
-            size = await fetch_compare(self.channel, self.identity, install.sha256, reference)
-            if size != install.size:
-                raise RuntimeError(f"fetched {size} bytes; the command says {install.size}")
+            await fetch_compare(self.channel, self.identity, install.sha256, reference)
+            size = self.log.reference_sizes[install.sha256]
         ended = time.perf_counter()
         self.log.fetches.append((started, ended, size))
         self.log.installs += 1
@@ -192,7 +204,7 @@ class SimulatedAgent:
         spec = command.measure
         files = {}
         for candidate in spec.candidates:
-            chunks, sha, _ = await fetch(self.channel, self.identity, candidate.sha256)
+            _, chunks, sha, _ = await fetch(self.channel, self.identity, candidate.sha256)
             assert sha == candidate.sha256
             path = self.workdir / f"{self.identity.device_id}-{candidate.name}.onnx"
             path.write_bytes(b"".join(chunks[offset] for offset in sorted(chunks)))
@@ -268,7 +280,7 @@ async def run_rollout(controller: ControllerProc, identities: list[Identity], wo
     assert controller.popen is not None
     log.controller_pid = controller.popen.pid
     channels = [grpc.aio.insecure_channel(controller.grpc_address, options=[
-        ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 8 * MB)])
+        ("grpc.use_local_subchannel_pool", 1), *TRANSFER_CHANNEL_OPTIONS])
         for _ in range(max(1, len(identities) // STREAMS_PER_CHANNEL))]
     agents = [SimulatedAgent(identity, channels[i % len(channels)], hello, log, workdir)
               for i, identity in enumerate(identities)]
