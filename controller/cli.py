@@ -142,7 +142,8 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
 @click.option("--grpc", "grpc_address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
 @click.option("--http", "http_address", default="127.0.0.1:8480", show_default=True, metavar="HOST:PORT|off",
               help="Health and Prometheus /metrics; 'off' disables it.")
-@click.option("--heartbeat-interval", default="5s", show_default=True, help="How often an agent that has sent nothing else heartbeats; a stream silent for 3 intervals is ended.")
+@click.option("--heartbeat-interval", default="5s", show_default=True,
+              help="How often an otherwise silent agent heartbeats; a stream silent for 3 intervals is ended.")
 @click.option("--store", "store_url", envvar="EDGEFLEET_STORE", metavar="postgresql://USER@HOST:PORT/DB",
               help="Shared PostgreSQL store for several replicas (default: SQLite in the state dir).")
 @mqtt_serve_options  # issue 7

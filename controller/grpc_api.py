@@ -212,6 +212,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 except asyncio.CancelledError:
                     if not session.silent:
                         raise  # the server is stopping
+                    handler.uncancel()  # this cancellation was ours, and it is handled here
                     limit = self.presence.silence_limit_s
                     reason = f"silent for {limit:g}s"
                     await context.abort(
