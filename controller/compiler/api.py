@@ -10,7 +10,6 @@ marked estimated.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +118,12 @@ class _Candidate:
     stats: LatencyStats | None = None
     notes: list[str] = field(default_factory=list)
     build_s: float = 0.0
+    compressed: Future[int] | None = None  # _compressed_size, worked out beside the other candidates
+
+    def compressed_bytes(self) -> int | None:
+        if self.compressed is not None:
+            return self.compressed.result()
+        return _compressed_size(self.path) if self.path else None
 
     def row(self) -> dict[str, Any]:
         size = self.path.stat().st_size if self.path else None
@@ -130,7 +136,7 @@ class _Candidate:
             "estimated": self.stats.estimated if self.stats else None,
             "measured_on": self.stats.measured_on if self.stats else None,
             "size_bytes": size,
-            "compressed_bytes": _compressed_size(self.path) if self.path else None,
+            "compressed_bytes": self.compressed_bytes(),
             "fidelity": None if self.fidelity is None else round(self.fidelity, 6),
             "task_score": self.score,
             "passed_gate": self.passed,
@@ -157,15 +163,9 @@ def _quiet_toolchain() -> Iterator[None]:
 def _compressed_size(path: Path) -> int:
     """What the bundle costs over the wire: zeros from pruning show up here, not in latency.
 
-    The report asks for the baseline's and the winner's twice (their row and the summary); the
-    file does not change between, so the second ask is free (~1 s for a 40 MB fp32 model)."""
-    stat = path.stat()
-    return _compressed_size_of(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _compressed_size_of(path: str, size: int, mtime_ns: int) -> int:
-    return len(zlib.compress(Path(path).read_bytes(), 6))
+    About 1 s for a 40 MB fp32 model; zlib lets go of the GIL, so compile_model works it out on
+    a thread while it builds the next candidate and while candidates are timed on a device."""
+    return len(zlib.compress(path.read_bytes(), 6))
 
 
 def _say(progress: Progress | None, message: str) -> None:
@@ -305,7 +305,9 @@ def compile_model(
             _publish(out, lambda tmp: _copy_cached(hit, tmp, report))
             return report
 
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as work_str:
+    # Compressed sizes for the report are worked out on a side thread while candidates build.
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as work_str, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="compressed-size") as sizes:
         work = Path(work_str)
         report, artifact = _run_candidates(
             spec,
@@ -320,6 +322,7 @@ def compile_model(
             progress,
             key,
             toolchain,
+            sizes,
         )
         report.elapsed_s = round(time.monotonic() - started, 2)
         artifact_name = f"model{artifact.suffix}"
@@ -350,6 +353,7 @@ def _run_candidates(
     progress: Progress | None,
     key: str,
     toolchain: dict[str, str],
+    sizes: Executor,
 ) -> tuple[CompileReport, Path]:
     ref_runner = ModelRunner(source.path, target.threads)
     _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
@@ -405,6 +409,7 @@ def _run_candidates(
             final = work / f"{index:02d}-{recipe.name}{path.suffix}"
             shutil.copy2(path, final)
             cand.path = final
+            cand.compressed = sizes.submit(_compressed_size, final)
             result = evaluate(final)
             cand.fidelity, cand.score, cand.passed = result.fidelity, result.score, result.passed
         except PassError as exc:
@@ -494,7 +499,7 @@ def _run_candidates(
             "recipe": c.recipe.name,
             "latency_ms": round(c.stats.median_ms, 4),
             "size_bytes": c.path.stat().st_size,
-            "compressed_bytes": _compressed_size(c.path),
+            "compressed_bytes": c.compressed_bytes(),
             "fidelity": None if c.fidelity is None else round(c.fidelity, 6),
             "task_score": c.score,
             "estimated": c.stats.estimated,
