@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.agent.profiler import collect_profile
 from edgefleet.firmware.bundle import BundleSpec, build_bundle
 from edgefleet.firmware.installer import Installer
 from edgefleet.firmware.keys import generate_signing_key
@@ -65,23 +67,31 @@ def mlp_onnx(
     return path
 
 
+@functools.cache
+def local_hardware_class() -> str:
+    """The hardware class the profiler derives for this machine (no micro-benchmark needed)."""
+    return str(collect_profile(microbench=False).hardware_class)
+
+
 def signed_bundle(
     tmp: Path,
     model_path: Path,
     *,
     name: str = "mlp",
     version: int = 1,
-    hardware_class: str = "x86_64-avx512vnni",
+    hardware_class: str | None = None,
     key=None,
     provider: str = "CPUExecutionProvider",
 ):  # type: ignore[no-untyped-def]
-    """(bundle path, signing key) for an ONNX model, with a golden self-test computed here."""
+    """(bundle path, signing key) for an ONNX model, with a golden self-test computed here.
+
+    The class defaults to this machine's, which is what an agent started here reports."""
     key = key or generate_signing_key()
     io, self_test = describe_onnx_model(model_path)
     spec = BundleSpec(
         name=name,
         version=version,
-        hardware_class=hardware_class,
+        hardware_class=hardware_class or local_hardware_class(),
         model_file="model.onnx",
         payload={"model.onnx": model_path},
         io=io,

@@ -13,6 +13,7 @@ from edgefleet.firmware.manifest import RuntimeSpec
 from edgefleet.firmware.selftest import LiteRTSession, describe_tflite_model
 from edgefleet.firmware.sources import FileSource
 from fleet_harness import wait_until
+from model_factory import local_hardware_class
 from models.tiny_models import tflite_mlp
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,7 @@ def test_tflite_bundle_installs_and_serves_through_litert(tmp_path, controller, 
     io, self_test = describe_tflite_model(model)
     key = generate_signing_key()
     bundle = build_bundle(BundleSpec(
-        name="tfl", version=1, hardware_class="x86_64-avx512vnni", model_file="mlp.tflite",
+        name="tfl", version=1, hardware_class=local_hardware_class(), model_file="mlp.tflite",
         payload={"mlp.tflite": model}, io=io, self_test=self_test, runtime=RuntimeSpec(name="litert"),
     ), key, tmp_path / "tfl.efb")
     state = tmp_path / "a1"
