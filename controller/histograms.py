@@ -14,6 +14,8 @@ HIGHEST[i] (inclusive), exactly hdrh's buckets for the agents' histogram setting
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from hdrh.codec import HdrHistogramEncoder
 from hdrh.histogram import HdrHistogram
@@ -59,6 +61,15 @@ def decode(hdr: bytes) -> np.ndarray:
     if counts.size != COUNTS_LEN or int(counts.max(initial=0)) > MAX_COUNT:
         raise ValueError("latency histogram holds impossible bucket counts")
     return counts.view(np.int64)  # every count is below 2**48: the same numbers, signed
+
+
+def merge(blobs: Iterable[bytes]) -> np.ndarray:
+    """The bucket counts of several encoded histograms added together."""
+    merged = empty()
+    for blob in blobs:
+        if blob:
+            merged += decode(blob)
+    return merged
 
 
 def summary(counts: np.ndarray, hdr: bytes) -> fleet_pb2.LatencyHistogram:

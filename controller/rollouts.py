@@ -46,7 +46,6 @@ from edgefleet.controller.store.base import (
     RolloutRecord,
     Store,
 )
-from edgefleet.controller.telemetry import merge_hdr
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.rollouts")
@@ -408,7 +407,7 @@ class RolloutEngine:
         rows = [m for p in points for m in p.models if m.model == model and m.version == str(version)]
         if not rows:
             return {}
-        summary = histograms.to_proto(merge_hdr(m.latency_hdr for m in rows))
+        summary = histograms.to_proto(histograms.merge(m.latency_hdr for m in rows))
         count = sum(m.count for m in rows)
         errors = sum(m.errors for m in rows)
         metrics = {"p50_ms": summary.p50_ms, "p95_ms": summary.p95_ms, "p99_ms": summary.p99_ms,

@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -77,15 +77,10 @@ def _finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def to_point(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
-             clamp: Callable[[str], None]) -> TelemetryPoint:
-    """Validate a batch and convert it; raises Rejected. Percentiles are recomputed from the histogram."""
-    return convert(device_id, batch, now_ms, clamp)[0]
-
-
 def convert(device_id: str, batch: fleet_pb2.TelemetryBatch, now_ms: int,
             clamp: Callable[[str], None]) -> tuple[TelemetryPoint, list[np.ndarray]]:
-    """`to_point`, plus each model's decoded latency bucket counts."""
+    """Validate a batch and convert it, with each model's decoded latency bucket counts; raises
+    Rejected. Percentiles are recomputed from the histogram."""
     size = batch.ByteSize()
     if size > MAX_BATCH_BYTES:
         raise Rejected("oversized", f"batch is {size} bytes; at most {MAX_BATCH_BYTES}")
@@ -218,15 +213,6 @@ class TelemetryIngest:
             ack(fleet_pb2.TelemetryAck(seqs=seqs))
 
 
-def merge_hdr(blobs: Iterable[bytes]) -> np.ndarray:
-    """The bucket counts of several stored histograms added together."""
-    merged = histograms.empty()
-    for blob in blobs:
-        if blob:
-            merged += histograms.decode(blob)
-    return merged
-
-
 def build_rollups(device_id: str, minute_ms: int, points: list[TelemetryPoint]) -> list[Rollup]:
     """One rollup per model version in the minute, plus a device-level one (model '')."""
     by_model: dict[tuple[str, str], list[ModelPoint]] = {}
@@ -236,7 +222,7 @@ def build_rollups(device_id: str, minute_ms: int, points: list[TelemetryPoint]) 
     watts_avg = sum(p.watts for p in points) / len(points) if points else 0.0
     rollups = [Rollup(device_id, "", "", minute_ms, 0, 0, b"", 0, 0, 0, 0, watts_avg, 0.0)] if points else []
     for (model, version), rows in sorted(by_model.items()):
-        summary = histograms.to_proto(merge_hdr(r.latency_hdr for r in rows))
+        summary = histograms.to_proto(histograms.merge(r.latency_hdr for r in rows))
         count = sum(r.count for r in rows)
         energy = sum(r.energy_mj * r.count for r in rows) / count if count else 0.0
         rollups.append(Rollup(
@@ -294,7 +280,7 @@ def metric_value(point: TelemetryPoint, metric: str, model: str | None = None) -
     if metric in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
         if len(models) == 1:
             return float(getattr(models[0], metric))
-        summary = histograms.to_proto(merge_hdr(m.latency_hdr for m in models))
+        summary = histograms.to_proto(histograms.merge(m.latency_hdr for m in models))
         return float(getattr(summary, metric))
     raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
@@ -381,7 +367,7 @@ def _rollup_samples(rollups: list[Rollup], metric: str, model: str | None) -> li
         if metric == "watts":
             value = device_row.watts_avg if device_row else None
         elif metric in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
-            value = float(getattr(histograms.to_proto(merge_hdr(r.latency_hdr for r in models)), metric)) \
+            value = float(getattr(histograms.to_proto(histograms.merge(r.latency_hdr for r in models)), metric)) \
                 if models else None
         elif metric == "count":
             value = float(count) if models else None

@@ -121,9 +121,7 @@ class _Candidate:
     compressed: Future[int] | None = None  # _compressed_size, worked out beside the other candidates
 
     def compressed_bytes(self) -> int | None:
-        if self.compressed is not None:
-            return self.compressed.result()
-        return _compressed_size(self.path) if self.path else None
+        return self.compressed.result() if self.compressed is not None else None
 
     def row(self) -> dict[str, Any]:
         size = self.path.stat().st_size if self.path else None
