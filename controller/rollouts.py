@@ -207,6 +207,7 @@ class RolloutEngine:
         self._add_devices(record, devices, waves, first_wave=0)
         log.info("rollout created", extra={"rollout": record.rollout_id, "model": record.model,
                                            "version": record.version, "devices": len(devices)})
+        self._wake.set()  # plan now: with every class build cached, the canary goes out at once
         return record
 
     def _supersede(self, newer: RolloutRecord, device_ids: set[str]) -> None:
@@ -253,6 +254,7 @@ class RolloutEngine:
         if action == "resume":
             if rollout.state != "paused":
                 raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not paused")
+            self._wake.set()
             return self._update(rollout, state="running", reason="", soak_until_ms=0)
         if action == "abort":
             if rollout.state in ("completed", "aborted", "rolled_back"):
@@ -557,6 +559,8 @@ class RolloutEngine:
                 profile = profile_pb2.HardwareProfile.FromString(device.profile)
                 try:
                     return TargetSpec.from_profile(profile)
-                except Exception:  # a profile the compiler cannot use: fall back to the class name
+                except Exception as exc:  # a profile the compiler cannot use: fall back to the class name
+                    log.warning("compiling for the class name: the profile of %s is not usable as a target (%s)",
+                                device.device_id, exc, extra={"class": hardware_class})
                     return None
         return None
