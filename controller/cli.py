@@ -483,7 +483,7 @@ def rollout_create(obj: Context, model_ref: str, selector: str, waves: str, soak
         device_timeout_s=duration_option(device_timeout, "--device-timeout"), auto_rollback=auto_rollback == "on",
     ))
     if watch:
-        _watch_rollout(client, info.rollout_id)
+        _watch_rollout(client, info.rollout_id, as_json)
         return
     if as_json:
         emit_json(to_dict(info))
@@ -523,14 +523,16 @@ def render_rollout(info: control_pb2.RolloutInfo) -> str:
     return "\n".join(lines)
 
 
-def _watch_rollout(client: ControlClient, rollout_id: str) -> None:
-    redraw = sys.stdout.isatty()
+def _watch_rollout(client: ControlClient, rollout_id: str, as_json: bool = False) -> None:
+    """Redraw the status every second until the rollout stops; with as_json, one JSON object per
+    line per refresh instead."""
+    redraw = sys.stdout.isatty() and not as_json
     try:
         while True:
             info = client.call("GetRollout", control_pb2.GetRolloutRequest(rollout_id=rollout_id))
             if redraw:
                 click.echo("\x1b[H\x1b[2J", nl=False)
-            click.echo(render_rollout(info))
+            click.echo(json.dumps(to_dict(info), sort_keys=True) if as_json else render_rollout(info))
             if info.state not in ("planning", "running"):
                 return
             time.sleep(1.0)
@@ -540,15 +542,15 @@ def _watch_rollout(client: ControlClient, rollout_id: str) -> None:
 
 @rollout_group.command("status")
 @click.argument("rollout_id")
-@click.option("--watch", is_flag=True, help="Refresh until the rollout stops.")
+@click.option("--watch", is_flag=True, help="Refresh until the rollout stops (with --json: a JSON line per refresh).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @remote_options
 @click.pass_obj
 def rollout_status(obj: Context, rollout_id: str, watch: bool, as_json: bool) -> None:
     """Progress per wave and per class, builds, and the reason for any pause."""
     client = obj.client()
-    if watch and not as_json:
-        _watch_rollout(client, rollout_id)
+    if watch:
+        _watch_rollout(client, rollout_id, as_json)
         return
     info = client.call("GetRollout", control_pb2.GetRolloutRequest(rollout_id=rollout_id))
     click.echo(json.dumps(to_dict(info), indent=2, sort_keys=True) if as_json else render_rollout(info))

@@ -59,7 +59,13 @@ def test_two_classes_compile_once_each_and_the_canary_goes_first(tmp_path, contr
     wait_until(lambda: sum(d.online for d in controller.devices()) == 6, 60, "6 online")
     register(run_cli, tmp_path, 1)
     rid = create(run_cli, "mlp:1", "--waves", "1,100%", "--soak", "1s", "--gate", "p95_ms<=5x")
-    info = wait_state(controller, rid, ("completed", "paused", "failed"), 240)
+    # --watch --json follows the rollout with one JSON object per refresh and returns when it stops.
+    frames = [json.loads(line) for line in run_cli("rollout", "status", rid, "--watch", "--json").splitlines()]
+    assert len(frames) >= 2 and frames[0]["state"] in ("planning", "running"), frames[0]
+    assert frames[-1]["state"] == "completed", frames[-1].get("reason")
+    waves = [f.get("wave", 0) for f in frames]
+    assert waves == sorted(waves), "the watch sees the waves in order"
+    info = wait_state(controller, rid, ("completed", "paused", "failed"), 10)
     assert info.state == "completed", info.reason
     assert sorted(b.hardware_class for b in info.builds) == ["arm64-dotprod", "x86_64-avx2"]
     assert all(b.state == "ready" and b.measured_on.startswith("device:") for b in info.builds)
