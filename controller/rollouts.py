@@ -41,6 +41,7 @@ from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, Not
 from edgefleet.controller.presence import PresenceTracker
 from edgefleet.controller.store.base import (
     BuildRecord,
+    CommandRecord,
     DeviceRecord,
     RolloutDeviceRecord,
     RolloutRecord,
@@ -55,6 +56,7 @@ FINAL_DEVICE_STATES = ("committed", "failed", "timed_out", "rolled_back", "super
 GATE_METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "watts", "energy_mj")
 BASELINE_WINDOW_MS = 5 * 60_000
 INSTALL_TTL_S = 24 * 3600
+MAX_FINISHED_HINTS = 100_000
 _GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*<=\s*([0-9.]+)\s*(x?)\s*$")
 
 
@@ -175,8 +177,20 @@ class RolloutEngine:
         self.compiles = 0  # compiles run by this process (cache hits included), for tests and status
         self._building: dict[tuple[str, int, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
-        # An install outcome moves a rollout on at once rather than at the next tick.
-        commands.listeners.append(lambda record, ack: self._wake.set() if record.rollout_id else None)
+        # Commands of rollouts finished since the last step: a step looks up only these, and leaves
+        # the rest of the wave to the sweep once per tick (which also finds outcomes recorded
+        # before a restart, and timeouts). It is a hint for promptness, never the record.
+        self._finished: set[str] = set()
+        self._swept_at_ms: dict[str, int] = {}
+        commands.listeners.append(self._on_command_done)
+
+    def _on_command_done(self, record: CommandRecord, ack: fleet_pb2.CommandAck) -> None:
+        """An install outcome moves a rollout on at once rather than at the next tick."""
+        if record.rollout_id:
+            if len(self._finished) > MAX_FINISHED_HINTS:
+                self._finished.clear()  # the sweeps find them anyway
+            self._finished.add(record.command_id)
+            self._wake.set()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -277,13 +291,16 @@ class RolloutEngine:
     async def run(self) -> None:
         while True:
             advanced = False
-            for rollout in self.store.list_rollouts():
+            rollouts = self.store.list_rollouts()
+            for rollout in rollouts:
                 try:
                     if rollout.state in ACTIVE:
                         advanced = await self.step(rollout) or advanced
                     self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
+            if not any(r.state in ACTIVE for r in rollouts):
+                self._finished.clear()  # hints for late results and rollbacks, which the passes read anyway
             if advanced:  # a rollout started running or moved to its next wave: dispatch that now
                 await asyncio.sleep(0)
                 continue
@@ -292,7 +309,11 @@ class RolloutEngine:
             self._wake.clear()
 
     async def step(self, rollout: RolloutRecord) -> bool:
-        """One pass over a rollout; True when it started running or moved on to its next wave."""
+        """One pass over a rollout; True when it started running or moved on to its next wave.
+
+        The device rows are read once. A full sweep (late joiners, every sent device's command,
+        timeouts) runs at most once per tick; the passes woken by acks in between only look at
+        the commands that finished."""
         rows = self.store.rollout_devices(rollout.rollout_id)
         classes = sorted({r.hardware_class for r in rows if r.state != "superseded"})
         builds = {c: self._build(rollout.model, rollout.version, c) for c in classes}
@@ -306,18 +327,23 @@ class RolloutEngine:
                 self._update(rollout, state="running", wave=0)
                 return True
             return False
-        self._join_late_devices(rollout, rows)
-        rows = self.store.rollout_devices(rollout.rollout_id)
-        wave_rows = [r for r in rows if r.wave == rollout.wave and r.state != "superseded"]
         now = self._now_ms()
-        for row in wave_rows:
+        # (a little under a tick, so the pass the tick itself wakes is always a sweep)
+        sweep = now - self._swept_at_ms.get(rollout.rollout_id, 0) >= self.tick_s * 800
+        if sweep:
+            self._swept_at_ms[rollout.rollout_id] = now
+            if self._join_late_devices(rollout, rows):
+                rows = self.store.rollout_devices(rollout.rollout_id)
+        wave_rows = []
+        for row in rows:
+            if row.wave != rollout.wave or row.state == "superseded":
+                continue
             build = builds.get(row.hardware_class) or self._build(rollout.model, rollout.version, row.hardware_class)
             if row.state == "planned" and build is not None and build.state == "ready":
-                self._dispatch(rollout, row, build)
+                row = self._dispatch(rollout, row, build)
             elif row.state == "sent":
-                self._track(rollout, row, now)
-        wave_rows = [r for r in self.store.rollout_devices(rollout.rollout_id)
-                     if r.wave == rollout.wave and r.state != "superseded"]
+                row = self._track(rollout, row, now, sweep)
+            wave_rows.append(row)
         if any(r.state not in FINAL_DEVICE_STATES for r in wave_rows):
             return False
         failed = [r for r in wave_rows if r.state == "failed"]
@@ -343,51 +369,63 @@ class RolloutEngine:
         self._update(rollout, state="completed", soak_until_ms=0)
         return False
 
-    def _join_late_devices(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> None:
+    def _join_late_devices(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> bool:
+        """Add devices that enrolled or matched after the rollout started; True when any did."""
         known = {r.device_id for r in rows}
         late = [d for d in self.store.list_devices()
                 if d.device_id not in known and selector_matches(rollout.selector, d)]
         if late:
             self._add_devices(rollout, late, [WaveSize(fraction=1.0)], first_wave=rollout.wave)
             log.info("late devices joined", extra={"rollout": rollout.rollout_id, "devices": len(late)})
+        return bool(late)
 
-    def _dispatch(self, rollout: RolloutRecord, row: RolloutDeviceRecord, build: BuildRecord) -> None:
+    def _dispatch(self, rollout: RolloutRecord, row: RolloutDeviceRecord, build: BuildRecord) -> RolloutDeviceRecord:
+        """Send the install; returns the row as stored now."""
         device = self.store.get_device(row.device_id)
         if device is None:
-            return
+            return row
         now = self._now_ms()
         baseline = self.device_metrics(row.device_id, device.model, device.model_version,
                                        now - BASELINE_WINDOW_MS, now) if device.model else {}
         # The row is written first: after a crash the deterministic command id finds the command.
         command_id = f"{rollout.rollout_id}-{row.device_id}-install"
-        self.store.put_rollout_device(dataclasses.replace(
+        sent = dataclasses.replace(
             row, state="sent", command_id=command_id, previous_model=device.model,
-            previous_version=device.model_version, baseline=json.dumps(baseline), dispatched_at_ms=now))
+            previous_version=device.model_version, baseline=json.dumps(baseline), dispatched_at_ms=now)
+        self.store.put_rollout_device(sent)
         install = self._install_action(build.bundle_sha256)
         self.commands.issue(row.device_id, install=install, ttl_s=INSTALL_TTL_S, rollout_id=rollout.rollout_id,
                             command_id=command_id)
+        return sent
 
     def _install_action(self, bundle_sha: str) -> fleet_pb2.InstallBundle:
         from edgefleet.controller.grpc_api import bundle_install_action
 
         return bundle_install_action(self.artifacts, bundle_sha)
 
-    def _track(self, rollout: RolloutRecord, row: RolloutDeviceRecord, now: int) -> None:
+    def _track(self, rollout: RolloutRecord, row: RolloutDeviceRecord, now: int, sweep: bool) -> RolloutDeviceRecord:
+        """The row with its install's outcome, or timed out; returns the row as stored now."""
+        if not sweep and row.command_id not in self._finished:
+            return row
+        self._finished.discard(row.command_id)
         command = self.store.get_command(row.command_id)
         if command is not None and command.state == "done":
             ok = command.result in ("committed", "already_installed")
-            self.store.put_rollout_device(dataclasses.replace(
+            row = dataclasses.replace(
                 row, state="committed" if ok else "failed", finished_at_ms=now,
-                reason="" if ok else f"{command.result}: {command.reason} {command.message}".strip()))
-        elif now - row.dispatched_at_ms > rollout.device_timeout_s * 1000:
-            self.store.put_rollout_device(dataclasses.replace(
+                reason="" if ok else f"{command.result}: {command.reason} {command.message}".strip())
+            self.store.put_rollout_device(row)
+        elif sweep and now - row.dispatched_at_ms > rollout.device_timeout_s * 1000:
+            row = dataclasses.replace(
                 row, state="timed_out", finished_at_ms=now,
-                reason=f"no outcome within {rollout.device_timeout_s:g}s; it installs when it returns"))
+                reason=f"no outcome within {rollout.device_timeout_s:g}s; it installs when it returns")
+            self.store.put_rollout_device(row)
             log.warning("device timed out", extra={"rollout": rollout.rollout_id, "device": row.device_id})
+        return row
 
     def _collect_late_results(self, rollout: RolloutRecord) -> None:
         """A timed-out device that comes back still installs; record that when it happens."""
-        for row in self.store.rollout_devices(rollout.rollout_id):
+        for row in self.store.rollout_devices(rollout.rollout_id, states=("timed_out", "rolling_back")):
             if row.state == "timed_out":
                 command = self.store.get_command(row.command_id)
                 if command is not None and command.state == "done" and command.result in (

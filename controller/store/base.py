@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 
 class StoreError(Exception):
@@ -321,7 +321,8 @@ class Store(abc.ABC):
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None: ...
 
     @abc.abstractmethod
-    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]: ...
+    def rollout_devices(self, rollout_id: str, *, states: Collection[str] | None = None) -> list[RolloutDeviceRecord]:
+        """The rollout's device rows by wave, class and device; only those in `states` when given."""
 
     # -- telemetry -------------------------------------------------------------------------
     @abc.abstractmethod

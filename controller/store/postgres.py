@@ -16,7 +16,7 @@ locale. Floats are DOUBLE PRECISION (SQLite's REAL is 8 bytes; Postgres's REAL i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -569,11 +569,13 @@ class PostgresStore(Store):
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
         self._upsert("rollout_devices", record, ("rollout_id", "device_id"))
 
-    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
-        rows = self._all(
-            "SELECT * FROM rollout_devices WHERE rollout_id = %s ORDER BY wave, hardware_class, device_id",
-            (rollout_id,),
-        )
+    def rollout_devices(self, rollout_id: str, *, states: Collection[str] | None = None) -> list[RolloutDeviceRecord]:
+        where = "rollout_id = %s"
+        args: tuple[Any, ...] = (rollout_id,)
+        if states is not None:
+            where += " AND state = ANY(%s)"
+            args += (list(states),)
+        rows = self._all(f"SELECT * FROM rollout_devices WHERE {where} ORDER BY wave, hardware_class, device_id", args)
         return [RolloutDeviceRecord(**r) for r in rows]
 
     def _upsert(self, table: str, record: Any, key: tuple[str, ...]) -> None:

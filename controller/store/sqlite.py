@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -497,11 +497,14 @@ class SQLiteStore(Store):
         with self._tx() as db:
             _insert(db, "rollout_devices", record, replace=True)
 
-    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
+    def rollout_devices(self, rollout_id: str, *, states: Collection[str] | None = None) -> list[RolloutDeviceRecord]:
+        where, args = "rollout_id = ?", [rollout_id]
+        if states is not None:
+            where += f" AND state IN ({', '.join('?' * len(states))})" if states else " AND 0"
+            args.extend(states)
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY wave, hardware_class, device_id",
-                (rollout_id,),
+                f"SELECT * FROM rollout_devices WHERE {where} ORDER BY wave, hardware_class, device_id", args,
             ).fetchall()
         return [RolloutDeviceRecord(**dict(r)) for r in rows]
 

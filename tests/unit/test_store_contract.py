@@ -370,6 +370,10 @@ class TestStoreContract:
         assert [d.device_id for d in got] == ["dev-a", "dev-c", "dev-b", "dev-d"]
         assert got[2] == sent
         assert store.rollout_devices("r-none") == []
+        assert store.rollout_devices("r-1", states=("committed",)) == [sent]
+        assert [d.device_id for d in store.rollout_devices("r-1", states=("planned", "timed_out"))] == [
+            "dev-a", "dev-c", "dev-d"]
+        assert store.rollout_devices("r-1", states=()) == []
 
     # -- telemetry -------------------------------------------------------------------------------
     def test_ingest_stores_new_points_and_reports_duplicates(self, store: Store) -> None:
