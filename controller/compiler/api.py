@@ -367,6 +367,12 @@ def _run_candidates(
         return GateResult(fid, score, gate.passes(fid, score, ref_score))
 
     source_ops = _op_types(source)
+    # Recipes share leading steps (every ONNX recipe starts with opset_upgrade + simplify). Within
+    # one compile the same steps on the same source give the same file, so each prefix is run once:
+    # steps so far -> (the file they produced, the notes they added). Passes never write to their input.
+    prefixes: dict[tuple[str, ...], tuple[Path, list[str]]] = {}
+    shared = work / "steps"
+    shared.mkdir()
     candidates: list[_Candidate] = []
     static_int8_failed = False
     static_int8_passed = False
@@ -399,11 +405,21 @@ def _run_candidates(
             progress=progress,
         )
         path = source.path
+        done: tuple[str, ...] = ()
         try:
             for pass_name, params in recipe.steps:
+                done += (f"{pass_name}{json.dumps(dict(params), sort_keys=True, default=str)}",)
+                if done in prefixes:
+                    path, notes = prefixes[done]
+                    ctx.notes.extend(notes)
+                    continue
                 pass_cls = load_pass(pass_name, target, source.format)
+                noted = len(ctx.notes)
                 with _quiet_toolchain():
                     path = pass_cls(**dict(params)).run(path, ctx)
+                if path.parent == cand_dir:  # the candidate's folder goes when it is done; keep the step
+                    path = path.rename(shared / f"{len(prefixes):02d}-{path.name}")
+                prefixes[done] = (path, ctx.notes[noted:])
             final = work / f"{index:02d}-{recipe.name}{path.suffix}"
             shutil.copy2(path, final)
             cand.path = final

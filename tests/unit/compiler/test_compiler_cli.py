@@ -243,3 +243,20 @@ def test_one_compile_per_class_whatever_the_device(tmp_path: Path, mlp: dict[str
         report = json.loads(result.stdout)
         keys.append((report["cache_key"], report["cached"]))
     assert keys[0][0] == keys[1][0] and keys[1][1] is True
+
+
+def test_shared_leading_steps_run_once_per_compile(tmp_path: Path, mlp: dict[str, Path], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every ONNX recipe starts with opset_upgrade + simplify: that prefix runs once, and each
+    candidate still gets its output (and the candidates still differ after it)."""
+    from edgefleet.controller.compiler.passes.simplify import Simplify
+
+    calls = []
+    real = Simplify.run
+    monkeypatch.setattr(Simplify, "run", lambda self, model, ctx: calls.append(model) or real(self, model, ctx))
+    report = compile_model(CompileSpec(model=mlp["model"], target="x86_64-avx512vnni", out=tmp_path / "o",
+                                       calib=mlp["calib"], measure="local", cache_dir=None))
+    built = [c for c in report.candidates if c.get("error") is None]
+    assert len(built) >= 3, report.candidates
+    assert len(calls) == 1
+    assert all({"pass": "simplify", "params": {}} in c["passes"] for c in built)
+    assert len({c["size_bytes"] for c in built}) >= 2, "the recipes after the shared steps still differ"
