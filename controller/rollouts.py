@@ -181,7 +181,7 @@ class RolloutEngine:
         # the rest of the wave to the sweep once per tick (which also finds outcomes recorded
         # before a restart, and timeouts). It is a hint for promptness, never the record.
         self._finished: set[str] = set()
-        self._swept_at_ms: dict[str, int] = {}
+        self._swept_at: dict[str, float] = {}  # rollout -> time.monotonic() of its last sweep
         commands.listeners.append(self._on_command_done)
 
     def _on_command_done(self, record: CommandRecord, ack: fleet_pb2.CommandAck) -> None:
@@ -328,10 +328,13 @@ class RolloutEngine:
                 return True
             return False
         now = self._now_ms()
-        # (a little under a tick, so the pass the tick itself wakes is always a sweep)
-        sweep = now - self._swept_at_ms.get(rollout.rollout_id, 0) >= self.tick_s * 800
+        # On the monotonic clock, so a wall-clock step back cannot hold sweeps off; a little under
+        # a tick, so the pass the tick itself wakes is always a sweep.
+        ticked = time.monotonic()
+        last = self._swept_at.get(rollout.rollout_id)
+        sweep = last is None or ticked - last >= self.tick_s * 0.8
         if sweep:
-            self._swept_at_ms[rollout.rollout_id] = now
+            self._swept_at[rollout.rollout_id] = ticked
             if self._join_late_devices(rollout, rows):
                 rows = self.store.rollout_devices(rollout.rollout_id)
         wave_rows = []
