@@ -182,6 +182,7 @@ class RolloutEngine:
         # before a restart, and timeouts). It is a hint for promptness, never the record.
         self._finished: set[str] = set()
         self._swept_at: dict[str, float] = {}  # rollout -> time.monotonic() of its last sweep
+        self._late_checked_at = float("-inf")
         commands.listeners.append(self._on_command_done)
 
     def _on_command_done(self, record: CommandRecord, ack: fleet_pb2.CommandAck) -> None:
@@ -292,11 +293,17 @@ class RolloutEngine:
         while True:
             advanced = False
             rollouts = self.store.list_rollouts()
+            # Late results (timed-out devices that came back, rollbacks) are looked for once per
+            # tick, not on every ack of a running wave.
+            late_due = time.monotonic() - self._late_checked_at >= self.tick_s * 0.8
+            if late_due:
+                self._late_checked_at = time.monotonic()
             for rollout in rollouts:
                 try:
                     if rollout.state in ACTIVE:
                         advanced = await self.step(rollout) or advanced
-                    self._collect_late_results(rollout)
+                    if late_due:
+                        self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
             if not any(r.state in ACTIVE for r in rollouts):
