@@ -1,7 +1,8 @@
 """Latency histograms: HdrHistogram in microseconds, exactly mergeable across devices and minutes.
 
-The agent records into one, ships it encoded in every telemetry batch, and the controller
-decodes and adds them for rollups, fleet percentiles and the Prometheus histogram.
+The agent records into one and ships it encoded in every telemetry batch; the controller decodes
+and adds them as numpy bucket counts (`edgefleet.controller.histograms`) for rollups, fleet
+percentiles and the Prometheus histogram.
 """
 
 from __future__ import annotations
@@ -60,31 +61,3 @@ def percentile_values(histogram: HdrHistogram, percentiles: tuple[float, ...]) -
 
 def to_proto(histogram: HdrHistogram) -> fleet_pb2.LatencyHistogram:
     return summary(histogram)
-
-
-def decode(message: fleet_pb2.LatencyHistogram) -> HdrHistogram:
-    """The sender's histogram as sent (raises ValueError on garbage); empty gives an empty one."""
-    if not message.hdr:
-        return new_histogram()
-    try:
-        return HdrHistogram.decode(message.hdr)
-    except Exception as exc:  # the decoder raises assorted zlib/struct/base64 errors
-        raise ValueError(f"undecodable latency histogram: {exc}") from None
-
-
-def from_proto(message: fleet_pb2.LatencyHistogram) -> HdrHistogram:
-    """Decode into this side's standard range, ready to be added to."""
-    histogram = new_histogram()
-    histogram.add(decode(message))
-    return histogram
-
-
-def count_at_or_below(histogram: HdrHistogram, limits_us: list[int]) -> list[int]:
-    """Cumulative counts for Prometheus-style buckets (value <= limit)."""
-    counts = [0] * len(limits_us)
-    for item in histogram.get_recorded_iterator():
-        value = histogram.get_highest_equivalent_value(item.value_iterated_to)
-        for i, limit in enumerate(limits_us):
-            if value <= limit:
-                counts[i] += item.count_at_value_iterated_to
-    return counts

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import hdr_reference
 import numpy as np
 import pytest
 from bench_support import bench_profile, cpu_seconds, device_metadata, enroll_many, env_flag, print_table, verdict
@@ -294,7 +295,7 @@ def per_batch_costs(count: int = 500) -> list[list[object]]:
         "convert (whole validation + conversion)": lambda: convert("dev", batch, now_ms, lambda reason: None),
         "  histograms.decode (hdrh C codec -> numpy)": lambda: histograms.decode(hdr),
         "  histograms.summary (p50/p95/p99/max)": lambda: histograms.summary(counts, hdr),
-        "hdrh alone: HdrHistogram.decode, for comparison": lambda: latency.decode(batch.models[0].latency),
+        "hdrh alone: HdrHistogram.decode, for comparison": lambda: hdr_reference.decode(batch.models[0].latency),
     }
     rows: list[list[object]] = []
     for name, step in steps.items():

