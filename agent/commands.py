@@ -215,9 +215,15 @@ class CommandRunner:
         with tempfile.TemporaryDirectory(prefix="measure-", dir=self.state_dir) as tmp:
             files: dict[str, Path] = {}
             for candidate in spec.candidates:
-                target = Path(tmp) / f"{len(files)}.model"
+                # OpenVINO finds an IR's weights as the .bin beside the .xml.
+                target = Path(tmp) / f"{len(files)}.{'xml' if candidate.weights_sha256 else 'model'}"
                 source = self.source_for(fleet_pb2.InstallBundle(sha256=candidate.sha256, size=candidate.size))
                 await asyncio.to_thread(_fetch_whole, source, target)
+                if candidate.weights_sha256:
+                    weights = self.source_for(
+                        fleet_pb2.InstallBundle(sha256=candidate.weights_sha256, size=candidate.weights_size)
+                    )
+                    await asyncio.to_thread(_fetch_whole, weights, target.with_suffix(".bin"))
                 files[candidate.name] = target
             timings = await asyncio.to_thread(time_candidates, files, spec, self.threads)
         return fleet_pb2.CommandAck(command_id=command.command_id, result="done", timings=timings, final=True)

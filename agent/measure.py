@@ -12,9 +12,11 @@ import io
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgefleet.firmware.selftest import LITERT_RUNTIMES, OPENVINO_RUNTIME, LiteRTSession, OpenVINOSession
 from edgefleet.protos.v1 import fleet_pb2
 
 
@@ -23,7 +25,31 @@ def _feed(inputs_npz: bytes) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(data[name][:1]) for name in data.files}
 
 
-def _session(path: Path, provider: str, threads: int):
+class _Timed:
+    """One loaded candidate: ``run(feed)`` on its own runtime."""
+
+    def __init__(self, run: Any, used: str) -> None:
+        self.run = run
+        self.used = used
+
+
+def _load(path: Path, candidate: fleet_pb2.Candidate, threads: int) -> _Timed:
+    runtime = candidate.runtime or "onnxruntime"
+    if runtime == OPENVINO_RUNTIME:
+        device = candidate.device or "CPU"
+        ov = OpenVINOSession(path, device, candidate.inference_precision or None, threads)
+        hint = f"/{candidate.inference_precision}" if candidate.inference_precision else ""
+        return _Timed(lambda feed: ov.run(None, feed), f"openvino:{device}{hint}")
+    if runtime in LITERT_RUNTIMES:
+        lite = LiteRTSession(path, num_threads=threads or 1)
+        return _Timed(lambda feed: lite.run(None, feed), "litert:xnnpack")
+    if runtime != "onnxruntime":
+        raise ValueError(f"runtime {runtime!r} cannot be timed by this agent")
+    session, used = _session(path, candidate.execution_provider or "CPUExecutionProvider", threads)
+    return _Timed(lambda feed: session.run(None, feed), used)
+
+
+def _session(path: Path, provider: str, threads: int) -> tuple[Any, str]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -42,19 +68,16 @@ def time_candidates(
     runs = max(1, spec.runs or 20)
     rounds = max(1, spec.rounds or 9)
     warmup = spec.warmup or 3
-    sessions: dict[str, tuple[object, dict[str, np.ndarray], str]] = {}
+    sessions: dict[str, tuple[_Timed, dict[str, np.ndarray]]] = {}
     timings = {c.name: fleet_pb2.CandidateTiming(name=c.name) for c in spec.candidates}
     for candidate in spec.candidates:
         try:
-            if candidate.runtime not in ("", "onnxruntime"):
-                raise ValueError(f"runtime {candidate.runtime!r} cannot be timed by this agent")
-            session, used = _session(files[candidate.name], candidate.execution_provider or "CPUExecutionProvider",
-                                     threads)
+            timed = _load(files[candidate.name], candidate, threads)
             feed = _feed(candidate.inputs_npz)
             for _ in range(warmup):
-                session.run(None, feed)
-            sessions[candidate.name] = (session, feed, used)
-            timings[candidate.name].runtime = used
+                timed.run(feed)
+            sessions[candidate.name] = (timed, feed)
+            timings[candidate.name].runtime = timed.used
         except Exception as exc:  # a candidate that does not load here is a result, not a crash
             timings[candidate.name].error = f"{type(exc).__name__}: {exc}"
     order = list(sessions)
@@ -62,9 +85,9 @@ def time_candidates(
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            session, feed, _ = sessions[name]
+            timed, feed = sessions[name]
             started = time.perf_counter()
             for _ in range(runs):
-                session.run(None, feed)  # type: ignore[attr-defined]
+                timed.run(feed)
             timings[name].latencies_ms.append((time.perf_counter() - started) * 1000 / runs)
     return [timings[c.name] for c in spec.candidates]

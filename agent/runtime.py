@@ -1,4 +1,5 @@
-"""Run the installed model: onnxruntime or LiteRT, with the provider or delegate the bundle names.
+"""Run the installed model: onnxruntime, LiteRT or OpenVINO, with the provider, delegate or device the
+bundle names.
 
 A requested execution provider that is not available here (or fails to create a session) falls
 back to the CPU, and the fallback is reported (status, log, telemetry runtime string): a silent
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet.firmware.manifest import IOSpec, Manifest, TensorSpec
-from edgefleet.firmware.selftest import LITERT_RUNTIMES, litert_interpreter_class
+from edgefleet.firmware.selftest import LITERT_RUNTIMES, OPENVINO_RUNTIME, OpenVINOSession, litert_interpreter_class
 
 log = logging.getLogger("edgefleet.agent.runtime")
 
@@ -110,6 +111,35 @@ def _load_onnx(path: Path, provider: str, threads: int) -> tuple[Runner, str, st
     return _OrtRunner(session), "onnxruntime:CPUExecutionProvider", fallback
 
 
+class _OpenVINORunner:
+    def __init__(self, session: OpenVINOSession) -> None:
+        self.session = session
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.session.output_names, self.session.run(None, inputs), strict=True))
+
+
+def _load_openvino(path: Path, device: str, precision: str | None, threads: int) -> tuple[Runner, str, str]:
+    """OpenVINO on the bundle's device. A device that is missing here (an NPU build on a box without
+    the NPU plugin) falls back to the CPU without the precision hint, and says so."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError(
+            "this build runs on OpenVINO, which is not installed; install edgefleet[agent,openvino]"
+        ) from None
+    used = f"openvino:{device}" + (f"/{precision}" if precision else "")
+    available = ov.Core().available_devices
+    if device == "CPU" or device in available or device.split(".")[0] in available:
+        try:
+            return _OpenVINORunner(OpenVINOSession(path, device, precision, threads)), used, ""
+        except Exception as exc:  # a plugin that is present but cannot compile this model
+            fallback = f"OpenVINO {device} failed to compile the model ({str(exc).splitlines()[0][:160]}); using CPU"
+    else:
+        fallback = f"OpenVINO device {device} is not available here (have: {', '.join(available)}); using CPU"
+    return _OpenVINORunner(OpenVINOSession(path, "CPU", None, threads)), "openvino:CPU", fallback
+
+
 _DELEGATE_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so"}
 
 
@@ -138,8 +168,13 @@ def load_model(model_path: Path, manifest: Manifest, threads: int = 0) -> Loaded
         runner, used, fallback = _load_onnx(model_path, runtime.execution_provider, threads)
     elif runtime.name in LITERT_RUNTIMES:
         runner, used, fallback = _load_tflite(model_path, runtime.delegate, threads)
+    elif runtime.name == OPENVINO_RUNTIME:
+        runner, used, fallback = _load_openvino(model_path, runtime.device or "CPU", runtime.inference_precision,
+                                                threads)
     else:
-        raise ValueError(f"runtime {runtime.name!r} is not supported by this agent; use onnxruntime or litert")
+        raise ValueError(
+            f"runtime {runtime.name!r} is not supported by this agent; use onnxruntime, litert or openvino"
+        )
     if fallback:
         log.warning("runtime fallback", extra={"model": manifest.name, "version": manifest.version,
                                                 "reason": fallback})

@@ -49,7 +49,7 @@ from edgefleet.firmware.keys import TrustedKeys, trusted_keys
 from edgefleet.firmware.manifest import Manifest
 from edgefleet.firmware.rejections import BundleRejected, RejectReason
 from edgefleet.firmware.replay import InstallCommand, NonceStore
-from edgefleet.firmware.selftest import compare_outputs, load_session, run_golden, run_self_test
+from edgefleet.firmware.selftest import compare_outputs, load_manifest_session, run_golden, run_self_test
 from edgefleet.firmware.slots import PAYLOAD_DIR, STAGED_MARKER, SlotStore, active_model, manifest_digest
 from edgefleet.firmware.sources import ArtifactSource, FileSource, SourceInterrupted
 
@@ -569,7 +569,7 @@ class Installer:
         self.slots.point_active(record.staging_slot)
         model = active_model(self.state_dir)
         assert model is not None
-        session = load_session(model.model_path, model.manifest.runtime.execution_provider, model.manifest.runtime.name)
+        session = load_manifest_session(model.model_path, model.manifest)
         spec = model.manifest.self_test
 
         def healthy() -> None:

@@ -77,20 +77,29 @@ class IOSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """Which runtime runs the payload and with which execution provider (ORT) or delegate (LiteRT)."""
+    """Which runtime runs the payload: onnxruntime with an execution provider, LiteRT with a delegate, or
+    OpenVINO on a device (CPU, GPU, NPU) with an inference-precision hint (bf16, f16, f32)."""
 
     name: str = "onnxruntime"
     execution_provider: str = "CPUExecutionProvider"
     delegate: str | None = None
     version: str | None = None  # the runtime version the build was measured with, for provenance
+    device: str | None = None  # OpenVINO device
+    inference_precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT the build was gated and timed with
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "execution_provider": self.execution_provider,
             "delegate": self.delegate,
             "version": self.version,
         }
+        # Written only when set, so manifests of onnxruntime and LiteRT builds keep their exact bytes.
+        if self.device is not None:
+            out["device"] = self.device
+        if self.inference_precision is not None:
+            out["inference_precision"] = self.inference_precision
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RuntimeSpec:
@@ -99,7 +108,10 @@ class RuntimeSpec:
             execution_provider=str(d["execution_provider"]),
             delegate=d.get("delegate"),
             version=d.get("version"),
+            device=d.get("device"),
+            inference_precision=d.get("inference_precision"),
         )
+
 
 
 @dataclass(frozen=True)

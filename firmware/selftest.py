@@ -55,6 +55,69 @@ def litert_interpreter_class() -> tuple[Any, Any, str]:
         return tflite.Interpreter, tflite.load_delegate, "tflite-runtime"
 
 
+OPENVINO_RUNTIME = "openvino"
+
+
+def openvino_config(
+    device: str = "CPU", inference_precision: str | None = None, num_threads: int = 0
+) -> dict[str, Any]:
+    """The compile settings every OpenVINO session uses (self-test, serving, compiler timing), so a
+    build is measured the way it will run. Threads and the precision hint apply to the CPU plugin only."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if device.split(".")[0] == "CPU" and num_threads > 0:
+        config["INFERENCE_NUM_THREADS"] = int(num_threads)
+    if inference_precision:
+        config["INFERENCE_PRECISION_HINT"] = inference_precision
+    return config
+
+
+class OpenVINOSession:
+    """An OpenVINO compiled model behind onnxruntime's ``run(names, feeds)``.
+
+    It reads what OpenVINO reads: an IR (``.xml`` beside its ``.bin``), ONNX or TFLite. The device
+    and the inference-precision hint come from the bundle; they are part of what was measured.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        device: str = "CPU",
+        inference_precision: str | None = None,
+        num_threads: int = 0,
+    ) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(model_path))
+        self.compiled = core.compile_model(model, device, openvino_config(device, inference_precision, num_threads))
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [_port_name(p, i, "input") for i, p in enumerate(self.compiled.inputs)]
+        self.output_names = [_port_name(p, i, "output") for i, p in enumerate(self.compiled.outputs)]
+        self.input_types = [p.get_element_type().to_dtype().name for p in self.compiled.inputs]
+        self.input_shapes = [_partial_shape(p.get_partial_shape()) for p in self.compiled.inputs]
+        self.output_shapes = [_partial_shape(p.get_partial_shape()) for p in self.compiled.outputs]
+        self.output_types = [p.get_element_type().to_dtype().name for p in self.compiled.outputs]
+
+    def run(self, names: list[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
+        result = self.request.infer({name: feeds[name] for name in self.input_names})
+        values = {name: np.array(result[port]) for name, port in zip(self.output_names, self.compiled.outputs,
+                                                                       strict=True)}
+        return [values[n] for n in (names or self.output_names)]
+
+
+def _port_name(port: Any, index: int, kind: str) -> str:
+    try:
+        return str(port.get_any_name())
+    except RuntimeError:  # a port without a tensor name: OpenVINO allows it, names are ours
+        return f"{kind}_{index}"
+
+
+def _partial_shape(shape: Any) -> tuple[int | str, ...]:
+    return tuple(int(d.get_length()) if d.is_static else "?" for d in shape)
+
+
 class LiteRTSession:
     """A LiteRT interpreter behind onnxruntime's ``run(names, feeds)``, so one self-test serves both."""
 
@@ -75,9 +138,25 @@ class LiteRTSession:
 
 
 def load_session(
-    model_path: Path, execution_provider: str = "CPUExecutionProvider", runtime: str = "onnxruntime"
+    model_path: Path,
+    execution_provider: str = "CPUExecutionProvider",
+    runtime: str = "onnxruntime",
+    *,
+    device: str | None = None,
+    inference_precision: str | None = None,
 ) -> Any:
     """An inference session, or ``load_failed`` with the runtime's own words."""
+    if runtime == OPENVINO_RUNTIME:
+        try:
+            # One thread, as for onnxruntime below: the old model keeps serving during the test.
+            return OpenVINOSession(model_path, device or "CPU", inference_precision, num_threads=1)
+        except ImportError:
+            raise BundleRejected(
+                RejectReason.LOAD_FAILED,
+                "this build runs on OpenVINO, which is not installed here; install edgefleet[agent,openvino]",
+            ) from None
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+            raise BundleRejected(RejectReason.LOAD_FAILED, f"model {model_path.name} does not load: {exc}") from None
     if runtime in LITERT_RUNTIMES:
         try:
             return LiteRTSession(model_path)
@@ -98,6 +177,18 @@ def load_session(
         return ort.InferenceSession(str(model_path), options, providers=_providers(execution_provider))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise BundleRejected(RejectReason.LOAD_FAILED, f"model {model_path.name} does not load: {exc}") from None
+
+
+def load_manifest_session(model_path: Path, manifest: Manifest) -> Any:
+    """The session the manifest's runtime, provider or device, and precision hint call for."""
+    runtime = manifest.runtime
+    return load_session(
+        model_path,
+        runtime.execution_provider,
+        runtime.name,
+        device=runtime.device,
+        inference_precision=runtime.inference_precision,
+    )
 
 
 def compare_outputs(
@@ -133,7 +224,7 @@ def run_golden(session: Any, spec: SelfTestSpec) -> dict[str, np.ndarray]:
 
 def run_self_test(slot_dir: Path, manifest: Manifest, *, repeat: int = 1) -> None:
     """Load the slot's model and check ``repeat`` golden inferences; raises ``BundleRejected``."""
-    session = load_session(slot_dir / manifest.model_file, manifest.runtime.execution_provider, manifest.runtime.name)
+    session = load_manifest_session(slot_dir / manifest.model_file, manifest)
     for _ in range(max(1, repeat)):
         compare_outputs(run_golden(session, manifest.self_test), manifest.self_test)
 
@@ -181,6 +272,27 @@ def describe_tflite_model(
 
     io = IOSpec(inputs=tuple(spec(d) for d in session.input_details),
                 outputs=tuple(spec(d) for d in session.output_details))
+    return io, _golden_self_test(session, io, golden_inputs, rtol=rtol, atol=atol, seed=seed)
+
+
+def describe_openvino_model(
+    model_path: Path,
+    golden_inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    device: str = "CPU",
+    inference_precision: str | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[IOSpec, SelfTestSpec]:
+    """The I/O spec and golden self-test of a build OpenVINO runs, recorded with the same precision hint."""
+    session = OpenVINOSession(Path(model_path), device, inference_precision)
+    io = IOSpec(
+        inputs=tuple(TensorSpec(n, t, s) for n, t, s in zip(session.input_names, session.input_types,
+                                                             session.input_shapes, strict=True)),
+        outputs=tuple(TensorSpec(n, t, s) for n, t, s in zip(session.output_names, session.output_types,
+                                                              session.output_shapes, strict=True)),
+    )
     return io, _golden_self_test(session, io, golden_inputs, rtol=rtol, atol=atol, seed=seed)
 
 

@@ -136,7 +136,53 @@ def _litert(tree: ProfiledTree) -> profile_pb2.RuntimeInfo | None:
     return info
 
 
+def openvino_device_runs(core: object, device: str) -> tuple[bool, str]:
+    """True when ``device`` compiles the probe model and gives the right answer, as for ORT providers:
+    a listed device whose plugin or driver is broken must not count."""
+    import numpy as np
+
+    try:
+        compiled = core.compile_model(core.read_model(str(PROBE_ONNX)), device)  # type: ignore[attr-defined]
+        ones = np.ones((2, 2), dtype=np.float32)
+        out = np.asarray(compiled({"A": ones, "B": ones})[compiled.outputs[0]])
+        if not np.allclose(out, 2.0):
+            return False, f"the probe model gave {out.ravel().tolist()} instead of 2.0"
+    except Exception as exc:  # each plugin fails in its own way
+        return False, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return True, ""
+
+
+def _openvino(tree: ProfiledTree) -> profile_pb2.RuntimeInfo | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None  # OpenVINO is an optional extra on the device (edgefleet[agent,openvino])
+    try:
+        core = ov.Core()
+        devices = list(core.available_devices)
+    except Exception as exc:
+        tree.gap("openvino", f"the runtime is installed but does not start ({exc})")
+        return None
+    info = profile_pb2.RuntimeInfo(name="openvino", version=ov.get_version().split("-")[0])
+    info.available_providers.extend(devices)
+    for device in devices:
+        entry = info.devices.add(name=device)
+        try:
+            entry.full_name = str(core.get_property(device, "FULL_DEVICE_NAME"))
+            entry.capabilities.extend(str(c) for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+        except Exception as exc:
+            entry.error = f"properties not readable: {str(exc).splitlines()[0][:160]}"
+        ok, why = openvino_device_runs(core, device)
+        entry.loadable = ok
+        if ok:
+            info.loadable_providers.append(device)
+        else:
+            entry.error = entry.error or why
+            tree.gap(f"openvino {device}", f"listed by OpenVINO but compiling a probe model failed ({why})")
+    return info
+
+
 def collect_runtimes(tree: ProfiledTree) -> list[profile_pb2.RuntimeInfo]:
     if not tree.is_live:
         return []
-    return [info for info in (_onnxruntime(tree), _litert(tree)) if info is not None]
+    return [info for info in (_onnxruntime(tree), _litert(tree), _openvino(tree)) if info is not None]

@@ -307,20 +307,28 @@ class MeasureCandidates(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., warmup: _Optional[int] = ..., runs: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz")
+    __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz", "weights_sha256", "weights_size", "device", "inference_precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size: int
     runtime: str
     execution_provider: str
     inputs_npz: bytes
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., runtime: _Optional[str] = ..., execution_provider: _Optional[str] = ..., inputs_npz: _Optional[bytes] = ...) -> None: ...
+    weights_sha256: str
+    weights_size: int
+    device: str
+    inference_precision: str
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., runtime: _Optional[str] = ..., execution_provider: _Optional[str] = ..., inputs_npz: _Optional[bytes] = ..., weights_sha256: _Optional[str] = ..., weights_size: _Optional[int] = ..., device: _Optional[str] = ..., inference_precision: _Optional[str] = ...) -> None: ...
 
 class CandidateTiming(_message.Message):
     __slots__ = ("name", "latencies_ms", "error", "runtime")

@@ -76,16 +76,32 @@ class OsInfo(_message.Message):
     def __init__(self, system: _Optional[str] = ..., kernel: _Optional[str] = ..., distro: _Optional[str] = ..., python_version: _Optional[str] = ..., hostname: _Optional[str] = ..., board_model: _Optional[str] = ...) -> None: ...
 
 class RuntimeInfo(_message.Message):
-    __slots__ = ("name", "version", "available_providers", "loadable_providers")
+    __slots__ = ("name", "version", "available_providers", "loadable_providers", "devices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     LOADABLE_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     available_providers: _containers.RepeatedScalarFieldContainer[str]
     loadable_providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., loadable_providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[RuntimeDevice]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., available_providers: _Optional[_Iterable[str]] = ..., loadable_providers: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[RuntimeDevice, _Mapping]]] = ...) -> None: ...
+
+class RuntimeDevice(_message.Message):
+    __slots__ = ("name", "full_name", "capabilities", "loadable", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FULL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LOADABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    full_name: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    loadable: bool
+    error: str
+    def __init__(self, name: _Optional[str] = ..., full_name: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., loadable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Accelerator(_message.Message):
     __slots__ = ("kind", "vendor", "model", "driver", "compute_capability", "memory_bytes", "device_path", "source", "details")

@@ -1,0 +1,66 @@
+"""An OpenVINO build as a bundle: two payload files (IR .xml + .bin), verified, self-tested, served."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+from bundle_fixtures import GOLDEN_X, HARDWARE_CLASS, write_affine_model
+
+from edgefleet.agent.runtime import load_model
+from edgefleet.firmware.bundle import BundleSpec, build_bundle
+from edgefleet.firmware.installer import Installer, InstallPolicy
+from edgefleet.firmware.manifest import RuntimeSpec
+from edgefleet.firmware.selftest import describe_openvino_model
+from edgefleet.firmware.slots import active_model
+from edgefleet.firmware.sources import FileSource
+
+
+def openvino_bundle(tmp_path: Path, signing_key, *, device: str = "CPU", precision: str | None = "f32") -> Path:
+    onnx_path = write_affine_model(tmp_path / "affine.onnx", 2.0, 1.0)
+    xml = tmp_path / "model.xml"
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=True)
+    io, self_test = describe_openvino_model(xml, {"x": GOLDEN_X}, inference_precision=precision)
+    spec = BundleSpec(
+        name="affine", version=1, hardware_class=HARDWARE_CLASS, model_file="model.xml",
+        payload={"model.xml": xml, "model.bin": xml.with_suffix(".bin")}, io=io, self_test=self_test,
+        runtime=RuntimeSpec(name="openvino", execution_provider="", device=device, inference_precision=precision,
+                            version=ov.get_version()),
+        provenance={"recipe": "ov-fp32-fp16w"}, created_at=time.time(), expires_at=time.time() + 3600,
+    )
+    return build_bundle(spec, signing_key, tmp_path / "ov.efb")
+
+
+def test_openvino_bundle_installs_self_tests_and_serves(tmp_path: Path, signing_key) -> None:
+    state = tmp_path / "device"
+    installer = Installer(state, [signing_key.public_key()], hardware_class=HARDWARE_CLASS,
+                          policy=InstallPolicy(probation_inferences=2))
+    outcome = installer.install(FileSource(openvino_bundle(tmp_path, signing_key)))
+    assert outcome.result == "committed", outcome
+    active = active_model(state)
+    assert active is not None and active.manifest.runtime.name == "openvino"
+    assert active.manifest.runtime.inference_precision == "f32"
+    loaded = load_model(active.model_path, active.manifest, threads=1)
+    assert loaded.runtime == "openvino:CPU/f32" and loaded.fallback == ""
+    out = loaded.run({"x": GOLDEN_X})
+    np.testing.assert_allclose(next(iter(out.values())), GOLDEN_X * 2.0 + 1.0, rtol=1e-3)
+
+
+def test_a_bundle_for_a_missing_openvino_device_is_refused_and_serving_says_why(
+    tmp_path: Path, signing_key
+) -> None:
+    if "NPU" in ov.Core().available_devices:  # pragma: no cover - only on a machine with an Intel NPU
+        return
+    from edgefleet.agent.runtime import _load_openvino
+
+    state = tmp_path / "device"
+    installer = Installer(state, [signing_key.public_key()], hardware_class=HARDWARE_CLASS,
+                          policy=InstallPolicy(probation_inferences=1))
+    outcome = installer.install(FileSource(openvino_bundle(tmp_path, signing_key, device="NPU", precision="f16")))
+    assert outcome.result != "committed" and active_model(state) is None
+    assert "load" in str(outcome.reason).lower() or "NPU" in str(outcome.message)
+    # Serving a build whose device is gone (a plugin removed after install) falls back to the CPU, said so.
+    _, used, fallback = _load_openvino(tmp_path / "model.xml", "NPU", "f16", 1)
+    assert used == "openvino:CPU" and "NPU is not available" in fallback
