@@ -47,6 +47,24 @@ def measure_spec(candidates: Sequence[tuple[str, int]], inputs_npz: bytes) -> fl
     return spec
 
 
+def candidate_for(artifacts: ArtifactStore, path: Path, runtime: Any | None) -> fleet_pb2.Candidate:
+    """Upload one candidate build (an OpenVINO IR is two files) and say which runtime times it."""
+    from edgefleet.controller.compiler.runner import RuntimeChoice, build_files
+
+    choice = runtime or RuntimeChoice.for_file(path)
+    files = build_files(path)
+    candidate = fleet_pb2.Candidate(
+        sha256=artifacts.put_file(files[0]), size=files[0].stat().st_size, runtime=choice.name
+    )
+    if choice.name == "openvino":
+        candidate.device = choice.device
+        candidate.inference_precision = choice.inference_precision or ""
+        if len(files) > 1:
+            candidate.weights_sha256 = artifacts.put_file(files[1])
+            candidate.weights_size = files[1].stat().st_size
+    return candidate
+
+
 def summarize(device_id: str, timing: fleet_pb2.CandidateTiming, runs: int) -> dict[str, Any]:
     """Round means -> the compiler's {median_ms, p90_ms, min_ms, samples}."""
     if timing.error or not timing.latencies_ms:
@@ -76,13 +94,28 @@ class DeviceMeasure:
                 return record.device_id
         return None
 
-    def submit(self, device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """The compiler's DeviceSubmit hook: {str(path): {median_ms, p90_ms, min_ms, samples}}."""
-        candidates = [(self.artifacts.put_file(Path(p)), Path(p).stat().st_size) for p in paths]
-        spec = measure_spec(candidates, sample_npz(inputs))
+    def submit(self, device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
+               runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
+        """The compiler's DeviceSubmit hook: {str(path): {median_ms, p90_ms, min_ms, samples}}.
+
+        A candidate the device could not run (an OpenVINO build on an agent without OpenVINO) is left
+        out and logged; the others are still compared. The fp32 baseline must run."""
+        inputs_npz = sample_npz(inputs)
+        spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7)
+        for index, path in enumerate(paths):
+            candidate = candidate_for(self.artifacts, Path(path), (runtimes or {}).get(Path(path)))
+            candidate.name, candidate.inputs_npz = f"c{index}", inputs_npz
+            spec.candidates.append(candidate)
         ack = asyncio.run_coroutine_threadsafe(self.run(device_id, spec), self.loop).result(MEASURE_TIMEOUT_S + 10)
-        return {str(path): summarize(device_id, timing, spec.runs) for path, timing in zip(paths, ack.timings,
-                                                                                             strict=True)}
+        out: dict[str, Any] = {}
+        for index, (path, timing) in enumerate(zip(paths, ack.timings, strict=True)):
+            if timing.error and index > 0:
+                log.warning("candidate not timed on the device", extra={"device_id": device_id,
+                                                                          "candidate": Path(path).name,
+                                                                          "reason": timing.error})
+                continue
+            out[str(path)] = summarize(device_id, timing, spec.runs)
+        return out
 
     async def run(self, device_id: str, spec: fleet_pb2.MeasureCandidates) -> fleet_pb2.CommandAck:
         record = self.commands.issue(device_id, measure=spec, ttl_s=MEASURE_TIMEOUT_S)

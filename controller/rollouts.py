@@ -536,10 +536,11 @@ class RolloutEngine:
 
     def _compile_sync(self, model: str, version: int, hardware_class: str) -> BuildRecord:
         from edgefleet.controller.compiler.api import CompileSpec, compile_model
+        from edgefleet.controller.compiler.runner import build_files
         from edgefleet.controller.compiler.target import TargetSpec
         from edgefleet.firmware.bundle import BundleSpec, build_bundle
         from edgefleet.firmware.manifest import RuntimeSpec
-        from edgefleet.firmware.selftest import describe_onnx_model, describe_tflite_model
+        from edgefleet.firmware.selftest import describe_onnx_model, describe_openvino_model, describe_tflite_model
 
         registered = self.store.get_model(model, version)
         assert registered is not None
@@ -569,7 +570,15 @@ class RolloutEngine:
                 with np.load(calib_file) as data:
                     golden = {k: data[k][:1] for k in data.files}
             provider = str(report.target.get("execution_provider") or "CPUExecutionProvider")
-            if artifact.suffix == ".tflite":
+            chosen_runtime = report.runtime or {}
+            if chosen_runtime.get("name") == "openvino":
+                device = str(chosen_runtime.get("device") or "CPU")
+                precision = chosen_runtime.get("inference_precision")
+                io, self_test = describe_openvino_model(artifact, golden, device=device, inference_precision=precision,
+                                                        rtol=1e-2, atol=1e-3)
+                runtime = RuntimeSpec(name="openvino", execution_provider="", device=device,
+                                      inference_precision=precision, version=chosen_runtime.get("version"))
+            elif artifact.suffix == ".tflite":
                 # TFLite names its tensors itself, so the golden input is generated from its own spec.
                 io, self_test = describe_tflite_model(artifact, rtol=1e-2, atol=1e-3)
                 runtime = RuntimeSpec(name="litert")
@@ -584,7 +593,7 @@ class RolloutEngine:
                 bundle = work / f"bundle-{int(rollback)}.efb"
                 build_bundle(BundleSpec(
                     name=model, version=version, hardware_class=hardware_class, model_file=artifact.name,
-                    payload={artifact.name: artifact}, io=io, self_test=self_test,
+                    payload={f.name: f for f in build_files(artifact)}, io=io, self_test=self_test,
                     runtime=runtime,
                     provenance=provenance, rollback=rollback,
                 ), self.signing_key, bundle)
@@ -599,16 +608,35 @@ class RolloutEngine:
 
     def _target_for(self, hardware_class: str) -> Any:
         """The profile of an enrolled device of the class makes a better target than the class name."""
-        from edgefleet.controller.compiler.target import TargetSpec
+        from dataclasses import replace
+
+        from edgefleet.controller.compiler.target import TargetSpec, openvino_from_profile
         from edgefleet.protos.v1 import profile_pb2
 
+        target = None
+        # A build of the class must run on every device of it: OpenVINO devices (and their precisions)
+        # are offered only where every profiled device of the class has them.
+        shared_ov: dict[str, set[str]] | None = None
         for device in self.store.list_devices():
             if device.hardware_class == hardware_class and device.profile:
                 profile = profile_pb2.HardwareProfile.FromString(device.profile)
-                try:
-                    return TargetSpec.from_profile(profile)
-                except Exception as exc:  # a profile the compiler cannot use: fall back to the class name
-                    log.warning("compiling for the class name: the profile of %s is not usable as a target (%s)",
-                                device.device_id, exc, extra={"class": hardware_class})
-                    return None
-        return None
+                if target is None:
+                    try:
+                        target = TargetSpec.from_profile(profile)
+                    except Exception as exc:  # a profile the compiler cannot use: fall back to the class name
+                        log.warning("compiling for the class name: the profile of %s is not usable as a target (%s)",
+                                    device.device_id, exc, extra={"class": hardware_class})
+                        return None
+                devices = dict(openvino_from_profile(profile)[0])
+                mine = {name: set(caps) for name, caps in devices.items()}
+                shared_ov = mine if shared_ov is None else {
+                    name: caps & mine[name] for name, caps in shared_ov.items() if name in mine
+                }
+        if target is not None and shared_ov is not None:
+            kept = tuple((name, tuple(c for c in caps if c in shared_ov[name]))
+                         for name, caps in target.openvino_devices if name in shared_ov)
+            if kept != target.openvino_devices:
+                log.info("OpenVINO candidates limited to what every device of the class runs",
+                         extra={"class": hardware_class, "openvino": str(kept)})
+            target = replace(target, openvino_devices=kept)
+        return target

@@ -20,7 +20,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ import numpy as np
 from edgefleet.controller.compiler import cache as cache_mod
 from edgefleet.controller.compiler.data import Dataset, load_npz, split_holdout, synthetic
 from edgefleet.controller.compiler.errors import CompileError
-from edgefleet.controller.compiler.gate import Gate, fidelity, load_eval_fn
+from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
 from edgefleet.controller.compiler.measure import (
     DeviceMeasurerFactory,
     EstimatedMeasurer,
@@ -39,9 +39,9 @@ from edgefleet.controller.compiler.measure import (
     paired_speedup,
 )
 from edgefleet.controller.compiler.model_io import SourceModel, load_source, sha256_file
-from edgefleet.controller.compiler.passes import GateResult, PassContext, PassError, check_pass, load_pass
+from edgefleet.controller.compiler.passes import GateProbe, GateResult, PassContext, PassError, check_pass, load_pass
 from edgefleet.controller.compiler.recipes import Recipe, recipes_for
-from edgefleet.controller.compiler.runner import ModelRunner
+from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, build_files, build_size, move_build
 from edgefleet.controller.compiler.target import TargetSpec
 
 REPORT_SCHEMA = 1
@@ -62,6 +62,8 @@ class CompileSpec:
     budget: float = 0.99
     eval_fn: str | None = None
     max_drop: float = 0.01
+    metric: str = "cosine"
+    eval_labels: Path | None = None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     out: Path | None = None
     recipes: tuple[str, ...] | None = None
@@ -95,6 +97,8 @@ class CompileReport:
     cache_key: str
     source: dict[str, Any]
     cached: bool = False
+    # The runtime the chosen build runs on: {name, device, inference_precision, version}.
+    runtime: dict[str, Any] = field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA
     elapsed_s: float = 0.0
 
@@ -123,11 +127,14 @@ class _Candidate:
     def compressed_bytes(self) -> int | None:
         return self.compressed.result() if self.compressed is not None else None
 
+    cosine: float | None = None
+
     def row(self) -> dict[str, Any]:
-        size = self.path.stat().st_size if self.path else None
+        size = build_size(self.path) if self.path else None
         return {
             "recipe": self.recipe.name,
             "precision": self.recipe.precision,
+            "runtime": self.recipe.runtime.describe(),
             "passes": self.recipe.describe(),
             "latency_ms": round(self.stats.median_ms, 4) if self.stats else None,
             "latency_p90_ms": round(self.stats.p90_ms, 4) if self.stats else None,
@@ -135,7 +142,8 @@ class _Candidate:
             "measured_on": self.stats.measured_on if self.stats else None,
             "size_bytes": size,
             "compressed_bytes": self.compressed_bytes(),
-            "fidelity": None if self.fidelity is None else round(self.fidelity, 6),
+            "fidelity": None if self.cosine is None else round(self.cosine, 6),
+            "metric_score": None if self.fidelity is None else round(self.fidelity, 6),
             "task_score": self.score,
             "passed_gate": self.passed,
             "error": self.error,
@@ -163,7 +171,7 @@ def _compressed_size(path: Path) -> int:
 
     About 1 s for a 40 MB fp32 model; zlib lets go of the GIL, so compile_model works it out on
     a thread while it builds the next candidate and while candidates are timed on a device."""
-    return len(zlib.compress(path.read_bytes(), 6))
+    return sum(len(zlib.compress(p.read_bytes(), 6)) for p in build_files(path))
 
 
 def _say(progress: Progress | None, message: str) -> None:
@@ -189,7 +197,11 @@ def _gate_data(
     calib = load_npz(spec.calib, source.inputs, flag="--calib", shape_overrides=shapes) if spec.calib else None
     if spec.eval_data:
         gate_set = load_npz(spec.eval_data, source.inputs, flag="--eval-data", shape_overrides=shapes)
+        if spec.eval_labels:
+            gate_set = _with_labels(gate_set, spec.eval_labels, "--eval-data")
     elif calib is not None:
+        if spec.eval_labels:  # labels for the --calib samples follow them through the split
+            calib = _with_labels(calib, spec.eval_labels, "--calib")
         calib, gate_set = split_holdout(calib, spec.holdout_fraction)
         _say(progress, f"gate: {gate_set.count} held-out --calib samples, calibration: {calib.count}")
     else:
@@ -208,11 +220,40 @@ def _gate_data(
                     f"input '{t.name}' has dynamic dims and no data was given; pass --calib "
                     f"DATA.npz or --input-shape {t.name}=1,..."
                 )
+        if spec.eval_labels:
+            raise CompileError("--eval-labels label samples: pass them with --eval-data DATA.npz (or --calib)")
         gate_set = synthetic(source.inputs, concrete, 32)
         _say(progress, "warning: no --calib: gating on random inputs, which flatters int8; static int8 skipped")
     if gate_set.count > spec.max_gate_samples:
         gate_set = gate_set.take(slice(0, spec.max_gate_samples))
     return calib, gate_set
+
+
+def _with_labels(data: Dataset, path: Path, flag: str) -> Dataset:
+    """``--eval-labels``: one integer array (any key) with a class per sample of ``flag``'s data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompileError(f"--eval-labels file {path} does not exist; pass an .npz holding one array of labels")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: np.asarray(npz[k]) for k in npz.files}
+    except Exception as exc:
+        raise CompileError(
+            f"cannot read --eval-labels {path.name} as .npz ({str(exc).splitlines()[0][:120]}); "
+            "save it with numpy.savez(path, labels=array)"
+        ) from exc
+    if len(arrays) != 1:
+        raise CompileError(
+            f"--eval-labels holds {len(arrays)} arrays ({', '.join(sorted(arrays)) or 'none'}); store exactly one, "
+            "e.g. numpy.savez(path, labels=array)"
+        )
+    labels = next(iter(arrays.values()))
+    if labels.dtype.kind not in "iu" or labels.ndim < 1 or labels.shape[0] != data.count:
+        raise CompileError(
+            f"--eval-labels has {labels.dtype} shape {tuple(labels.shape)} but {flag} holds {data.count} samples; "
+            "store one integer class per sample (shape N, or N x positions)"
+        )
+    return replace(data, extra={**data.extra, LABELS_KEY: labels})
 
 
 def _resolve_measurer(
@@ -257,7 +298,9 @@ def compile_model(
     source = load_source(Path(spec.model))
     target = TargetSpec.resolve(spec.target)
     eval_fn = load_eval_fn(spec.eval_fn) if spec.eval_fn else None
-    gate = Gate(spec.budget, eval_fn, spec.max_drop)
+    gate = Gate(spec.budget, eval_fn, spec.max_drop, spec.metric)
+    if gate.labelled and spec.eval_labels is None:
+        raise CompileError("--metric accuracy scores against labels; pass --eval-labels LABELS.npz")
     shapes = {k: tuple(v) for k, v in spec.input_shapes.items()}
     names = [t.name for t in source.inputs]
     for name in shapes:
@@ -307,7 +350,7 @@ def compile_model(
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as work_str, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="compressed-size") as sizes:
         work = Path(work_str)
-        report, artifact = _run_candidates(
+        report, artifact, chosen_recipe = _run_candidates(
             spec,
             source,
             target,
@@ -323,12 +366,13 @@ def compile_model(
             sizes,
         )
         report.elapsed_s = round(time.monotonic() - started, 2)
+        report.runtime = _runtime_of(chosen_recipe.runtime, target, toolchain)
         artifact_name = f"model{artifact.suffix}"
         report.artifact = str(out.resolve() / artifact_name)
-        manifest = _manifest(report, source, target, recipes, artifact, artifact_name)
+        manifest = _manifest(report, source, target, chosen_recipe, artifact, artifact_name)
 
         def fill(tmp: Path) -> None:
-            shutil.copy2(artifact, tmp / artifact_name)
+            move_build(artifact, tmp / artifact_name, copy=True)
             _write_json(tmp / "report.json", report.to_dict())
             _write_json(tmp / "manifest.json", manifest)
 
@@ -352,20 +396,109 @@ def _run_candidates(
     key: str,
     toolchain: dict[str, str],
     sizes: Executor,
-) -> tuple[CompileReport, Path]:
-    ref_runner = ModelRunner(source.path, target.threads)
-    _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
-    reference = ref_runner.run_dataset(gate_set.inputs)
-    del ref_runner
-    gate_all = {**gate_set.inputs, **gate_set.extra}
-    ref_score = gate.score(reference, gate_all)
+) -> tuple[CompileReport, Path, Recipe]:
+    """Build, gate, measure, select, report: each step below is one function."""
+    judge = _GateJudge.for_source(source, target, gate, gate_set, progress)
+    quick = (
+        LocalMeasurer(threads=target.threads, rounds=5, round_ms=20.0) if isinstance(measurer, LocalMeasurer) else None
+    )
+    candidates = _build_candidates(spec, source, target, recipes, calib, judge, work, progress, sizes, quick)
+    _measure(candidates, measurer, gate_set, progress)
+    chosen, baseline, gain, why = _select(spec, candidates, judge)
+    report = _report(
+        spec, source, target, candidates, chosen, baseline, gain, why, judge, calib, measurer, key, toolchain
+    )
+    assert chosen.path is not None
+    return report, chosen.path, chosen.recipe
 
-    def evaluate(path: Path) -> GateResult:
-        outs = ModelRunner(path, target.threads).run_dataset(gate_set.inputs)
-        fid = fidelity(reference, outs)
-        score = gate.score(outs, gate_all)
-        return GateResult(fid, score, gate.passes(fid, score, ref_score))
 
+@dataclass
+class _GateJudge:
+    """The fp32 reference on the gate samples and how a candidate's outputs are judged against it."""
+
+    gate: Gate
+    gate_set: Dataset
+    threads: int
+    reference: dict[str, np.ndarray]
+    ref_score: float | None
+
+    @classmethod
+    def for_source(
+        cls, source: SourceModel, target: TargetSpec, gate: Gate, gate_set: Dataset, progress: Progress | None
+    ) -> _GateJudge:
+        _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
+        reference = _run_gate_set(ModelRunner(source.path, target.threads), gate_set)
+        ref_score = gate.score(reference, {**gate_set.inputs, **gate_set.extra})
+        return cls(gate, gate_set, target.threads, reference, ref_score)
+
+    def evaluate(self, path: Path, runtime: RuntimeChoice | None = None) -> GateResult:
+        outs = _run_gate_set(ModelRunner(path, self.threads, runtime=runtime), self.gate_set)
+        return self.judge(outs)
+
+    def judge(self, outs: Mapping[str, np.ndarray]) -> GateResult:
+        value = self.gate.agreement(self.reference, outs)
+        score = self.gate.score(outs, {**self.gate_set.inputs, **self.gate_set.extra})
+        return GateResult(value, score, self.gate.passes(value, score, self.ref_score))
+
+    def cosine(self, path: Path, runtime: RuntimeChoice | None = None) -> float:
+        return fidelity(self.reference, _run_gate_set(ModelRunner(path, self.threads, runtime=runtime), self.gate_set))
+
+    def probe(self) -> GateProbe:
+        """The gate as a score on single-sample runs, for NNCF's accuracy control."""
+        feeds = [feed for feed, _ in _single_feeds(self.gate_set)]
+        names = list(self.reference)
+        per_sample = _per_sample_layout(self.gate_set)
+
+        def score(runs: list[list[np.ndarray]]) -> float:
+            joined = {
+                name: (np.stack if per_sample else np.concatenate)([run[i] for run in runs])
+                for i, name in enumerate(names)
+            }
+            result = self.judge(joined)
+            if result.score is not None and self.ref_score is not None:
+                return float(result.score) - float(self.ref_score) + 1.0  # 1.0 where it matches fp32's score
+            return float(result.fidelity)
+
+        return GateProbe(feeds, score, self.gate.allowed_drop)
+
+
+def _per_sample_layout(data: Dataset) -> bool:
+    return bool(getattr(data, "per_sample", False))
+
+
+def _single_feeds(data: Dataset) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    feeds = getattr(data, "feeds", None)
+    if callable(feeds):
+        yield from feeds(1)
+        return
+    for i in range(data.count):
+        yield {k: v[i : i + 1] for k, v in data.inputs.items()}, 1
+
+
+def _run_gate_set(runner: ModelRunner, data: Dataset) -> dict[str, np.ndarray]:
+    return runner.run_dataset(data.inputs)
+
+
+def _needs_calib(recipe: Recipe) -> bool:
+    return any(
+        name in ("static_int8", "mixed_precision", "pow2_int8", "npu_uint8", "tflite_export", "openvino_int8")
+        or dict(params).get("recipe") == "static"
+        for name, params in recipe.steps
+    )
+
+
+def _build_candidates(
+    spec: CompileSpec,
+    source: SourceModel,
+    target: TargetSpec,
+    recipes: list[Recipe],
+    calib: Dataset | None,
+    judge: _GateJudge,
+    work: Path,
+    progress: Progress | None,
+    sizes: Executor,
+    quick: LocalMeasurer | None = None,
+) -> list[_Candidate]:
     source_ops = _op_types(source)
     # Recipes share leading steps (every ONNX recipe starts with opset_upgrade + simplify). Within
     # one compile the same steps on the same source give the same file, so each prefix is run once:
@@ -374,26 +507,36 @@ def _run_candidates(
     shared = work / "steps"
     shared.mkdir()
     candidates: list[_Candidate] = []
-    static_int8_failed = False
-    static_int8_passed = False
+    by_name: dict[str, _Candidate] = {}
+    int8_failed = int8_passed = False
+    probe: GateProbe | None = None
     for index, recipe in enumerate(recipes, start=1):
-        if recipe.fallback and (static_int8_passed or not static_int8_failed):
+        if recipe.fallback and (int8_passed or not int8_failed):
+            continue
+        if recipe.after_failure_of and not all(
+            (c := by_name.get(name)) is not None and c.path is not None and not c.passed
+            for name in recipe.after_failure_of
+        ):
             continue
         cand = _Candidate(recipe)
         candidates.append(cand)
+        by_name[recipe.name] = cand
         _say(progress, f"[{index}/{len(recipes)}] building {recipe.name}")
         t0 = time.monotonic()
-        needs_calib = any(
-            name in ("static_int8", "mixed_precision", "pow2_int8", "npu_uint8", "tflite_export")
-            or dict(params).get("recipe") == "static"
-            for name, params in recipe.steps
-        )
-        if needs_calib and calib is None:
+        if _needs_calib(recipe) and calib is None:
             cand.error = "skipped: needs --calib (static int8 is never calibrated on random data)"
             continue
         if recipe.needs_ops and not set(recipe.needs_ops) & source_ops:
             cand.error = f"skipped: the model has no {'/'.join(recipe.needs_ops)} node"
             continue
+        if recipe.after_failure_of:
+            slow = _not_worth_searching(recipe, candidates, by_name, quick, gate_set=judge.gate_set,
+                                        min_speedup=spec.min_speedup)
+            if slow:
+                cand.error = f"skipped: {slow}"
+                _say(progress, f"    {recipe.name}: {cand.error}")
+                continue
+            probe = probe or judge.probe()
         cand_dir = work / f"{index:02d}-{recipe.name}"
         cand_dir.mkdir()
         ctx = PassContext(
@@ -401,31 +544,18 @@ def _run_candidates(
             workdir=cand_dir,
             calib=calib,
             input_shapes=dict(spec.input_shapes),
-            evaluate=evaluate,
+            evaluate=judge.evaluate,
+            gate_probe=probe,
             progress=progress,
         )
-        path = source.path
-        done: tuple[str, ...] = ()
         try:
-            for pass_name, params in recipe.steps:
-                done += (f"{pass_name}{json.dumps(dict(params), sort_keys=True, default=str)}",)
-                if done in prefixes:
-                    path, notes = prefixes[done]
-                    ctx.notes.extend(notes)
-                    continue
-                pass_cls = load_pass(pass_name, target, source.format)
-                noted = len(ctx.notes)
-                with _quiet_toolchain():
-                    path = pass_cls(**dict(params)).run(path, ctx)
-                if path.parent == cand_dir:  # the candidate's folder goes when it is done; keep the step
-                    path = path.rename(shared / f"{len(prefixes):02d}-{path.name}")
-                prefixes[done] = (path, ctx.notes[noted:])
-            final = work / f"{index:02d}-{recipe.name}{path.suffix}"
-            shutil.copy2(path, final)
+            path = _run_steps(recipe, source, target, ctx, prefixes, shared, cand_dir)
+            final = move_build(path, work / f"{index:02d}-{recipe.name}{path.suffix}", copy=True)
             cand.path = final
             cand.compressed = sizes.submit(_compressed_size, final)
-            result = evaluate(final)
+            result = judge.evaluate(final, recipe.runtime)
             cand.fidelity, cand.score, cand.passed = result.fidelity, result.score, result.passed
+            cand.cosine = result.fidelity if judge.gate.metric_name == "cosine" else judge.cosine(final, recipe.runtime)
         except PassError as exc:
             cand.error = str(exc)
         except CompileError:
@@ -435,8 +565,8 @@ def _run_candidates(
         cand.notes = ctx.notes
         cand.build_s = time.monotonic() - t0
         if recipe.precision in ("int8", "uint8") and index > 1 and cand.path is not None:
-            static_int8_passed |= cand.passed
-            static_int8_failed |= not cand.passed
+            int8_passed |= cand.passed
+            int8_failed |= not cand.passed
         shutil.rmtree(cand_dir, ignore_errors=True)
         _say(
             progress,
@@ -444,10 +574,70 @@ def _run_candidates(
             + (
                 f"error: {cand.error}"
                 if cand.error
-                else f"fidelity {cand.fidelity:.5f} gate {'pass' if cand.passed else 'FAIL'}"
+                else f"{judge.gate.metric} {cand.fidelity:.5f} gate {'pass' if cand.passed else 'FAIL'}"
             ),
         )
+    return candidates
 
+
+def _not_worth_searching(
+    recipe: Recipe,
+    candidates: list[_Candidate],
+    by_name: Mapping[str, _Candidate],
+    quick: LocalMeasurer | None,
+    *,
+    gate_set: Dataset,
+    min_speedup: float,
+) -> str:
+    """An accuracy-aware search only takes speed away from the failed build it starts from: when that
+    build is already no faster than the fastest build that passed, the search cannot win. Timed here
+    (a few short interleaved rounds) only where candidates are timed on this machine."""
+    passed = [c for c in candidates if c.passed and c.path is not None]
+    failed = [by_name[name] for name in recipe.after_failure_of]
+    if quick is None or not passed:
+        return ""
+    paths = [c.path for c in (*failed, *passed) if c.path is not None]
+    stats = quick.measure(paths, gate_set.inputs, runtimes={c.path: c.recipe.runtime for c in (*failed, *passed)
+                                                             if c.path is not None})
+    fastest = min(passed, key=lambda c: stats[c.path].median_ms if c.path in stats else float("inf"))
+    best = fastest.path
+    for cand in failed:
+        if cand.path in stats and best in stats and paired_speedup(stats[best], stats[cand.path]) >= min_speedup:
+            return ""
+    return (
+        f"{', '.join(r for r in recipe.after_failure_of)} was not {min_speedup:.2f}x faster than "
+        f"{fastest.recipe.name} before any op went back to float"
+    )
+
+
+def _run_steps(
+    recipe: Recipe,
+    source: SourceModel,
+    target: TargetSpec,
+    ctx: PassContext,
+    prefixes: dict[tuple[str, ...], tuple[Path, list[str]]],
+    shared: Path,
+    cand_dir: Path,
+) -> Path:
+    path = source.path
+    done: tuple[str, ...] = ()
+    for pass_name, params in recipe.steps:
+        done += (f"{pass_name}{json.dumps(dict(params), sort_keys=True, default=str)}",)
+        if done in prefixes:
+            path, notes = prefixes[done]
+            ctx.notes.extend(notes)
+            continue
+        pass_cls = load_pass(pass_name, target, source.format)
+        noted = len(ctx.notes)
+        with _quiet_toolchain():
+            path = pass_cls(**dict(params)).run(path, ctx)
+        if path.parent == cand_dir:  # the candidate's folder goes when it is done; keep the step
+            path = move_build(path, shared / f"{len(prefixes):02d}-{path.name}")
+        prefixes[done] = (path, ctx.notes[noted:])
+    return path
+
+
+def _measure(candidates: list[_Candidate], measurer: Measurer, gate_set: Dataset, progress: Progress | None) -> None:
     baseline = candidates[0]
     if baseline.path is None:
         raise CompileError(
@@ -455,20 +645,33 @@ def _run_candidates(
         )
     to_measure = [c for c in candidates if c.path is not None and (c.passed or c is baseline)]
     _say(progress, f"measuring {len(to_measure)} candidates on {measurer.measured_on}")
-    stats = measurer.measure([c.path for c in to_measure if c.path], gate_set.inputs)
+    paths = [c.path for c in to_measure if c.path]
+    runtimes = {c.path: c.recipe.runtime for c in to_measure if c.path}
+    stats = measurer.measure(paths, gate_set.inputs, runtimes=runtimes)
     for cand in to_measure:
         assert cand.path is not None
         cand.stats = stats.get(cand.path)
+        if cand.stats is None and cand is not baseline:
+            cand.notes.append(f"not measured on {measurer.measured_on}: {measurer.cannot_measure(cand.path)}")
 
+
+def _select(
+    spec: CompileSpec, candidates: list[_Candidate], judge: _GateJudge
+) -> tuple[_Candidate, _Candidate, float, str]:
+    gate = judge.gate
+    baseline = candidates[0]
     passed = [c for c in candidates if c.passed and c.stats is not None]
     if not passed:
         best = max((c for c in candidates if c.fidelity is not None), key=lambda c: c.fidelity or 0.0)
-        if gate.eval_fn is not None and ref_score is not None:
-            detail = f"best {best.recipe.name}: score {best.score} vs fp32 {ref_score:.4f}, max drop {gate.max_drop}"
-            fix = "raise --max-drop or calibrate with data closer to production"
+        if best.score is not None and judge.ref_score is not None:
+            detail = (
+                f"best {best.recipe.name}: score {best.score:.4f} vs fp32 {judge.ref_score:.4f}, "
+                f"max drop {gate.allowed_drop:g}"
+            )
+            fix = "raise the allowed drop or calibrate with data closer to production"
         else:
-            detail = f"best {best.recipe.name}: fidelity {best.fidelity:.6f} < budget {gate.budget}"
-            fix = "lower --budget or calibrate with data closer to production"
+            detail = f"best {best.recipe.name}: {gate.metric} {best.fidelity:.6f} < budget {gate.budget}"
+            fix = "lower --budget, pick a --metric that fits the task, or calibrate with data closer to production"
         raise CompileError(f"no candidate meets the accuracy gate ({detail}); {fix}")
 
     assert baseline.stats is not None
@@ -480,7 +683,7 @@ def _run_candidates(
     quickest = max(passed, key=gain_of)
     # Gains within tie_tolerance are noise on a shared machine: then the smaller bundle wins.
     ties = [c for c in passed if gain_of(c) * (1 + spec.tie_tolerance) >= gain_of(quickest)]
-    fastest = min(ties, key=lambda c: c.path.stat().st_size if c.path else 0)
+    fastest = min(ties, key=lambda c: build_size(c.path) if c.path else 0)
     assert fastest.stats is not None
     gain = gain_of(fastest)
     if fastest is baseline:
@@ -505,38 +708,57 @@ def _run_candidates(
     failed_gate = [c.recipe.name for c in candidates if c.path is not None and not c.passed]
     if failed_gate:
         why += f"; failed the gate: {', '.join(failed_gate)}"
-    assert chosen.path is not None and chosen.stats is not None
+    return chosen, baseline, gain_of(chosen), why
+
+
+def _report(
+    spec: CompileSpec,
+    source: SourceModel,
+    target: TargetSpec,
+    candidates: list[_Candidate],
+    chosen: _Candidate,
+    baseline: _Candidate,
+    gain: float,
+    why: str,
+    judge: _GateJudge,
+    calib: Dataset | None,
+    measurer: Measurer,
+    key: str,
+    toolchain: dict[str, str],
+) -> CompileReport:
+    assert chosen.path is not None and chosen.stats is not None and baseline.path is not None
 
     def summary(c: _Candidate) -> dict[str, Any]:
         assert c.path is not None and c.stats is not None
         return {
             "recipe": c.recipe.name,
+            "runtime": c.recipe.runtime.describe(),
             "latency_ms": round(c.stats.median_ms, 4),
-            "size_bytes": c.path.stat().st_size,
+            "size_bytes": build_size(c.path),
             "compressed_bytes": c.compressed_bytes(),
-            "fidelity": None if c.fidelity is None else round(c.fidelity, 6),
+            "fidelity": None if c.cosine is None else round(c.cosine, 6),
+            "metric_score": None if c.fidelity is None else round(c.fidelity, 6),
             "task_score": c.score,
             "estimated": c.stats.estimated,
         }
 
     estimated = bool(chosen.stats.estimated)
-    report = CompileReport(
+    gate_set = judge.gate_set
+    return CompileReport(
         artifact="",
         chosen=chosen.recipe.name,
         why=why,
         baseline=summary(baseline),
         result=summary(chosen),
-        speedup=round(gain_of(chosen), 4),
-        size_ratio=round(baseline.path.stat().st_size / max(chosen.path.stat().st_size, 1), 4)
-        if baseline.path
-        else 1.0,
+        speedup=round(gain, 4),
+        size_ratio=round(build_size(baseline.path) / max(build_size(chosen.path), 1), 4),
         candidates=[c.row() for c in candidates],
         target=target.as_dict(),
         gate={
-            **gate.describe(),
+            **judge.gate.describe(),
             "data": gate_set.source,
             "samples": gate_set.count,
-            "reference_score": ref_score,
+            "reference_score": judge.ref_score,
             "calibration": calib.source if calib else None,
             "calibration_samples": calib.count if calib else 0,
         },
@@ -560,7 +782,20 @@ def _run_candidates(
             "outputs": [t.as_dict() for t in source.outputs],
         },
     )
-    return report, chosen.path
+
+
+def _runtime_of(choice: RuntimeChoice, target: TargetSpec, toolchain: Mapping[str, str]) -> dict[str, Any]:
+    if choice.name == "openvino":
+        return {
+            "name": "openvino",
+            "device": choice.device,
+            "inference_precision": choice.inference_precision,
+            "version": toolchain.get("openvino"),
+        }
+    if choice.name == "litert":
+        return {"name": "litert", "version": toolchain.get("ai-edge-litert")}
+    return {"name": "onnxruntime", "execution_provider": target.execution_provider,
+            "version": toolchain.get("onnxruntime")}
 
 
 def _op_types(source: SourceModel) -> set[str]:
@@ -575,22 +810,28 @@ def _manifest(
     report: CompileReport,
     source: SourceModel,
     target: TargetSpec,
-    recipes: list[Recipe],
+    recipe: Recipe,
     artifact: Path,
     artifact_name: str,
 ) -> dict[str, Any]:
-    recipe = next(r for r in recipes if r.name == report.chosen)
+    files = build_files(artifact)
     return {
         "schema_version": REPORT_SCHEMA,
         "kind": "edgefleet.compile",
         "artifact": {
             "file": artifact_name,
             "sha256": sha256_file(artifact),
-            "size_bytes": artifact.stat().st_size,
-            "format": "tflite" if artifact.suffix == ".tflite" else "onnx",
+            "size_bytes": build_size(artifact),
+            "format": {".tflite": "tflite", ".xml": "openvino-ir"}.get(artifact.suffix, "onnx"),
+            "files": [
+                {"file": Path(artifact_name).with_suffix(f.suffix).name, "sha256": sha256_file(f),
+                 "size_bytes": f.stat().st_size}
+                for f in files
+            ],
         },
         "hardware_class": target.hardware_class,
         "execution_provider": target.execution_provider,
+        "runtime": report.runtime,
         "provenance": {
             "source_sha256": source.sha256,
             "source_file": source.path.name,

@@ -32,6 +32,8 @@ def toolchain_versions() -> dict[str, str]:
         "ai-edge-litert",
         "onnx2tf",
         "tensorflow",
+        "openvino",
+        "nncf",
     ):
         try:
             versions[dist] = importlib.metadata.version(dist)

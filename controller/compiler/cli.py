@@ -13,9 +13,10 @@ from typing import get_args
 
 import click
 
-from edgefleet.controller.compiler.api import CompileSpec, MeasureMode, compile_model
+from edgefleet.controller.compiler.api import CompileReport, CompileSpec, MeasureMode, compile_model
 from edgefleet.controller.compiler.controller_measure import controller_device_measurers
 from edgefleet.controller.compiler.errors import CompileError
+from edgefleet.controller.compiler.gate import METRICS
 from edgefleet.controller.compiler.model_io import parse_input_shapes
 
 
@@ -46,11 +47,25 @@ class CompileUsageError(click.ClickException):
     help="NPZ gate set: model inputs plus any keys your --eval function reads (labels).",
 )
 @click.option(
+    "--metric",
+    default="cosine",
+    show_default=True,
+    metavar="|".join(METRICS),
+    help="What the gate measures against fp32: cosine, top1 (classification), seq-argmax (CTC text, "
+    "per-frame labels), mask-iou[@T] (probability maps), rel-l2; or accuracy against --eval-labels.",
+)
+@click.option(
     "--budget",
     type=float,
-    default=0.99,
-    show_default=True,
-    help="Minimum over outputs of the mean cosine similarity to the fp32 reference.",
+    default=None,
+    help="Agreement metrics: the lowest score allowed (default 0.99). --metric accuracy: the largest "
+    "accuracy drop allowed (default 0.01, one point).",
+)
+@click.option(
+    "--eval-labels",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="NPZ with one integer array: the class of each --eval-data sample (or --calib sample), for "
+    "--metric accuracy.",
 )
 @click.option(
     "--eval",
@@ -93,7 +108,9 @@ def compile_command(
     target: str,
     calib: Path | None,
     eval_data: Path | None,
-    budget: float,
+    metric: str,
+    budget: float | None,
+    eval_labels: Path | None,
     eval_fn: str | None,
     max_drop: float,
     input_shapes: tuple[str, ...],
@@ -115,7 +132,9 @@ def compile_command(
             target=target,
             calib=calib,
             eval_data=eval_data,
-            budget=budget,
+            budget=budget if budget is not None else (0.01 if metric == "accuracy" else 0.99),
+            metric=metric,
+            eval_labels=eval_labels,
             eval_fn=eval_fn,
             max_drop=max_drop,
             input_shapes=parse_input_shapes(input_shapes),
@@ -127,12 +146,14 @@ def compile_command(
         report = compile_model(spec, progress=progress, device_measurers=controller_device_measurers(progress))
     except CompileError as exc:
         raise CompileUsageError(str(exc)) from exc
+    click.echo(candidate_table(report), err=as_json)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         return
     base, res = report.baseline, report.result
     kind = "estimated" if report.latency.get("estimated") else "measured"
-    click.echo(f"chosen: {report.chosen}  ({report.why})")
+    runtime = report.result.get("runtime", "")
+    click.echo(f"chosen: {report.chosen} on {runtime}  ({report.why})")
     click.echo(
         f"latency ({kind}): {base['latency_ms']:.3f} ms -> {res['latency_ms']:.3f} ms  speedup {report.speedup:.2f}x"
     )
@@ -140,6 +161,40 @@ def compile_command(
     click.echo(
         f"fidelity: {res['fidelity']}   artifact: {report.artifact}" + ("   (from cache)" if report.cached else "")
     )
+
+
+def candidate_table(report: CompileReport) -> str:
+    """The candidates at a glance: recipe, runtime, gate metric, latency, size and why one was not chosen."""
+    metric = str(report.gate.get("metric") or report.gate.get("kind") or "score")
+    rows = [["recipe", "runtime", metric, "latency ms", "size", "result"]]
+    for row in report.candidates:
+        score = row.get("task_score") if row.get("task_score") is not None else row.get("metric_score")
+        latency = row.get("latency_ms")
+        if row.get("error"):
+            verdict = str(row["error"])
+        elif not row.get("passed_gate"):
+            verdict = "failed the gate"
+        elif row["recipe"] == report.chosen:
+            verdict = "CHOSEN"
+        elif latency is None:
+            verdict = "; ".join(n for n in row.get("notes", []) if n.startswith("not measured")) or "not measured"
+        else:
+            verdict = "slower"
+        rows.append([
+            str(row["recipe"]),
+            str(row.get("runtime") or ""),
+            "" if score is None else f"{score:.4f}",
+            "" if latency is None else f"{latency:.3f}" + ("~" if row.get("estimated") else ""),
+            "" if row.get("size_bytes") is None else _size(int(row["size_bytes"])),
+            verdict[:90],
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def main() -> None:  # pragma: no cover - convenience for running the command without the main CLI

@@ -44,12 +44,18 @@ def controller_device_measurers(say: Callable[[str], None]) -> DeviceMeasurerFac
 
 
 def _submitter(connection: Any, hardware_class: str) -> Any:
-    def submit(device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def submit(device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
+               runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
         from edgefleet.controller.cli import upload_artifact
         from edgefleet.controller.client import ControlClient
         from edgefleet.controller.device_measure import MEASURE_RUNS, sample_npz, summarize
         from edgefleet.protos.v1 import control_pb2
 
+        # MeasureOnDevice names candidates by one artifact each and times them on onnxruntime; other
+        # runtimes' builds are timed when a rollout compiles (DeviceMeasure.submit), so they are left
+        # out here and the report says they were not measured.
+        runtimes = runtimes or {}
+        paths = [p for p in paths if getattr(runtimes.get(Path(p)), "name", "onnxruntime") == "onnxruntime"]
         client = ControlClient(connection, timeout_s=600)
         shas = [upload_artifact(client, Path(p)) for p in paths]
         reply = client.call("MeasureOnDevice", control_pb2.MeasureOnDeviceRequest(

@@ -1,14 +1,29 @@
 """The accuracy gate: a candidate ships only if it stays within budget of the fp32 reference.
 
-Default: the minimum over outputs of the mean per-sample cosine similarity to fp32 (one bad output
-head must not hide behind a good one). With a user eval function, the task-score drop decides.
+A gate compares a candidate's outputs with the fp32 source's on held-out samples, with a metric that
+fits the task. Each agreement metric is the minimum over outputs of a mean over samples (one bad
+output head must not hide behind a good one), 1.0 for outputs identical to fp32, and passes at
+``--budget`` or above:
+
+- ``cosine`` (the default): per-sample cosine similarity of the output tensor;
+- ``top1``: the argmax over the last axis agrees (classification);
+- ``seq-argmax``: the per-sample argmax sequence over the last axis agrees once repeats and the blank
+  are collapsed (CTC text, per-frame labels); the blank is the class fp32 predicts most often;
+- ``mask-iou`` (``mask-iou@0.3`` for another threshold than 0.5): IoU of the maps thresholded
+  (segmentation and detection probability maps);
+- ``rel-l2``: 1 - ||candidate - fp32|| / ||fp32|| per sample (regression, embeddings, states).
+
+``accuracy`` is a labelled metric instead: top-1 accuracy of the first output against
+``--eval-labels``, where ``--budget`` is the largest drop allowed (0.01 is one point, as Intel
+Neural Compressor and NNCF define it). A user eval function (``--eval``) with ``--max-drop`` works the
+same way on any task score it computes.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +61,105 @@ def fidelity(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.nda
     return min(scores) if scores else 1.0
 
 
+AGREEMENT_METRICS = ("cosine", "top1", "seq-argmax", "mask-iou", "rel-l2")
+LABELLED_METRICS = ("accuracy",)
+METRICS = AGREEMENT_METRICS + LABELLED_METRICS
+LABELS_KEY = "__labels__"  # where --eval-labels sit in a Dataset's extra arrays
+
+
+def parse_metric(text: str) -> tuple[str, float]:
+    """``mask-iou@0.3`` -> ("mask-iou", 0.3); other metrics take no parameter."""
+    name, _, arg = text.strip().partition("@")
+    if name not in METRICS:
+        raise CompileError(f"--metric '{text}' is unknown; pass one of {', '.join(METRICS)} (mask-iou@T sets T)")
+    if arg and name != "mask-iou":
+        raise CompileError(f"--metric {name} takes no '@' parameter; only mask-iou@THRESHOLD does")
+    try:
+        threshold = float(arg) if arg else 0.5
+    except ValueError:
+        raise CompileError(f"--metric '{text}': the threshold after '@' must be a number such as 0.5") from None
+    return name, threshold
+
+
+def _pairs(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    if set(candidate) != set(reference) and len(candidate) == len(reference):
+        # Converters rename outputs (TFLite's StatefulPartitionedCall:0); order is what they keep.
+        candidate = dict(zip(reference, candidate.values(), strict=True))
+    pairs = []
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or np.shape(ref) != np.shape(got):
+            return None
+        pairs.append((np.asarray(ref), np.asarray(got)))
+    return pairs
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    n = a.shape[0] if a.ndim > 1 else 1
+    return a.reshape(n, -1)
+
+
+def _collapse(seq: np.ndarray, blank: int) -> tuple[int, ...]:
+    keep = np.ones(seq.shape, dtype=bool)
+    keep[1:] = seq[1:] != seq[:-1]
+    return tuple(int(v) for v in seq[keep] if v != blank)
+
+
+def agreement(metric: str, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+              threshold: float = 0.5) -> float:
+    """How closely a candidate's outputs follow fp32's under ``metric``: 1.0 is identical."""
+    if metric == "cosine":
+        return fidelity(reference, candidate)
+    pairs = _pairs(reference, candidate)
+    if pairs is None:
+        return 0.0
+    scores = []
+    for ref, got in pairs:
+        if ref.dtype.kind in "iub" or ref.ndim == 0:
+            scores.append(float(np.mean(ref == got)) if ref.size else 1.0)
+            continue
+        if not np.all(np.isfinite(got)):
+            return 0.0
+        if metric == "top1":
+            scores.append(float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1))))
+        elif metric == "seq-argmax":
+            r, g = np.argmax(ref, axis=-1), np.argmax(got, axis=-1)
+            if r.ndim < 2:  # one sequence per sample is needed; a [N, C] output is top-1 per sample
+                scores.append(float(np.mean(r == g)))
+                continue
+            r, g = r.reshape(r.shape[0], -1), g.reshape(g.shape[0], -1)
+            blank = int(np.bincount(r.ravel()).argmax())
+            same = [_collapse(a, blank) == _collapse(b, blank) for a, b in zip(r, g, strict=True)]
+            scores.append(float(np.mean(same)))
+        elif metric == "mask-iou":
+            r, g = _per_sample(ref) > threshold, _per_sample(got) > threshold
+            inter, union = np.sum(r & g, axis=1), np.sum(r | g, axis=1)
+            scores.append(float(np.mean(np.where(union == 0, 1.0, inter / np.maximum(union, 1)))))
+        elif metric == "rel-l2":
+            r, g = _per_sample(ref).astype(np.float64), _per_sample(got).astype(np.float64)
+            norm = np.linalg.norm(r, axis=1)
+            err = np.linalg.norm(g - r, axis=1) / np.where(norm == 0, 1.0, norm)
+            scores.append(float(np.mean(np.clip(1.0 - err, 0.0, 1.0))))
+        else:
+            raise CompileError(f"metric '{metric}' does not compare against fp32; use --eval-labels with it")
+    return min(scores) if scores else 1.0
+
+
+def labelled_accuracy(outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
+    """Top-1 accuracy of the first output's argmax over its last axis against integer labels."""
+    first = np.asarray(next(iter(outputs.values())))
+    predicted = np.argmax(first, axis=-1).reshape(labels.shape[0], -1)
+    want = labels.reshape(labels.shape[0], -1)
+    if predicted.shape != want.shape:
+        raise CompileError(
+            f"--eval-labels has shape {tuple(labels.shape)} but the model's first output gives predictions of "
+            f"shape {tuple(predicted.shape)}; store one integer class per sample (or per position)"
+        )
+    return float(np.mean(predicted == want))
+
+
 def load_eval_fn(spec: str) -> EvalFn:
     """``pkg.mod:fn`` -> callable(outputs, data) -> float (higher is better)."""
     mod_name, sep, fn_name = spec.partition(":")
@@ -68,17 +182,44 @@ def load_eval_fn(spec: str) -> EvalFn:
 
 @dataclass(frozen=True)
 class Gate:
-    """Cosine budget, or a task-score eval function with a maximum drop."""
+    """An agreement metric against fp32 with a budget, or a task score (labels, or a user eval function)
+    with a maximum drop against fp32's own score."""
 
     budget: float = 0.99
     eval_fn: EvalFn | None = None
     max_drop: float = 0.01
+    metric: str = "cosine"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.budget <= 1.0:
-            raise CompileError(f"--budget {self.budget} is outside (0, 1]; pass a cosine similarity such as 0.99")
+        name, threshold = parse_metric(self.metric)
+        object.__setattr__(self, "metric_name", name)
+        object.__setattr__(self, "threshold", threshold)
+        if name == "accuracy":
+            if not 0.0 <= self.budget < 0.5:
+                raise CompileError(
+                    f"--budget {self.budget} with --metric accuracy is the largest accuracy drop allowed; "
+                    "pass a drop such as 0.01 (one point)"
+                )
+        elif not 0.0 < self.budget <= 1.0:
+            raise CompileError(f"--budget {self.budget} is outside (0, 1]; pass an agreement such as 0.99")
         if self.max_drop < 0:
             raise CompileError(f"--max-drop {self.max_drop} is negative; pass the allowed score drop, such as 0.01")
+        if self.eval_fn is not None and name == "accuracy":
+            raise CompileError("--eval and --metric accuracy both score the task; pass one of them")
+
+    metric_name: str = field(init=False, default="cosine")  # set from ``metric`` in __post_init__
+    threshold: float = field(init=False, default=0.5)
+
+    @property
+    def labelled(self) -> bool:
+        return self.metric_name in LABELLED_METRICS
+
+    @property
+    def allowed_drop(self) -> float:
+        """How far the gated score may fall below fp32's: what accuracy-aware search is held to."""
+        if self.eval_fn is not None:
+            return self.max_drop
+        return self.budget if self.labelled else 1.0 - self.budget
 
     def describe(self) -> dict[str, object]:
         if self.eval_fn is not None:
@@ -88,9 +229,21 @@ class Gate:
                 "budget": self.budget,
                 "eval": f"{getattr(self.eval_fn, '__module__', '?')}:{getattr(self.eval_fn, '__name__', '?')}",
             }
-        return {"kind": "cosine", "budget": self.budget}
+        if self.labelled:
+            return {"kind": "labelled", "metric": self.metric, "max_drop": self.budget}
+        return {"kind": "agreement", "metric": self.metric, "budget": self.budget}
+
+    def agreement(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+        metric = "cosine" if self.labelled else self.metric_name
+        return agreement(metric, reference, candidate, self.threshold)
 
     def score(self, outputs: Mapping[str, np.ndarray], data: Mapping[str, np.ndarray]) -> float | None:
+        """The task score, where the gate has one (labels or --eval); None for agreement gates."""
+        if self.labelled:
+            labels = data.get(LABELS_KEY)
+            if labels is None:
+                raise CompileError("--metric accuracy needs labels; pass --eval-labels LABELS.npz")
+            return labelled_accuracy(outputs, np.asarray(labels))
         if self.eval_fn is None:
             return None
         try:
@@ -101,7 +254,7 @@ class Gate:
                 "it takes (outputs, data) and returns a float"
             ) from exc
 
-    def passes(self, fid: float, score: float | None, ref_score: float | None) -> bool:
-        if self.eval_fn is not None and score is not None and ref_score is not None:
-            return (ref_score - score) <= self.max_drop + 1e-12
-        return fid >= self.budget
+    def passes(self, agreement_value: float, score: float | None, ref_score: float | None) -> bool:
+        if score is not None and ref_score is not None:
+            return (ref_score - score) <= self.allowed_drop + 1e-12
+        return agreement_value >= self.budget

@@ -18,7 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgefleet.controller.compiler.runner import RuntimeChoice
 from edgefleet.controller.compiler.target import TargetSpec
+
+Runtimes = Mapping[Path, RuntimeChoice]
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,16 @@ class Measurer(Protocol):
 
     measured_on: str
 
-    def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
-        """``inputs`` holds a few samples (axis 0) keyed by input name; one batch is fed per run."""
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: Runtimes | None = None
+    ) -> dict[Path, LatencyStats]:
+        """``inputs`` holds a few samples (axis 0) keyed by input name; one batch is fed per run.
+        ``runtimes`` names each candidate's runtime (default: the one its file format implies).
+        A candidate this measurer cannot time is left out of the result."""
+        ...
+
+    def cannot_measure(self, path: Path) -> str:
+        """Why a candidate left out of ``measure``'s result was not timed."""
         ...
 
 
@@ -69,10 +80,18 @@ class LocalMeasurer:
         self.seed = seed
         self.measured_on = f"local:{socket.gethostname()}"
 
-    def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
+    def cannot_measure(self, path: Path) -> str:
+        return "it did not load here"
+
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: Runtimes | None = None
+    ) -> dict[Path, LatencyStats]:
         from edgefleet.controller.compiler.runner import ModelRunner
 
-        runners = {Path(p): ModelRunner(Path(p), self.threads, spin=False) for p in candidates}
+        runtimes = runtimes or {}
+        runners = {
+            Path(p): ModelRunner(Path(p), self.threads, spin=False, runtime=runtimes.get(Path(p))) for p in candidates
+        }
         feeds = {p: r.sample_feed(inputs) for p, r in runners.items()}
         reps: dict[Path, int] = {}
         for path, runner in runners.items():  # warm up and size each round to ~round_ms
@@ -119,9 +138,21 @@ class EstimatedMeasurer:
         self.target = target
         self.measured_on = f"estimated:{target.hardware_class}({target.microbench_source} microbench)"
 
-    def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
+    def cannot_measure(self, path: Path) -> str:
+        return (
+            "OpenVINO builds are not estimated (the roofline knows no OpenVINO kernels); they are chosen "
+            "only when timed here or on a device of the class"
+        )
+
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: Runtimes | None = None
+    ) -> dict[Path, LatencyStats]:
         out = {}
+        runtimes = runtimes or {}
         for path in candidates:
+            choice = runtimes.get(Path(path)) or RuntimeChoice.for_file(Path(path))
+            if choice.name == "openvino":
+                continue
             ms = self.estimate_ms(Path(path))
             out[Path(path)] = LatencyStats(
                 ms,
@@ -170,7 +201,9 @@ def _has_fp16(model: Any) -> bool:
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
-DeviceSubmit = Callable[[str, Sequence[Path], Mapping[str, np.ndarray]], Mapping[str, Mapping[str, float]]]
+DeviceSubmit = Callable[
+    [str, Sequence[Path], Mapping[str, np.ndarray], Runtimes], Mapping[str, Mapping[str, float]]
+]
 
 
 class DeviceMeasurer:
@@ -186,11 +219,18 @@ class DeviceMeasurer:
         self.submit = submit
         self.measured_on = f"device:{device_id}"
 
-    def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
-        answer = self.submit(self.device_id, list(candidates), inputs)
+    def cannot_measure(self, path: Path) -> str:
+        return f"device {self.device_id} could not run it"
+
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: Runtimes | None = None
+    ) -> dict[Path, LatencyStats]:
+        answer = self.submit(self.device_id, list(candidates), inputs, dict(runtimes or {}))
         out = {}
         for path in candidates:
-            row = answer[str(path)]
+            row = answer.get(str(path))
+            if row is None:
+                continue
             out[Path(path)] = LatencyStats(
                 float(row["median_ms"]),
                 float(row.get("p90_ms", row["median_ms"])),

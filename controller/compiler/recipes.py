@@ -7,10 +7,11 @@ measured, and it is the answer when nothing else passes the gate or beats it. Re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.controller.compiler.errors import CompileError
+from edgefleet.controller.compiler.runner import RuntimeChoice
 from edgefleet.controller.compiler.target import TargetSpec
 
 Step = tuple[str, tuple[tuple[str, Any], ...]]
@@ -30,9 +31,15 @@ class Recipe:
     fallback: bool = False
     summary: str = ""
     needs_ops: tuple[str, ...] = ()  # skip (and say so) when the model has none of these op types
+    runtime: RuntimeChoice = field(default_factory=RuntimeChoice)
+    # Built only when every one of these recipes was built and failed the gate (accuracy-aware search).
+    after_failure_of: tuple[str, ...] = ()
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"pass": name, "params": dict(params)} for name, params in self.steps]
+        steps = [{"pass": name, "params": dict(params)} for name, params in self.steps]
+        if self.runtime != RuntimeChoice():
+            steps.append({"runtime": self.runtime.describe()})
+        return steps
 
 
 PREP = (step("opset_upgrade"), step("simplify"))
@@ -143,8 +150,60 @@ TFLITE_RECIPES = [
 ]
 
 
+def _ov(name: str, steps: tuple[Step, ...], precision: str, hint: str | None, device: str = "CPU",
+        **extra: Any) -> Recipe:
+    return Recipe(name, steps, precision, runtime=RuntimeChoice("openvino", device, hint), **extra)
+
+
+_OV_IR = step("openvino_convert", compress_to_fp16=False)
+_OV_IR16 = step("openvino_convert", compress_to_fp16=True)
+_OV_INT8 = step("openvino_int8")
+_OV_INT8_AC = step("openvino_int8", accuracy_control=True)
+
+
+def openvino_recipes(target: TargetSpec) -> list[Recipe]:
+    """OpenVINO candidates for the devices and precisions the target's profile found OpenVINO running.
+
+    The precision hint is explicit everywhere, fp32 included: on AMX and AVX512-BF16 CPUs OpenVINO
+    computes in bf16 by default, and an "fp32" build that silently ran in bf16 would be gated wrongly.
+    """
+    rows: list[Recipe] = []
+    cpu = target.openvino_capabilities("CPU")
+    if cpu is not None:
+        rows.append(_ov("ov-fp32", (_OV_IR,), "fp32", "f32", summary="OpenVINO CPU, fp32"))
+        if "BF16" in cpu:
+            rows.append(_ov("ov-bf16", (_OV_IR,), "bf16", "bf16", summary="OpenVINO CPU in bf16 (AMX, AVX512-BF16)"))
+            rows.append(_ov("ov-bf16-fp16w", (_OV_IR16,), "bf16", "bf16", summary="bf16 compute, fp16 weights"))
+        if "FP16" in cpu:
+            rows.append(_ov("ov-fp16", (_OV_IR16,), "fp16", "f16", summary="OpenVINO CPU in fp16 (AMX-FP16)"))
+        if "BF16" not in cpu and "FP16" not in cpu:
+            rows.append(_ov("ov-fp32-fp16w", (_OV_IR16,), "fp32", "f32", summary="fp32 compute, fp16 weights on disk"))
+        if "INT8" in cpu:
+            rows.append(_ov("ov-int8", (_OV_IR, _OV_INT8), "int8", None, summary="NNCF int8 on OpenVINO CPU"))
+            rows.append(_ov("ov-int8-accuracy", (_OV_IR, _OV_INT8_AC), "mixed", None, after_failure_of=("ov-int8",),
+                            summary="NNCF accuracy control: int8 with the ops that hurt the metric in float"))
+    gpu = target.openvino_capabilities("GPU")
+    if gpu is not None:
+        hint = "f16" if "FP16" in gpu else "f32"
+        rows.append(_ov("ov-gpu-fp16", (_OV_IR16,), "fp16", hint, "GPU", summary="OpenVINO Intel GPU, fp16"))
+        if "INT8" in gpu:
+            rows.append(_ov("ov-gpu-int8", (_OV_IR, _OV_INT8), "int8", None, "GPU", summary="NNCF int8 on Intel GPU"))
+    npu = target.openvino_capabilities("NPU")
+    if npu is not None:
+        rows.append(_ov("ov-npu-int8", (_OV_IR, _OV_INT8), "int8", None, "NPU",
+                        summary="NNCF int8 on the Intel NPU (static shapes: pass --input-shape for dynamic dims)"))
+        rows.append(_ov("ov-npu-fp16", (_OV_IR16,), "fp16", "f16", "NPU", summary="Intel NPU, fp16"))
+    return rows
+
+
 def all_recipe_names() -> list[str]:
+    from dataclasses import replace
+
     names = {r.name for _, rows in RECIPE_TABLE for r in rows} | {r.name for r in TFLITE_RECIPES}
+    base = TargetSpec.from_class("x86_64")
+    for cpu in (("FP32", "BF16", "FP16", "INT8"), ("FP32", "INT8")):  # every OpenVINO device and capability
+        devices = (("CPU", cpu), ("GPU", ("FP16", "INT8")), ("NPU", ()))
+        names |= {r.name for r in openvino_recipes(replace(base, openvino_devices=devices))}
     return sorted(names)
 
 
@@ -159,6 +218,8 @@ def recipes_for(target: TargetSpec, model_format: str, only: tuple[str, ...] | N
         rows = next((r for pattern, r in RECIPE_TABLE if re.fullmatch(pattern, key)), [])
         if not rows:
             raise CompileError(f"no recipes for class '{target.hardware_class}'; add a row to RECIPE_TABLE")
+    # The runtime is part of the candidate: OpenVINO builds compete with the ORT and LiteRT ones.
+    rows = [*rows, *openvino_recipes(target)]
     if only:
         known = {r.name for r in rows}
         unknown = [n for n in only if n not in known]

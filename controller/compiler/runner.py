@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,50 @@ import numpy as np
 from edgefleet.controller.compiler.errors import CompileError
 
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime a candidate runs on, as the bundle manifest will name it: part of the candidate."""
+
+    name: str = "onnxruntime"  # onnxruntime | litert | openvino
+    device: str = "CPU"  # OpenVINO device
+    inference_precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT: f32, bf16, f16
+
+    def describe(self) -> str:
+        if self.name == "openvino":
+            return f"openvino:{self.device}" + (f"/{self.inference_precision}" if self.inference_precision else "")
+        return self.name
+
+    @classmethod
+    def for_file(cls, path: Path) -> RuntimeChoice:
+        """The runtime a file's format implies when the recipe names none."""
+        suffix = Path(path).suffix
+        return cls("openvino") if suffix == ".xml" else cls("litert") if suffix == ".tflite" else cls()
+
+
+def build_files(path: Path) -> list[Path]:
+    """Every file a build is made of: an OpenVINO IR is its .xml and the .bin of weights beside it."""
+    path = Path(path)
+    weights = path.with_suffix(".bin")
+    return [path, weights] if path.suffix == ".xml" and weights.is_file() else [path]
+
+
+def build_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in build_files(path))
+
+
+def move_build(path: Path, dest: Path, *, copy: bool = False) -> Path:
+    """Move (or copy) a build to ``dest`` (its main file's new path), companions included."""
+    import shutil
+
+    for item in build_files(path):
+        target = dest.with_suffix(item.suffix)
+        if copy:
+            shutil.copy2(item, target)
+        else:
+            item.rename(target)
+    return dest
 
 
 def default_threads() -> int:
@@ -50,11 +95,33 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
 class ModelRunner:
     """One loaded candidate: ``run`` feeds one batch, ``run_dataset`` feeds many samples in batches."""
 
-    def __init__(self, path: Path, threads: int = 0, *, spin: bool = True) -> None:
+    def __init__(
+        self, path: Path, threads: int = 0, *, spin: bool = True, runtime: RuntimeChoice | None = None
+    ) -> None:
         self.path = Path(path)
-        self.kind = "tflite" if self.path.suffix == ".tflite" else "onnx"
+        self.runtime = runtime or RuntimeChoice.for_file(self.path)
+        self.kind = (
+            "openvino" if self.runtime.name == "openvino" else "tflite" if self.path.suffix == ".tflite" else "onnx"
+        )
         self._tfl: Any = None
-        if self.kind == "onnx":
+        self._ov: Any = None
+        if self.kind == "openvino":
+            from edgefleet.firmware.selftest import OpenVINOSession
+
+            try:
+                self._ov = OpenVINOSession(
+                    self.path, self.runtime.device, self.runtime.inference_precision, threads or default_threads()
+                )
+            except ImportError as exc:
+                raise CompileError(
+                    "OpenVINO candidates need the openvino package; "
+                    "install it with: pip install 'edgefleet[controller]'"
+                ) from exc
+            self.input_names = list(self._ov.input_names)
+            self.output_names = list(self._ov.output_names)
+            dims = [s[0] if s else None for s in self._ov.input_shapes]
+            self.input_dtypes = {n: np.dtype(t) for n, t in zip(self.input_names, self._ov.input_types, strict=True)}
+        elif self.kind == "onnx":
             self._sess = ort_session(self.path, threads, spin=spin)
             self.input_names = [i.name for i in self._sess.get_inputs()]
             self.output_names = [o.name for o in self._sess.get_outputs()]
@@ -78,6 +145,9 @@ class ModelRunner:
         self.fixed_batch: int | None = fixed[0] if fixed else None
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "openvino":
+            outs = self._ov.run(None, {k: feed[k] for k in self.input_names})
+            return dict(zip(self.output_names, outs, strict=True))
         if self.kind == "onnx":
             outs = self._sess.run(self.output_names, {k: feed[k] for k in self.input_names})
             return dict(zip(self.output_names, outs, strict=True))

@@ -127,6 +127,17 @@ class TargetSpec:
     microbench_source: Literal["profile", "nominal"] = "nominal"
     source: Literal["class", "profile", "local"] = "class"
     recipe_class: str = field(default="", compare=False)
+    # OpenVINO devices that ran a probe model on the device(s), with OPTIMIZATION_CAPABILITIES:
+    # (("CPU", ("FP32", "BF16", "INT8")), ("GPU", ("FP16", ...))). Empty: no OpenVINO candidates.
+    openvino_devices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    openvino_version: str = ""
+
+    def openvino_capabilities(self, device: str) -> tuple[str, ...] | None:
+        """The device's capabilities when OpenVINO runs on it, else None."""
+        for name, caps in self.openvino_devices:
+            if name == device or name.split(".")[0] == device:
+                return caps
+        return None
 
     @property
     def reduce_range(self) -> bool:
@@ -150,6 +161,12 @@ class TargetSpec:
             },
             "threads": self.threads,
             "source": self.source,
+            "openvino": {
+                "version": self.openvino_version,
+                "devices": {name: list(caps) for name, caps in self.openvino_devices},
+            }
+            if self.openvino_devices
+            else None,
         }
 
     # -- constructors -------------------------------------------------------------------------
@@ -190,6 +207,7 @@ class TargetSpec:
                 "current agent or pass --target CLASS"
             )
         base = cls.from_class(traits_class)
+        ov_devices, ov_version = openvino_from_profile(profile)
         mb = profile.microbench
         has_mb = mb.fp32_gemm_gflops > 0
         return replace(
@@ -203,6 +221,8 @@ class TargetSpec:
             microbench_source="profile" if has_mb else "nominal",
             source=source,
             recipe_class=traits_class,
+            openvino_devices=ov_devices,
+            openvino_version=ov_version,
         )
 
     @classmethod
@@ -256,6 +276,18 @@ class TargetSpec:
                 raise CompileError(f"profile file {target} does not exist; pass a profile JSON or a class name")
             return cls.from_profile_json(Path(target))
         return cls.from_class(target)
+
+
+def openvino_from_profile(profile: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], str]:
+    """The OpenVINO devices a profile found loadable, with their capabilities, and the runtime version."""
+    for runtime in profile.runtimes:
+        if runtime.name == "openvino":
+            loadable = set(runtime.loadable_providers)
+            devices = tuple(
+                (str(d.name), tuple(str(c) for c in d.capabilities)) for d in runtime.devices if d.name in loadable
+            )
+            return devices, str(runtime.version)
+    return (), ""
 
 
 def _first_line(exc: BaseException) -> str:

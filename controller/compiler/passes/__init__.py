@@ -38,6 +38,18 @@ class GateResult:
     passed: bool
 
 
+@dataclass(frozen=True)
+class GateProbe:
+    """The gate's held-out samples and metric, for passes that search against it (accuracy control).
+
+    ``score`` takes the outputs of one run per feed (outputs in the model's order) and gives the
+    gate's score on them, higher is better; a build may lose at most ``allowed_drop`` of fp32's."""
+
+    feeds: list[dict[str, Any]]
+    score: Callable[[list[list[Any]]], float]
+    allowed_drop: float
+
+
 @dataclass
 class PassContext:
     """Everything a pass may read besides the model; passed explicitly, never global."""
@@ -47,6 +59,7 @@ class PassContext:
     calib: Dataset | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     evaluate: Callable[[Path], GateResult] | None = None
+    gate_probe: GateProbe | None = None
     progress: Callable[[str], None] | None = None
     notes: list[str] = field(default_factory=list)
     _counter: itertools.count[int] = field(default_factory=itertools.count)
@@ -216,6 +229,26 @@ PASS_REGISTRY: Mapping[str, PassInfo] = {
         requires=("ai_edge_quantizer",),
         extra="tflite",
         summary="ai-edge-quantizer recipes on TFLite input",
+    ),
+    "openvino_convert": PassInfo(
+        "openvino_convert",
+        "OpenVinoConvert",
+        frozenset({"cpu", "gpu", "npu"}),
+        frozenset({"fp32", "bf16", "fp16"}),
+        frozenset({"onnx", "tflite"}),
+        requires=("openvino",),
+        extra="controller",
+        summary="OpenVINO IR from ONNX or TFLite, weights optionally stored as fp16",
+    ),
+    "openvino_int8": PassInfo(
+        "openvino_int8",
+        "OpenVinoInt8",
+        frozenset({"cpu", "gpu", "npu"}),
+        frozenset({"int8"}),
+        frozenset({"onnx", "tflite"}),
+        requires=("openvino", "nncf"),
+        extra="controller",
+        summary="NNCF int8 on the OpenVINO IR, accuracy-controlled on the gate's metric when asked",
     ),
     "tflite_export": PassInfo(
         "tflite_export",

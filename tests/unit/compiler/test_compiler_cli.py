@@ -118,7 +118,9 @@ def test_class_without_device_is_marked_estimated(tmp_path: Path, conv: dict[str
 def test_device_in_the_loop_measurer_is_used(tmp_path: Path, mlp: dict[str, Path]) -> None:
     seen: list[str] = []
 
-    def submit(device: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    def submit(
+        device: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: object = None
+    ) -> dict[str, dict[str, float]]:
         seen.append(device)
         # The fake device finds fp32 twice as slow as anything quantized.
         return {str(p): {"median_ms": 2.0 if "fp32" in p.name else 1.0, "samples": 10} for p in paths}
@@ -145,7 +147,12 @@ def test_fp32_stays_when_nothing_beats_it(tmp_path: Path, mlp: dict[str, Path]) 
     class FlatMeasurer:
         measured_on = "fake"
 
-        def measure(self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray]) -> dict[Path, LatencyStats]:
+        def cannot_measure(self, path: Path) -> str:
+            return "fake"
+
+        def measure(
+            self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: object = None
+        ) -> dict[Path, LatencyStats]:
             return {
                 Path(p): LatencyStats(1.0 if "fp32" in Path(p).name else 0.98, 1.0, 1.0, 9, "fake") for p in candidates
             }

@@ -1,0 +1,134 @@
+"""OpenVINO as a compile target and a device runtime: real OpenVINO and NNCF on this machine's CPU."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.controller.compiler import CompileError, LatencyStats, TargetSpec
+from edgefleet.controller.compiler.api import CompileSpec, compile_model
+from edgefleet.controller.compiler.passes import PassContext, PassError
+from edgefleet.controller.compiler.passes.openvino_convert import OpenVinoConvert
+from edgefleet.controller.compiler.recipes import recipes_for
+from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, build_files
+
+
+class OpenVinoWinsMeasurer:
+    """Times nothing: says OpenVINO builds take half the time of the others, so selection is testable."""
+
+    measured_on = "fake"
+
+    def cannot_measure(self, path: Path) -> str:
+        return "fake"
+
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: object = None
+    ) -> dict[Path, LatencyStats]:
+        chosen = dict(runtimes or {})
+        return {
+            Path(p): LatencyStats(
+                1.0 if chosen.get(Path(p), RuntimeChoice()).name == "openvino" else 2.0, 1.0, 1.0, 9, "fake"
+            )
+            for p in candidates
+        }
+
+
+def local_target() -> TargetSpec:
+    return TargetSpec.resolve("local")
+
+
+def test_profile_reports_openvino_devices_found_by_a_probe() -> None:
+    target = local_target()
+    caps = target.openvino_capabilities("CPU")
+    assert caps is not None, "openvino is installed with the controller extra, so the CPU must be listed"
+    assert "FP32" in caps
+    assert target.as_dict()["openvino"]["devices"]["CPU"] == list(caps)
+
+
+def test_recipes_follow_the_capabilities() -> None:
+    base = TargetSpec.from_class("x86_64-avx2")
+    assert not [r for r in recipes_for(base, "onnx") if r.runtime.name == "openvino"], "no profile, no OpenVINO"
+    amx = replace(base, openvino_devices=(("CPU", ("FP32", "BF16", "INT8")),))
+    names = {r.name: r for r in recipes_for(amx, "onnx")}
+    assert names["ov-bf16"].runtime == RuntimeChoice("openvino", "CPU", "bf16")
+    assert names["ov-fp32"].runtime.inference_precision == "f32", "fp32 must be explicit: AMX defaults to bf16"
+    assert "ov-fp32-fp16w" not in names and "ov-fp16" not in names
+    avx2 = replace(base, openvino_devices=(("CPU", ("FP32", "INT8")), ("GPU", ("FP16", "INT8"))))
+    names = {r.name: r for r in recipes_for(avx2, "tflite")}
+    assert {"ov-fp32", "ov-fp32-fp16w", "ov-int8", "ov-gpu-fp16", "tflite-float"} <= set(names)
+    assert names["ov-gpu-fp16"].runtime == RuntimeChoice("openvino", "GPU", "f16")
+
+
+def test_openvino_build_is_chosen_when_it_measures_faster(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    report = compile_model(
+        CompileSpec(model=mlp["model"], target=local_target(), calib=mlp["calib"], out=out,
+                    recipes=("ov-fp32-fp16w", "ov-fp32")),
+        measurer=OpenVinoWinsMeasurer(),
+    )
+    rows = {r["recipe"]: r for r in report.candidates}
+    assert rows["ov-fp32"]["runtime"] == "openvino:CPU/f32" and rows["ov-fp32"]["passed_gate"]
+    assert report.chosen == "ov-fp32-fp16w", "equal speed: the smaller IR (fp16 weights) wins the tie"
+    assert report.runtime == {"name": "openvino", "device": "CPU", "inference_precision": "f32",
+                              "version": report.toolchain["openvino"]}
+    assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifact"]["format"] == "openvino-ir"
+    assert [f["file"] for f in manifest["artifact"]["files"]] == ["model.xml", "model.bin"]
+    assert manifest["artifact"]["size_bytes"] == sum(p.stat().st_size for p in build_files(out / "model.xml"))
+    # fp16 weights: the .bin holds half the source's fp32 weight bytes (the .xml is the graph text).
+    assert (out / "model.bin").stat().st_size < 0.6 * mlp["model"].stat().st_size
+    # The shipped build reproduces fp32 on the gate data when OpenVINO runs it as the manifest says.
+    with np.load(mlp["eval"]) as data:
+        x = data["x"][:16].astype(np.float32)
+    ref = ModelRunner(mlp["model"]).run({"x": x})
+    got = ModelRunner(out / "model.xml", runtime=RuntimeChoice("openvino", "CPU", "f32")).run({"x": x})
+    np.testing.assert_allclose(next(iter(got.values())), next(iter(ref.values())), rtol=1e-2, atol=1e-3)
+
+
+def test_openvino_int8_by_nncf_is_gated_and_the_cache_key_names_the_runtime(
+    tmp_path: Path, conv: dict[str, Path]
+) -> None:
+    report = compile_model(
+        CompileSpec(model=conv["model"], target=local_target(), calib=conv["calib"], out=tmp_path / "o",
+                    recipes=("ov-int8",)),
+        measurer=OpenVinoWinsMeasurer(),
+    )
+    row = next(r for r in report.candidates if r["recipe"] == "ov-int8")
+    assert row["error"] is None and row["metric_score"] is not None
+    assert row["runtime"] == "openvino:CPU"
+    assert any(p.get("pass") == "openvino_int8" for p in row["passes"])
+    if row["passed_gate"]:
+        assert report.chosen == "ov-int8"
+        ir = (tmp_path / "o" / "model.xml").read_text()
+        assert 'type="FakeQuantize"' in ir or 'element_type="i8"' in ir, "the build must really be int8"
+
+
+def test_a_model_openvino_cannot_read_skips_only_those_candidates(tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a-model.onnx"
+    bogus.write_bytes(b"\x08\x07garbage")
+    ctx = PassContext(target=local_target(), workdir=tmp_path)
+    with pytest.raises(PassError, match="OpenVINO cannot read the model"):
+        OpenVinoConvert().run(bogus, ctx)
+
+
+def test_estimated_targets_never_choose_an_unmeasured_openvino_build(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    target = replace(TargetSpec.from_class("x86_64-avx2"), openvino_devices=(("CPU", ("FP32", "INT8")),))
+    report = compile_model(
+        CompileSpec(model=mlp["model"], target=target, calib=mlp["calib"], out=tmp_path / "o", measure="estimate",
+                    recipes=("ov-fp32",)),
+    )
+    row = next(r for r in report.candidates if r["recipe"] == "ov-fp32")
+    assert row["latency_ms"] is None and any("not measured" in n for n in row["notes"])
+    assert report.chosen != "ov-fp32"
+
+
+def test_metric_accuracy_needs_labels(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    with pytest.raises(CompileError, match="--eval-labels"):
+        compile_model(CompileSpec(model=mlp["model"], target="x86_64-avx2", calib=mlp["calib"], metric="accuracy",
+                                  budget=0.01, out=tmp_path / "o"))
