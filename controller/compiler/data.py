@@ -102,6 +102,14 @@ class Dataset:
         """Sample ``index`` in the model's own shapes (batch of one): a golden input, a calibration feed."""
         return model_sample(self.inputs, self.layouts, index)
 
+    def model_feeds(self, batch: int, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        """Up to ``limit`` samples as feeds the model takes (for calibrators): slices of ``batch``
+        samples when every input is batched on axis 0, else one sample per feed."""
+        n = min(self.count, limit if limit is not None else self.count)
+        if self.batchable:
+            return [{k: v[start : start + batch] for k, v in self.inputs.items()} for start in range(0, n, batch)]
+        return [self.model_sample(i) for i in range(n)]
+
     def sample_shape(self, name: str) -> tuple[int, ...]:
         """The shape the model sees for one sample of input ``name`` (what to fix dynamic dims to)."""
         return tuple(int(d) for d in model_sample({name: self.inputs[name]}, self.layouts, 0)[name].shape)
@@ -147,7 +155,7 @@ def model_sample(
     for name, arr in arrays.items():
         layout = layouts.get(name, BATCH0)
         if layout.kind == "stacked":
-            feed[name] = arr[index]
+            feed[name] = np.asarray(arr[index])  # a scalar input stays a 0-d array, not a numpy scalar
         else:
             feed[name] = np.moveaxis(arr[index : index + 1], 0, layout.axis)
     return feed
@@ -284,6 +292,46 @@ def _ambiguous(
     )
 
 
+def _check_one_sample_feed(
+    flag: str,
+    inputs: tuple[TensorSpec, ...],
+    layouts: dict[str, InputLayout],
+    shapes: dict[str, tuple[int, ...]],
+    wants: dict[str, tuple[Dim, ...]],
+) -> None:
+    """Refuse readings that fit each input alone but cannot be fed together: a rollout would
+    otherwise find out at build time, when the model first runs."""
+    one_at_a_time = any(not layout.is_default for layout in layouts.values())
+    sample: dict[str, tuple[int, ...]] = {}
+    for spec in inputs:
+        layout, shape, want = layouts[spec.name], shapes[spec.name], wants[spec.name]
+        if layout.kind == "stacked":
+            sample[spec.name] = shape[1:]
+            continue
+        fixed = want[0] if not _dynamic(want[0]) else None
+        if one_at_a_time and layout.axis == 0 and fixed not in (None, 1):
+            raise CompileError(
+                f"{flag} array '{spec.name}' of shape {shape} reads as {shape[0]} samples on axis 0, but the "
+                f"model's axis 0 is fixed at {fixed}, so it is not the batch axis; save it as np.stack(samples) "
+                f"with shape N x {_fmt(want)} (samples stacked on a new axis 0)"
+            )
+        sample[spec.name] = (*shape[: layout.axis], 1, *shape[layout.axis + 1 :])
+    seen: dict[str, tuple[str, int, int]] = {}  # symbolic dim -> (input, axis, size) first seen
+    for spec in inputs:
+        if len(spec.shape) != len(sample[spec.name]):
+            continue
+        for axis, (dim, size) in enumerate(zip(spec.shape, sample[spec.name], strict=True)):
+            if not isinstance(dim, str) or not dim:
+                continue
+            first = seen.setdefault(dim, (spec.name, axis, size))
+            if first[2] != size:
+                raise CompileError(
+                    f"{flag} arrays disagree on the model's '{dim}' dim: one sample of '{first[0]}' has "
+                    f"{first[2]} on axis {first[1]} but one of '{spec.name}' has {size} on axis {axis}; store "
+                    f"samples whose '{dim}' sizes match (save them stacked: N x the input's shape)"
+                )
+
+
 def _cast(flag: str, name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The array in the input's dtype; refuse values that the cast would change."""
     if arr.dtype.kind not in "fiub":
@@ -363,6 +411,7 @@ def load_npz(
             raise _no_fit(flag, spec.name, shape, want)
         shapes[spec.name], wants[spec.name], readings[spec.name] = shape, want, found_readings
     n, chosen = _choose(flag, shapes, readings, wants)
+    _check_one_sample_feed(flag, inputs, {name: r.layout for name, r in chosen.items()}, shapes, wants)
     ins: dict[str, np.ndarray] = {}
     layouts: dict[str, InputLayout] = {}
     for spec in inputs:
