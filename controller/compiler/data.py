@@ -410,6 +410,13 @@ def load_npz(
         if not found_readings:
             raise _no_fit(flag, spec.name, shape, want)
         shapes[spec.name], wants[spec.name], readings[spec.name] = shape, want, found_readings
+    if any(all(not r.layout.is_default for r in rs) for rs in readings.values()):
+        # Some input can only be fed one sample at a time, so every input is: a fixed axis 0 other
+        # than 1 cannot be the sample axis then. Dropping that reading may make the others unambiguous.
+        for name, rs in readings.items():
+            fixed0 = not _dynamic(wants[name][0]) and wants[name][0] != 1 if wants[name] else False
+            kept = [r for r in rs if not (fixed0 and r.layout.is_default)]
+            readings[name] = kept or rs  # none left: _check_one_sample_feed names the problem
     n, chosen = _choose(flag, shapes, readings, wants)
     _check_one_sample_feed(flag, inputs, {name: r.layout for name, r in chosen.items()}, shapes, wants)
     ins: dict[str, np.ndarray] = {}

@@ -99,28 +99,34 @@ def test_two_dynamic_dims_still_read_samples_on_axis_0(tmp_path: Path) -> None:
     assert data.count == 6 and data.layouts == {}
 
 
-def test_ambiguous_state_names_both_readings(tmp_path: Path, silero: Path) -> None:
+def test_state_with_as_many_samples_as_its_fixed_axis_is_read_unambiguously(tmp_path: Path, silero: Path) -> None:
+    # (2, 2, 128) alone could be 2 samples on axis 0 or on axis 1, but sr is a scalar, so samples are fed
+    # one at a time and the fixed axis 0 (size 2) cannot be the sample axis: axis 1 is the only reading.
     samples = layout_models.silero_samples(2)
-    with pytest.raises(CompileError) as err:
-        load(silero, tmp_path / "c.npz", input=samples["input"][:, 0], state=np.zeros((2, 2, 128), np.float32),
-             sr=samples["sr"])
-    message = str(err.value)
-    assert "'state' of shape (2, 2, 128)" in message
-    assert "2 samples on axis 0" in message and "2 samples on axis 1 (the model's 'batch' dim)" in message
-    assert "N x [2,batch,128]" in message and "\n" not in message
+    state = np.concatenate(list(samples["state"]), axis=1)
+    data = load(silero, tmp_path / "c.npz", input=samples["input"][:, 0], state=state, sr=samples["sr"])
+    assert data.layout("state") == InputLayout("batch", 1)
+    np.testing.assert_array_equal(data.model_sample(1)["state"], samples["state"][1])
 
 
-def test_ambiguous_sample_count_names_both_readings(tmp_path: Path) -> None:
+def test_ambiguous_readings_are_refused_naming_both(tmp_path: Path) -> None:
     model = layout_models.state_only(tmp_path / "m.onnx")
-    with pytest.raises(CompileError, match=r"reads as 2 samples on axis 0 or as 5 samples on axis 1"):
+    with pytest.raises(CompileError) as err:
         load(model, tmp_path / "c.npz", state=np.zeros((2, 5, 128), np.float32))
+    message = str(err.value)
+    assert "'state' of shape (2, 5, 128) reads as 2 samples on axis 0 or as 5 samples on axis 1 (the model's " \
+        "'batch' dim)" in message
+    assert "N x [2,batch,128] (samples stacked on a new axis 0)" in message and "\n" not in message
+    with pytest.raises(CompileError, match=r"reads as 2 samples on axis 0 or as 2 samples on axis 1"):
+        load(model, tmp_path / "c.npz", state=np.zeros((2, 2, 128), np.float32))
     # Stacked samples say which: accepted.
     assert load(model, tmp_path / "c.npz", state=np.zeros((5, 2, 3, 128), np.float32)).count == 5
 
 
 def test_sample_counts_must_agree(tmp_path: Path, silero: Path) -> None:
     samples = layout_models.silero_samples(8)
-    with pytest.raises(CompileError, match=r"different sample counts .*'state' 2 samples on axis 0 or 6 samples"):
+    counts = r"different sample counts .*'input' 8 samples on axis 0; 'state' 6 samples on axis 1"
+    with pytest.raises(CompileError, match=counts):
         load(silero, tmp_path / "c.npz", input=samples["input"][:, 0], state=np.zeros((2, 6, 128), np.float32),
              sr=samples["sr"])
 
