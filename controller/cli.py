@@ -388,7 +388,8 @@ def models_group() -> None:
 @click.option("--name", required=True, help="Model name, e.g. det.")
 @click.option("--version", "version", required=True, type=click.IntRange(1), help="A positive integer.")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Calibration/gate data: .npz with one array per model input, samples on axis 0.")
+              help="Calibration/gate data: .npz with one array per model input, samples on the batch axis "
+                   "or stacked on a new axis 0; checked against the model before upload.")
 @click.option("--budget", default=0.99, show_default=True, type=click.FloatRange(0, 1),
               help="Minimum output cosine similarity to the fp32 model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -401,6 +402,8 @@ def models_add(obj: Context, model_file: Path, name: str, version: int, calib: P
     if fmt is None:
         raise UserError(f"{model_file} is neither .onnx nor .tflite; export the model to one of them")
     check_model_file(model_file, fmt)
+    if calib is not None:
+        check_calib_file(model_file, calib)
     client = obj.client()
     sha = upload_artifact(client, model_file)
     calib_sha = upload_artifact(client, calib) if calib else ""
@@ -423,6 +426,25 @@ def check_model_file(path: Path, fmt: str) -> None:
             raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
     elif path.read_bytes()[4:8] != b"TFL3":
         raise UserError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); re-export it")
+
+
+def check_calib_file(model: Path, calib: Path) -> None:
+    """Refuse calibration data the model cannot be compiled with, before anything is uploaded, with
+    the checks a compile makes (names, dtypes, shapes and layouts, NaN/Inf, sample counts)."""
+    from edgefleet.controller.compiler.data import load_npz
+    from edgefleet.controller.compiler.errors import CompileError
+    from edgefleet.controller.compiler.model_io import load_source
+
+    try:
+        source = load_source(model)
+    except CompileError as exc:
+        if isinstance(exc.__cause__, ImportError):  # no LiteRT on this machine: the controller checks
+            return
+        raise UserError(str(exc)) from None
+    try:
+        load_npz(calib, source.inputs, flag="--calib")
+    except CompileError as exc:
+        raise UserError(str(exc)) from None
 
 
 @models_group.command("list")

@@ -445,6 +445,8 @@ class RolloutControl:
     async def AddModel(
         self, request: control_pb2.AddModelRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ModelInfo:
+        # Loading the model and the data takes a while for a big model: off the event loop.
+        await asyncio.to_thread(check_model_data, self.artifacts, request)
         record = register_model(self.store, self.artifacts, request)
         return model_to_proto(record)
 
@@ -516,6 +518,39 @@ def register_model(store: Store, artifacts: ArtifactStore, request: control_pb2.
     except StoreError as exc:
         raise FailedPrecondition(str(exc)) from None
     return store.get_model(record.name, record.version) or record
+
+
+def check_model_data(artifacts: ArtifactStore, request: control_pb2.AddModelRequest) -> None:
+    """Refuse calibration data the model cannot be compiled with, at registration, with the same
+    checks a compile makes: a rollout must not be the first to find out, at build time.
+
+    Missing artifacts and bad fields are left to :func:`register_model`, which names them.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from edgefleet.controller.compiler.data import load_npz
+    from edgefleet.controller.compiler.errors import CompileError
+    from edgefleet.controller.compiler.model_io import load_source
+
+    if not request.calib_sha256 or request.format not in ("onnx", "tflite"):
+        return
+    model, calib = artifacts.path(request.sha256), artifacts.path(request.calib_sha256)
+    if not model.is_file() or not calib.is_file():
+        return
+    with tempfile.TemporaryDirectory(prefix="edgefleet-add-model-") as tmp:
+        named = Path(tmp) / f"model.{request.format}"  # load_source reads the format from the suffix
+        named.symlink_to(model)
+        try:
+            source = load_source(named)
+        except CompileError as exc:
+            if isinstance(exc.__cause__, ImportError):  # no LiteRT here: the build will say so
+                return
+            raise InvalidArgument(f"model {request.name}: {exc}") from None
+        try:
+            load_npz(calib, source.inputs, flag="--calib")
+        except CompileError as exc:
+            raise InvalidArgument(str(exc)) from None
 
 
 def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.controller.compiler.data import Dataset, InputLayout, layouts_of, model_sample, sample_count
 from edgefleet.controller.compiler.errors import CompileError
 
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
@@ -173,40 +174,74 @@ class ModelRunner:
             out[detail["name"]] = val
         return out
 
-    def sample_feed(self, data: Mapping[str, np.ndarray], start: int = 0) -> dict[str, np.ndarray]:
-        """One batch as the model takes it: its fixed batch size, or one sample."""
+    def sample_feed(
+        self,
+        data: Mapping[str, np.ndarray] | Dataset,
+        start: int = 0,
+        *,
+        layouts: Mapping[str, InputLayout] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One batch as the model takes it: its fixed batch size, or one sample.
+
+        ``data`` is a Dataset, its ``inputs``, or plain arrays with samples on axis 0; ``layouts``
+        (default: the Dataset's) say how a sample goes back into the model's shape.
+        """
+        arrays, found = layouts_of(data, layouts)
+        if found:  # an input stored stacked or on a later batch axis: one sample in the model's shape
+            one = model_sample({k: arrays[k] for k in self.input_names}, found, start % sample_count(arrays))
+            return {k: v.astype(self.input_dtypes.get(k, v.dtype), copy=False) for k, v in one.items()}
         b = self.fixed_batch or 1
         feed = {}
         for name in self.input_names:
-            arr = data[name][start : start + b]
+            arr = arrays[name][start : start + b]
             if arr.shape[0] < b:
                 arr = np.concatenate([arr] * (b // max(1, arr.shape[0]) + 1))[:b]
             feed[name] = arr.astype(self.input_dtypes.get(name, arr.dtype), copy=False)
         return feed
 
-    def run_dataset(self, data: Mapping[str, np.ndarray], max_batch: int = 32) -> dict[str, np.ndarray]:
-        """All samples, batched; outputs concatenated on axis 0 (assumed to be the sample axis)."""
-        n = int(next(iter(data.values())).shape[0])
-        b = self.fixed_batch or max(1, min(max_batch, n))
-        chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
-        for start in range(0, n, b):
-            take = min(b, n - start)
-            feed = (
-                self.sample_feed(data, start)
-                if self.fixed_batch
-                else {
-                    k: data[k][start : start + take].astype(self.input_dtypes.get(k, data[k].dtype), copy=False)
-                    for k in self.input_names
-                }
-            )
+    def run_dataset(
+        self,
+        data: Mapping[str, np.ndarray] | Dataset,
+        max_batch: int = 32,
+        *,
+        layouts: Mapping[str, InputLayout] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """All samples; outputs with samples on axis 0.
+
+        Inputs in the usual layout run batched and outputs are concatenated on axis 0 (assumed to
+        be the sample axis). When any input is stacked or batched on a later axis, each sample runs
+        alone in the model's own shapes and each output is stacked on a new axis 0.
+        """
+        arrays, found = layouts_of(data, layouts)
+        n = sample_count(arrays)
+
+        def run_checked(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             try:
-                outs = self.run(feed)
+                return self.run(feed)
             except Exception as exc:
                 raise CompileError(
                     f"running {self.path.name} failed ({str(exc).splitlines()[0][:160]}); "
                     "check the data matches the model inputs"
                 ) from exc
-            for k, v in outs.items():
+
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.output_names}
+        if found:
+            for index in range(n):
+                for k, v in run_checked(self.sample_feed(arrays, index, layouts=found)).items():
+                    chunks[k].append(np.asarray(v))
+            return {k: np.stack(v) for k, v in chunks.items()}
+        b = self.fixed_batch or max(1, min(max_batch, n))
+        for start in range(0, n, b):
+            take = min(b, n - start)
+            feed = (
+                self.sample_feed(arrays, start, layouts={})
+                if self.fixed_batch
+                else {
+                    k: arrays[k][start : start + take].astype(self.input_dtypes.get(k, arrays[k].dtype), copy=False)
+                    for k in self.input_names
+                }
+            )
+            for k, v in run_checked(feed).items():
                 v = np.asarray(v)
                 chunks[k].append(v[:take] if self.fixed_batch and v.ndim and v.shape[0] == b else v)
         return {k: np.concatenate(v) if v and v[0].ndim else np.stack(v) for k, v in chunks.items()}

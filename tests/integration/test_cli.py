@@ -88,3 +88,50 @@ def test_bad_arguments_are_one_line_errors(run, controller):
         result = run(*args)
         assert result.exit_code == 2, result.output
         assert needle in result.output
+
+
+def test_models_add_checks_calibration_data_before_upload(run, controller, tmp_path):
+    import numpy as np
+
+    from edgefleet.controller.cli import upload_artifact
+    from edgefleet.controller.client import Connection
+    from edgefleet.protos.v1 import control_pb2
+    from models.layout_models import silero_like, silero_samples
+
+    sd = ["--state-dir", str(controller.state_dir)]
+    model = silero_like(tmp_path / "vad.onnx")
+    samples = silero_samples(8)
+    artifacts = controller.state_dir / "artifacts"
+    before = sorted(p.name for p in artifacts.rglob("*") if p.is_file()) if artifacts.exists() else []
+    for arrays, needle in [
+        ({"input": samples["input"], "state": samples["state"]}, "no array for input 'sr'"),
+        ({**samples, "sr": np.full(8, 0.5)}, "non-integral values but the input is int64"),
+        ({**samples, "state": np.zeros((2, 2, 128), np.float32)}, "different sample counts"),
+        ({**samples, "input": np.full((8, 512), np.nan, np.float32)}, "NaN/Inf"),
+    ]:
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, **arrays)
+        result = run("models", "add", str(model), "--name", "vad", "--version", "1", "--calib", str(bad), *sd)
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], result.output
+    after = sorted(p.name for p in artifacts.rglob("*") if p.is_file()) if artifacts.exists() else []
+    assert after == before  # refused before anything was uploaded
+    assert json.loads(run("models", "list", "--json", *sd).output)["models"] == []
+
+    # A client that skips the CLI's check is refused by the controller too.
+    client = Connection.resolve(None, controller.state_dir).control()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{**samples, "state": np.zeros((8, 3, 1, 128), np.float32)})
+    request = control_pb2.AddModelRequest(name="vad", version=1, sha256=upload_artifact(client, model),
+                                          format="onnx", calib_sha256=upload_artifact(client, bad), budget=0.99)
+    with pytest.raises(Exception, match=r"'state' has shape \(8, 3, 1, 128\).*\(invalid_argument\)"):
+        client.call("AddModel", request)
+
+    # Silero-shaped data (state with its batch on axis 1, sr one value per sample) is accepted.
+    good = tmp_path / "good.npz"
+    np.savez(good, input=samples["input"][:, 0], state=np.concatenate(list(samples["state"]), axis=1),
+             sr=samples["sr"])
+    ok = run("models", "add", str(model), "--name", "vad", "--version", "1", "--calib", str(good), "--json", *sd)
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["calib_sha256"]
