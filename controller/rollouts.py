@@ -564,11 +564,12 @@ class RolloutEngine:
             )
             artifact = Path(report.artifact)
             golden = None
-            if calib_file is not None:
-                import numpy as np
+            if calib_file is not None and registered.format != "tflite":
+                from edgefleet.controller.compiler.data import load_npz
+                from edgefleet.controller.compiler.model_io import load_source
 
-                with np.load(calib_file) as data:
-                    golden = {k: data[k][:1] for k in data.files}
+                # The first calibration sample, in the model's own shapes whatever layout it was stored in.
+                golden = load_npz(calib_file, load_source(model_file).inputs, flag="--calib").model_sample(0)
             provider = str(report.target.get("execution_provider") or "CPUExecutionProvider")
             chosen_runtime = report.runtime or {}
             if chosen_runtime.get("name") == "openvino":

@@ -445,9 +445,9 @@ class _GateJudge:
 
     def probe(self) -> GateProbe:
         """The gate as a score on single-sample runs, for NNCF's accuracy control."""
-        feeds = [feed for feed, _ in _single_feeds(self.gate_set)]
+        feeds = self.gate_set.model_feeds(1)
         names = list(self.reference)
-        per_sample = _per_sample_layout(self.gate_set)
+        per_sample = not self.gate_set.batchable  # the runner stacks single-sample runs then
 
         def score(runs: list[list[np.ndarray]]) -> float:
             joined = {
@@ -462,21 +462,8 @@ class _GateJudge:
         return GateProbe(feeds, score, self.gate.allowed_drop)
 
 
-def _per_sample_layout(data: Dataset) -> bool:
-    return bool(getattr(data, "per_sample", False))
-
-
-def _single_feeds(data: Dataset) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    feeds = getattr(data, "feeds", None)
-    if callable(feeds):
-        yield from feeds(1)
-        return
-    for i in range(data.count):
-        yield {k: v[i : i + 1] for k, v in data.inputs.items()}, 1
-
-
 def _run_gate_set(runner: ModelRunner, data: Dataset) -> dict[str, np.ndarray]:
-    return runner.run_dataset(data.inputs)
+    return runner.run_dataset(data)
 
 
 def _needs_calib(recipe: Recipe) -> bool:

@@ -11,7 +11,6 @@ a build that passed, the timing says so and it is not chosen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,18 +34,7 @@ def sample_feeds(ctx: PassContext, names: list[str], limit: int) -> list[dict[st
     """Calibration samples as single feeds the model takes as they are."""
     if ctx.calib is None:
         raise PassError("int8 needs --calib data (int8 is never calibrated on random inputs)")
-    feeds_of = getattr(ctx.calib, "feeds", None)
-    feeds: Iterator[dict[str, np.ndarray]]
-    if callable(feeds_of):  # a Dataset that knows its inputs' layouts
-        feeds = (feed for feed, _ in feeds_of(1))
-    else:
-        feeds = ({k: v[i : i + 1] for k, v in ctx.calib.inputs.items()} for i in range(ctx.calib.count))
-    out = []
-    for feed in feeds:
-        out.append({k: feed[k] for k in names if k in feed})
-        if len(out) >= limit:
-            break
-    return out
+    return [{k: feed[k] for k in names if k in feed} for feed in ctx.calib.model_feeds(1, limit)]
 
 
 class OpenVinoInt8(Pass["OpenVinoInt8.Params"]):
