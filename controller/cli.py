@@ -525,8 +525,10 @@ def render_rollout(info: control_pb2.RolloutInfo) -> str:
     if info.reason:
         lines.append(f"reason: {info.reason}")
     for build in info.builds:
-        detail = build.error or (f"{build.chosen}, {build.speedup:.2f}x, measured on {build.measured_on or '-'}"
-                                 + (" (cached)" if build.cached else "") if build.state == "ready" else "")
+        detail = build.error or (
+            f"{build.chosen} on {build.runtime or 'onnxruntime'}, {build.speedup:.2f}x faster, "
+            f"{build.size_ratio:.2f}x smaller, measured on {build.measured_on or '-'}"
+            + (" (cached)" if build.cached else "") if build.state == "ready" else "")
         lines.append(f"  build {build.hardware_class:<20} {build.state:<9} {detail}")
     final = ("committed", "failed", "timed_out", "rolled_back", "superseded", "rollback_failed")
     for wave in sorted({d.wave for d in info.devices}):

@@ -585,7 +585,9 @@ def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = T
                             speedup=float(report.get("speedup") or 0.0),
                             measured_on=str(report.get("latency", {}).get("measured_on") or ""),
                             error=build.error, bundle_sha256=build.bundle_sha256,
-                            cached=bool(report.get("cached")))
+                            cached=bool(report.get("cached")),
+                            runtime=str(report.get("result", {}).get("runtime") or ""),
+                            size_ratio=float(report.get("size_ratio") or 0.0))
     return info
 
 

@@ -407,7 +407,7 @@ class RolloutDevice(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., wave: _Optional[int] = ..., state: _Optional[str] = ..., command_id: _Optional[str] = ..., previous_model: _Optional[str] = ..., previous_version: _Optional[int] = ..., reason: _Optional[str] = ..., baseline_json: _Optional[str] = ..., dispatched_at_unix_ms: _Optional[int] = ..., finished_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RolloutBuild(_message.Message):
-    __slots__ = ("hardware_class", "state", "chosen", "speedup", "measured_on", "error", "bundle_sha256", "cached")
+    __slots__ = ("hardware_class", "state", "chosen", "speedup", "measured_on", "error", "bundle_sha256", "cached", "runtime", "size_ratio")
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
@@ -416,6 +416,8 @@ class RolloutBuild(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_RATIO_FIELD_NUMBER: _ClassVar[int]
     hardware_class: str
     state: str
     chosen: str
@@ -424,7 +426,9 @@ class RolloutBuild(_message.Message):
     error: str
     bundle_sha256: str
     cached: bool
-    def __init__(self, hardware_class: _Optional[str] = ..., state: _Optional[str] = ..., chosen: _Optional[str] = ..., speedup: _Optional[float] = ..., measured_on: _Optional[str] = ..., error: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    runtime: str
+    size_ratio: float
+    def __init__(self, hardware_class: _Optional[str] = ..., state: _Optional[str] = ..., chosen: _Optional[str] = ..., speedup: _Optional[float] = ..., measured_on: _Optional[str] = ..., error: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., cached: _Optional[bool] = ..., runtime: _Optional[str] = ..., size_ratio: _Optional[float] = ...) -> None: ...
 
 class RolloutInfo(_message.Message):
     __slots__ = ("rollout_id", "model", "version", "selector", "waves", "soak_s", "max_failures", "gates", "device_timeout_s", "auto_rollback", "state", "wave", "waves_total", "reason", "created_at_unix_ms", "updated_at_unix_ms", "devices", "builds", "soak_until_unix_ms")

@@ -44,6 +44,8 @@ def calibration_batches(
     fixed = isinstance(first, int) and first > 0
     batch = int(first) if fixed else 8  # type: ignore[arg-type]
     n = min(ctx.calib.count, max_samples)
+    if not ctx.calib.batchable:  # inputs stored stacked or on a later axis: one sample per feed, as the model takes it
+        return [{spec.name: feed[spec.name] for spec in ins} for feed in ctx.calib.model_feeds(1, n)]
     feeds = []
     for start in range(0, n, batch):
         feed = {spec.name: ctx.calib.inputs[spec.name][start : start + batch] for spec in ins}
