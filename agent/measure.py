@@ -20,9 +20,10 @@ from edgefleet.firmware.selftest import LITERT_RUNTIMES, OPENVINO_RUNTIME, LiteR
 from edgefleet.protos.v1 import fleet_pb2
 
 
-def _feed(inputs_npz: bytes) -> dict[str, np.ndarray]:
+def _feed(inputs_npz: bytes, as_is: bool = False) -> dict[str, np.ndarray]:
+    """One batch of one sample; ``as_is`` when the controller sent a feed in the model's own shapes."""
     with np.load(io.BytesIO(inputs_npz), allow_pickle=False) as data:
-        return {name: np.ascontiguousarray(data[name][:1]) for name in data.files}
+        return {name: np.ascontiguousarray(data[name] if as_is else data[name][:1]) for name in data.files}
 
 
 class _Timed:
@@ -73,7 +74,7 @@ def time_candidates(
     for candidate in spec.candidates:
         try:
             timed = _load(files[candidate.name], candidate, threads)
-            feed = _feed(candidate.inputs_npz)
+            feed = _feed(candidate.inputs_npz, spec.inputs_are_feed)
             for _ in range(warmup):
                 timed.run(feed)
             sessions[candidate.name] = (timed, feed)

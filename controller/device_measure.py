@@ -34,9 +34,23 @@ class DeviceMeasurementFailed(RuntimeError):
 
 
 def sample_npz(inputs: Mapping[str, np.ndarray], samples: int = 4) -> bytes:
+    """A few samples on axis 0; or, for inputs stored stacked or on a later batch axis (a Dataset's
+    inputs carry their layouts), one feed in the model's own shapes (see ``feeds_model_shapes``)."""
+    from edgefleet.controller.compiler.data import layouts_of, model_sample
+
+    arrays, layouts = layouts_of(inputs)
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v)[:samples] for k, v in inputs.items()})  # type: ignore[arg-type]
+    if layouts:
+        np.savez(buffer, **model_sample(arrays, layouts, 0))  # type: ignore[arg-type]
+    else:
+        np.savez(buffer, **{k: np.asarray(v)[:samples] for k, v in arrays.items()})  # type: ignore[arg-type]
     return buffer.getvalue()
+
+
+def feeds_model_shapes(inputs: Mapping[str, np.ndarray]) -> bool:
+    from edgefleet.controller.compiler.data import layouts_of
+
+    return bool(layouts_of(inputs)[1])
 
 
 def measure_spec(candidates: Sequence[tuple[str, int]], inputs_npz: bytes) -> fleet_pb2.MeasureCandidates:
@@ -101,7 +115,8 @@ class DeviceMeasure:
         A candidate the device could not run (an OpenVINO build on an agent without OpenVINO) is left
         out and logged; the others are still compared. The fp32 baseline must run."""
         inputs_npz = sample_npz(inputs)
-        spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7)
+        spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7,
+                                           inputs_are_feed=feeds_model_shapes(inputs))
         for index, path in enumerate(paths):
             candidate = candidate_for(self.artifacts, Path(path), (runtimes or {}).get(Path(path)))
             candidate.name, candidate.inputs_npz = f"c{index}", inputs_npz

@@ -108,6 +108,9 @@ class LocalMeasurer:
             rng.shuffle(order)  # interleave: machine noise hits every candidate alike
             for path in order:
                 runner, feed, k = runners[path], feeds[path], reps[path]
+                # One untimed run first: the previous candidate's runtime (another thread pool, an
+                # OpenVINO plugin after onnxruntime) must not be charged to this one's round.
+                runner.run(feed)
                 t0 = time.perf_counter()
                 for _ in range(k):
                     runner.run(feed)

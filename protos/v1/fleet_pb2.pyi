@@ -295,16 +295,18 @@ class InstallBundle(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class MeasureCandidates(_message.Message):
-    __slots__ = ("candidates", "warmup", "runs", "rounds")
+    __slots__ = ("candidates", "warmup", "runs", "rounds", "inputs_are_feed")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_ARE_FEED_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     warmup: int
     runs: int
     rounds: int
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., warmup: _Optional[int] = ..., runs: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+    inputs_are_feed: bool
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., warmup: _Optional[int] = ..., runs: _Optional[int] = ..., rounds: _Optional[int] = ..., inputs_are_feed: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz", "weights_sha256", "weights_size", "device", "inference_precision")

@@ -64,3 +64,23 @@ def test_a_bundle_for_a_missing_openvino_device_is_refused_and_serving_says_why(
     # Serving a build whose device is gone (a plugin removed after install) falls back to the CPU, said so.
     _, used, fallback = _load_openvino(tmp_path / "model.xml", "NPU", "f16", 1)
     assert used == "openvino:CPU" and "NPU is not available" in fallback
+
+
+def test_device_in_the_loop_times_an_openvino_ir_beside_an_onnx_build(tmp_path: Path) -> None:
+    import io
+
+    from edgefleet.agent.measure import time_candidates
+    from edgefleet.protos.v1 import fleet_pb2
+
+    onnx_path = write_affine_model(tmp_path / "affine.onnx", 2.0, 1.0)
+    xml = tmp_path / "ir.xml"
+    ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml))
+    buffer = io.BytesIO()
+    np.savez(buffer, x=GOLDEN_X)
+    spec = fleet_pb2.MeasureCandidates(warmup=1, runs=3, rounds=2, inputs_are_feed=True)
+    spec.candidates.add(name="c0", runtime="onnxruntime", inputs_npz=buffer.getvalue())
+    spec.candidates.add(name="c1", runtime="openvino", device="CPU", inference_precision="f32",
+                        inputs_npz=buffer.getvalue())
+    timings = time_candidates({"c0": onnx_path, "c1": xml}, spec, threads=1)
+    assert [t.error for t in timings] == ["", ""]
+    assert timings[1].runtime == "openvino:CPU/f32" and len(timings[1].latencies_ms) == 2
