@@ -182,8 +182,8 @@ def render_page(rng: np.random.Generator, words: Sequence[str], height: int, wid
 
 def det_samples(split: str, count: int, height: int = 320, width: int = 320) -> dict[str, np.ndarray]:
     """Pages for ch_PP-OCRv4_det_infer.onnx: x [N, 3, H, W], BGR, (x/255 - 0.5) / 0.5 as DetPreProcess
-    with config.yaml's mean = std = 0.5. 320 x 320 (a multiple of 32) instead of RapidOCR's 736 short
-    side keeps a compile within minutes on two cores."""
+    with config.yaml's mean = std = 0.5. A small page (a multiple of 32; the bench uses 256 x 256) instead
+    of RapidOCR's 736 short side keeps a compile within minutes on two cores."""
     rng, words = split_rng(split, 30), split_words(split)
     pages = []
     for _ in range(count):
