@@ -40,6 +40,21 @@ class RuntimeChoice:
         return cls("openvino") if suffix == ".xml" else cls("litert") if suffix == ".tflite" else cls()
 
 
+def _openvino_device_here(choice: RuntimeChoice) -> tuple[str, str | None]:
+    """The device to run an OpenVINO build on here: its own, or the CPU for numerics when this machine
+    lacks it (a GPU or NPU build), with the precision hint where the CPU computes in it."""
+    import openvino as ov
+
+    core = ov.Core()
+    available = core.available_devices
+    if choice.device in available or choice.device.split(".")[0] in available:
+        return choice.device, choice.inference_precision
+    caps = set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    hint = choice.inference_precision
+    cpu_hint = hint if hint is None or {"f16": "FP16", "bf16": "BF16"}.get(hint, "FP32") in caps else "f32"
+    return "CPU", cpu_hint
+
+
 def build_files(path: Path) -> list[Path]:
     """Every file a build is made of: an OpenVINO IR is its .xml and the .bin of weights beside it."""
     path = Path(path)
@@ -110,9 +125,9 @@ class ModelRunner:
             from edgefleet.firmware.selftest import OpenVINOSession
 
             try:
-                self._ov = OpenVINOSession(
-                    self.path, self.runtime.device, self.runtime.inference_precision, threads or default_threads()
-                )
+                device, precision = _openvino_device_here(self.runtime)
+                self.numerics_on = device  # a GPU or NPU build is gated on this machine's CPU
+                self._ov = OpenVINOSession(self.path, device, precision, threads or default_threads())
             except ImportError as exc:
                 raise CompileError(
                     "OpenVINO candidates need the openvino package; "

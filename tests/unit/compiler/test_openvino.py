@@ -132,3 +132,28 @@ def test_metric_accuracy_needs_labels(tmp_path: Path, mlp: dict[str, Path]) -> N
     with pytest.raises(CompileError, match="--eval-labels"):
         compile_model(CompileSpec(model=mlp["model"], target="x86_64-avx2", calib=mlp["calib"], metric="accuracy",
                                   budget=0.01, out=tmp_path / "o"))
+
+
+def test_intel_gpu_and_npu_builds_from_a_profile_are_built_and_checked_here(tmp_path: Path, conv: dict[str, Path]) -> None:
+    """No Intel GPU or NPU here: a profile that has them gets their builds, gated for numerics on this
+    CPU and never timed (estimated targets never choose an OpenVINO build)."""
+    from edgefleet.protos.v1 import profile_pb2
+
+    profile = profile_pb2.HardwareProfile(hardware_class="x86_64-avx2")
+    profile.cpu.arch = "x86_64"
+    runtime = profile.runtimes.add(name="openvino", version="2026.4.1", loadable_providers=["CPU", "GPU", "NPU"])
+    runtime.devices.add(name="CPU", capabilities=["FP32", "INT8"], loadable=True)
+    runtime.devices.add(name="GPU", capabilities=["FP32", "FP16", "INT8"], loadable=True)
+    runtime.devices.add(name="NPU", capabilities=["FP16", "INT8"], loadable=True)
+    target = TargetSpec.from_profile(profile)
+    assert target.openvino_capabilities("NPU") == ("FP16", "INT8")
+    report = compile_model(
+        CompileSpec(model=conv["model"], target=target, calib=conv["calib"], out=tmp_path / "o", measure="estimate",
+                    recipes=("ov-gpu-fp16", "ov-npu-int8")),
+    )
+    rows = {r["recipe"]: r for r in report.candidates}
+    assert rows["ov-gpu-fp16"]["runtime"] == "openvino:GPU/f16" and rows["ov-gpu-fp16"]["error"] is None
+    assert rows["ov-gpu-fp16"]["passed_gate"], "fp16 weights stay within a 0.99 cosine on a small conv net"
+    assert rows["ov-npu-int8"]["runtime"] == "openvino:NPU" and rows["ov-npu-int8"]["metric_score"] is not None
+    assert all(r["latency_ms"] is None for name, r in rows.items() if name.startswith("ov-"))
+    assert report.chosen == "fp32-optimized"
