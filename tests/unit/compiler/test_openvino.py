@@ -134,7 +134,9 @@ def test_metric_accuracy_needs_labels(tmp_path: Path, mlp: dict[str, Path]) -> N
                                   budget=0.01, out=tmp_path / "o"))
 
 
-def test_intel_gpu_and_npu_builds_from_a_profile_are_built_and_checked_here(tmp_path: Path, conv: dict[str, Path]) -> None:
+def test_intel_gpu_and_npu_builds_from_a_profile_are_built_and_checked_here(
+    tmp_path: Path, conv: dict[str, Path]
+) -> None:
     """No Intel GPU or NPU here: a profile that has them gets their builds, gated for numerics on this
     CPU and never timed (estimated targets never choose an OpenVINO build)."""
     from edgefleet.protos.v1 import profile_pb2
