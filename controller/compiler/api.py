@@ -516,13 +516,20 @@ def _build_candidates(
         if recipe.needs_ops and not set(recipe.needs_ops) & source_ops:
             cand.error = f"skipped: the model has no {'/'.join(recipe.needs_ops)} node"
             continue
-        if recipe.after_failure_of:
-            slow = _not_worth_searching(recipe, candidates, by_name, quick, gate_set=judge.gate_set,
+        if recipe.fallback or recipe.after_failure_of:
+            # What the search starts from: the named builds, or (a fallback) every int8 build that failed.
+            failed = [by_name[name] for name in recipe.after_failure_of] or [
+                c for c in candidates
+                if c.recipe.precision in ("int8", "uint8") and c.path is not None and not c.passed
+                and c.recipe.runtime == recipe.runtime
+            ]
+            slow = _not_worth_searching(failed, candidates, quick, gate_set=judge.gate_set,
                                         min_speedup=spec.min_speedup)
             if slow:
                 cand.error = f"skipped: {slow}"
                 _say(progress, f"    {recipe.name}: {cand.error}")
                 continue
+        if recipe.after_failure_of:
             probe = probe or judge.probe()
         cand_dir = work / f"{index:02d}-{recipe.name}"
         cand_dir.mkdir()
@@ -568,9 +575,8 @@ def _build_candidates(
 
 
 def _not_worth_searching(
-    recipe: Recipe,
+    failed: list[_Candidate],
     candidates: list[_Candidate],
-    by_name: Mapping[str, _Candidate],
     quick: LocalMeasurer | None,
     *,
     gate_set: Dataset,
@@ -580,8 +586,7 @@ def _not_worth_searching(
     build is already no faster than the fastest build that passed, the search cannot win. Timed here
     (a few short interleaved rounds) only where candidates are timed on this machine."""
     passed = [c for c in candidates if c.passed and c.path is not None]
-    failed = [by_name[name] for name in recipe.after_failure_of]
-    if quick is None or not passed:
+    if quick is None or not passed or not failed:
         return ""
     paths = [c.path for c in (*failed, *passed) if c.path is not None]
     stats = quick.measure(paths, gate_set.inputs, runtimes={c.path: c.recipe.runtime for c in (*failed, *passed)
@@ -592,7 +597,7 @@ def _not_worth_searching(
         if cand.path in stats and best in stats and paired_speedup(stats[best], stats[cand.path]) >= min_speedup:
             return ""
     return (
-        f"{', '.join(r for r in recipe.after_failure_of)} was not {min_speedup:.2f}x faster than "
+        f"{', '.join(c.recipe.name for c in failed)} was not {min_speedup:.2f}x faster than "
         f"{fastest.recipe.name} before any op went back to float"
     )
 

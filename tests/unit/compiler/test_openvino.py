@@ -159,3 +159,27 @@ def test_intel_gpu_and_npu_builds_from_a_profile_are_built_and_checked_here(
     assert rows["ov-npu-int8"]["runtime"] == "openvino:NPU" and rows["ov-npu-int8"]["metric_score"] is not None
     assert all(r["latency_ms"] is None for name, r in rows.items() if name.startswith("ov-"))
     assert report.chosen == "fp32-optimized"
+
+
+def test_an_accuracy_search_is_skipped_when_the_failed_int8_build_was_not_faster(tmp_path: Path) -> None:
+    from edgefleet.controller.compiler.api import _Candidate, _not_worth_searching
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.recipes import BASELINE, Recipe
+
+    class Quick:
+        def __init__(self, ms: dict[str, float]) -> None:
+            self.ms = ms
+
+        def measure(self, paths: Sequence[Path], inputs: object, runtimes: object = None) -> dict[Path, LatencyStats]:
+            return {p: LatencyStats(self.ms[p.name], 0, 0, 1, "quick", rounds_ms=(self.ms[p.name],)) for p in paths}
+
+    base = _Candidate(BASELINE, path=tmp_path / "fp32.onnx", passed=True)
+    int8 = _Candidate(Recipe("ov-int8", (), "int8"), path=tmp_path / "int8.xml", passed=False)
+    data = Dataset({"x": np.zeros((2, 4), np.float32)}, {}, "test")
+    slow = _not_worth_searching([int8], [base, int8], Quick({"fp32.onnx": 1.0, "int8.xml": 1.0}),  # type: ignore[arg-type]
+                                gate_set=data, min_speedup=1.05)
+    assert "ov-int8 was not 1.05x faster than fp32-optimized" in slow
+    assert _not_worth_searching([int8], [base, int8], Quick({"fp32.onnx": 2.0, "int8.xml": 1.0}),  # type: ignore[arg-type]
+                                gate_set=data, min_speedup=1.05) == ""
+    assert _not_worth_searching([int8], [base, int8], None, gate_set=data, min_speedup=1.05) == "", \
+        "with timings from a device or an estimate there is nothing to compare here: search"
