@@ -34,6 +34,12 @@ class RuntimeChoice:
         return self.name
 
     @classmethod
+    def from_manifest(cls, runtime: Mapping[str, Any]) -> RuntimeChoice:
+        """From a compile manifest's (or report's) ``runtime`` object."""
+        return cls(str(runtime.get("name") or "onnxruntime"), str(runtime.get("device") or "CPU"),
+                   runtime.get("inference_precision"))
+
+    @classmethod
     def for_file(cls, path: Path) -> RuntimeChoice:
         """The runtime a file's format implies when the recipe names none."""
         suffix = Path(path).suffix

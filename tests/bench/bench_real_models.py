@@ -55,7 +55,7 @@ from bench_support import env_flag, print_table  # noqa: E402
 from edgefleet.controller.compiler.api import CompileSpec, compile_model  # noqa: E402
 from edgefleet.controller.compiler.errors import CompileError  # noqa: E402
 from edgefleet.controller.compiler.measure import LatencyStats, paired_speedup  # noqa: E402
-from edgefleet.controller.compiler.runner import ModelRunner, default_threads  # noqa: E402
+from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, default_threads  # noqa: E402
 
 BUDGET = 0.99
 TARGET_GEOMEAN, TARGET_FLOOR, TARGET_COMPRESSED_SHARE = 1.8, 0.95, 0.5
@@ -178,17 +178,10 @@ def load_shipped(out: Path) -> ShippedBuild:
     kwargs: dict[str, Any] = {}
     if isinstance(runtime, Mapping):
         shown = "/".join(str(runtime[k]) for k in ("name", "device", "inference_precision") if runtime.get(k))
-        if "runtime" in _runner_params():
-            kwargs["runtime"] = dict(runtime)
+        kwargs["runtime"] = RuntimeChoice.from_manifest(runtime)
     else:
         shown = f"{artifact.get('format', path.suffix.lstrip('.'))}:{manifest.get('execution_provider', '?')}"
     return ShippedBuild(path, payload, shown or "?", kwargs)
-
-
-def _runner_params() -> set[str]:
-    import inspect
-
-    return set(inspect.signature(ModelRunner.__init__).parameters)
 
 
 def open_runner(path: Path, **kwargs: Any) -> ModelRunner:
