@@ -321,8 +321,8 @@ def _check_one_sample_feed(
         if len(spec.shape) != len(sample[spec.name]):
             continue
         for axis, (dim, size) in enumerate(zip(spec.shape, sample[spec.name], strict=True)):
-            if not isinstance(dim, str) or not dim:
-                continue
+            if not isinstance(dim, str) or not dim or dim == "?" or dim.startswith("unk__"):
+                continue  # exporters write '?' or unk__N for a dim with no name: nothing to share
             first = seen.setdefault(dim, (spec.name, axis, size))
             if first[2] != size:
                 raise CompileError(

@@ -46,5 +46,9 @@ class OpenVinoConvert(Pass["OpenVinoConvert.Params"]):
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """OpenVINO's frontends put where the check failed first and what failed last: keep the summary
+    ("Conversion is failed for: If-16") or the last line that is not a source location."""
+    lines = [line.strip().lstrip("- ").strip() for line in str(exc).splitlines() if line.strip()]
+    summary = [line for line in lines if line.startswith("Conversion is failed for")]
+    told = [line for line in lines if not line.startswith(("Exception from", "Check ", "Summary"))]
+    return (summary or told[-1:] or lines[:1] or [type(exc).__name__])[0][:200]

@@ -211,3 +211,23 @@ def test_silero_like_compiles_end_to_end(tmp_path: Path, silero: Path) -> None:
     assert report.gate["samples"] == 6 and report.gate["calibration_samples"] == 18
     baseline = next(c for c in report.candidates if c["recipe"] == "fp32-optimized")
     assert baseline["error"] is None and baseline["fidelity"] > 0.9999 and baseline["passed_gate"]
+
+
+def test_dims_exporters_leave_unnamed_are_not_one_shared_dim(tmp_path: Path) -> None:
+    """PaddleOCR's exports name every free dim '?': a 48 x 192 image must not read as disagreeing."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgefleet.controller.compiler.data import load_npz
+    from edgefleet.controller.compiler.model_io import load_source
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["?", 3, "?", "?"])],
+    )
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    np.savez(tmp_path / "c.npz", x=np.zeros((4, 3, 48, 192), np.float32))
+    data = load_npz(tmp_path / "c.npz", load_source(path).inputs, flag="--calib")
+    assert data.count == 4 and data.batchable
