@@ -127,7 +127,7 @@ DPU = [
 TFLITE_TARGETS = [
     BASELINE_STATIC,
     Recipe("tflite-full-int8", (*PREP_STATIC, step("tflite_export")), "int8",
-           summary="ONNX to full-int8 TFLite (needs the tflite-convert extra)"),
+           summary="ONNX to full-int8 TFLite (needs the tflite-convert extra)", runtime=RuntimeChoice("litert")),
 ]
 
 # Hardware class pattern (first full match wins) -> ordered candidates. This table is the policy.
@@ -141,12 +141,13 @@ RECIPE_TABLE: tuple[tuple[str, list[Recipe]], ...] = (
 )
 # fmt: on
 
-TFLITE_BASELINE = Recipe("tflite-float", (), "fp32", summary="the TFLite model as given")
+_LITERT = RuntimeChoice("litert")
+TFLITE_BASELINE = Recipe("tflite-float", (), "fp32", summary="the TFLite model as given", runtime=_LITERT)
 TFLITE_RECIPES = [
     TFLITE_BASELINE,
-    Recipe("tflite-dynamic", (step("tflite_quantize", recipe="dynamic"),), "int8-dynamic"),
-    Recipe("tflite-weight-only", (step("tflite_quantize", recipe="weight_only"),), "weight-only"),
-    Recipe("tflite-static-int8", (step("tflite_quantize", recipe="static"),), "int8"),
+    Recipe("tflite-dynamic", (step("tflite_quantize", recipe="dynamic"),), "int8-dynamic", runtime=_LITERT),
+    Recipe("tflite-weight-only", (step("tflite_quantize", recipe="weight_only"),), "weight-only", runtime=_LITERT),
+    Recipe("tflite-static-int8", (step("tflite_quantize", recipe="static"),), "int8", runtime=_LITERT),
 ]
 
 
