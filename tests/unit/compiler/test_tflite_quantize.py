@@ -4,6 +4,7 @@ DEQUANTIZE, no SignatureDef, operator codes only in the deprecated field."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,12 @@ from edgefleet.controller.compiler.runner import ModelRunner
 from edgefleet.controller.compiler.target import TargetSpec
 from tests.models import tiny_models
 
-pytestmark = pytest.mark.skipif(
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+needs_quantizer = pytest.mark.skipif(
     importlib.util.find_spec("ai_edge_quantizer") is None, reason="ai-edge-quantizer not installed"
 )
 
@@ -108,6 +114,7 @@ def _cosine(a: Path, b: Path, x: np.ndarray) -> float:
     return float(np.mean(sims))
 
 
+@needs_quantizer
 def test_the_test_model_looks_like_a_mediapipe_model(fp16_mlp: dict[str, Any]) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -118,6 +125,7 @@ def test_the_test_model_looks_like_a_mediapipe_model(fp16_mlp: dict[str, Any]) -
     assert _cosine(fp16_mlp["float"], fp16_mlp["fp16"], fp16_mlp["calib"].inputs["x"][:4]) > 0.9999
 
 
+@needs_quantizer
 def test_prepare_float_source_unpacks_fp16_weights_and_adds_a_signature(
     tmp_path: Path, fp16_mlp: dict[str, Any]
 ) -> None:
@@ -138,6 +146,7 @@ def test_prepare_float_source_unpacks_fp16_weights_and_adds_a_signature(
     assert _cosine(fp16_mlp["fp16"], out, x) > 0.99999
 
 
+@needs_quantizer
 def test_prepare_float_source_leaves_a_ready_model_alone(tmp_path: Path, fp16_mlp: dict[str, Any]) -> None:
     from edgefleet.controller.compiler.passes.tflite_quantize import prepare_float_source
 
@@ -145,6 +154,7 @@ def test_prepare_float_source_leaves_a_ready_model_alone(tmp_path: Path, fp16_ml
     assert out == fp16_mlp["float"] and not edits.changed and not (tmp_path / "unused.tflite").exists()
 
 
+@needs_quantizer
 @pytest.mark.parametrize("recipe", ["dynamic", "weight_only", "static"])
 def test_each_recipe_quantizes_an_fp16_model_without_signature(
     tmp_path: Path, fp16_mlp: dict[str, Any], recipe: str
@@ -160,6 +170,7 @@ def test_each_recipe_quantizes_an_fp16_model_without_signature(
     assert _cosine(fp16_mlp["float"], out, fp16_mlp["calib"].inputs["x"][:16]) > 0.98
 
 
+@needs_quantizer
 def test_static_calibrates_through_signature_names_that_differ_from_tensor_names(
     tmp_path: Path, fp16_mlp: dict[str, Any]
 ) -> None:
@@ -174,6 +185,7 @@ def test_static_calibrates_through_signature_names_that_differ_from_tensor_names
     assert _cosine(fp16_mlp["float"], out, fp16_mlp["calib"].inputs["x"][:8]) > 0.98
 
 
+@needs_quantizer
 def test_static_names_the_missing_calibration_input(tmp_path: Path, fp16_mlp: dict[str, Any]) -> None:
     from edgefleet.controller.compiler.errors import CompileError
     from edgefleet.controller.compiler.passes.tflite_quantize import TfliteQuantize
@@ -221,6 +233,7 @@ def _fp16_add_model(path: Path, width: int = 64) -> Path:
     return _write(model, path)
 
 
+@needs_quantizer
 @pytest.mark.parametrize("recipe", ["dynamic", "weight_only"])
 def test_a_model_with_nothing_to_quantize_still_fails_honestly(tmp_path: Path, recipe: str) -> None:
     """Unpacking fp16 weights to float32 must not pass for quantizing: the pass still says nothing was."""
@@ -229,3 +242,15 @@ def test_a_model_with_nothing_to_quantize_still_fails_honestly(tmp_path: Path, r
     model = _fp16_add_model(tmp_path / "add.tflite")
     with pytest.raises(PassError, match="nothing was quantized"):
         TfliteQuantize(recipe=recipe).run(model, _ctx(tmp_path, None))
+
+
+def test_the_controller_extra_alone_installs_the_tflite_quantizer() -> None:
+    """`pip install edgefleet[controller]` must compile both formats; `tflite` stays as an old name."""
+    from edgefleet.controller.compiler.passes import PASS_REGISTRY
+
+    root = Path(__file__).resolve().parents[3]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    controller = " ".join(extras["controller"]).replace("-", "_")
+    for module in PASS_REGISTRY["tflite_quantize"].requires:
+        assert module in controller, f"{module} is not in the controller extra"
+    assert extras["tflite"] == ["edgefleet[controller]"]
