@@ -1,19 +1,46 @@
 """TFLite input: ai-edge-quantizer recipes (dynamic, weight-only, static int8 with calibration).
 
+Many published TFLite models (MediaPipe's among them) store their weights as fp16 constants behind
+DEQUANTIZE ops and carry no SignatureDef. ai-edge-quantizer sees neither: it only quantizes float32
+constants, and its calibrator only runs signatures. So before the recipe runs, the pass rewrites a copy
+of the model: each fp16 constant + DEQUANTIZE pair becomes one float32 constant, a model without
+signatures gets a ``serving_default`` signature naming its tensors, and operator codes written by old
+converters (only the deprecated field set) get their ``builtinCode``, which is the one field
+ai-edge-quantizer reads. The rewrite uses the flatbuffer
+tools ai-edge-litert ships (the ones ai-edge-quantizer itself reads models with).
+
 If the quantizer leaves every weight in float (no op it supports), the pass fails with "nothing was
-quantized" instead of shipping a float model under an int8 name and a made-up size ratio.
+quantized" instead of shipping a float model under an int8 name and a made-up size ratio. The result
+must also load and run on the LiteRT interpreter with finite outputs, or the candidate is dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.controller.compiler.data import Dataset
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
+
+DEFAULT_SIGNATURE_KEY = "serving_default"  # the key ai-edge-quantizer and the TF converter use
+
+
+@dataclass(frozen=True)
+class FloatSourceEdits:
+    """What the rewrite before quantization changed, for the pass's notes."""
+
+    fp16_weights_unpacked: int = 0
+    signature_added: bool = False
+    opcodes_upgraded: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.fp16_weights_unpacked > 0 or self.signature_added or self.opcodes_upgraded > 0
 
 
 def _int_tensor_count(path: Path) -> int:
@@ -21,6 +48,200 @@ def _int_tensor_count(path: Path) -> int:
 
     interp = Interpreter(model_path=str(path))
     return sum(1 for d in interp.get_tensor_details() if np.dtype(d["dtype"]) in (np.int8, np.uint8, np.int16))
+
+
+def _decode(name: bytes | str | None) -> str:
+    if name is None:
+        return ""
+    return name.decode("utf-8") if isinstance(name, bytes) else name
+
+
+def _unpack_fp16_weights(model: Any) -> int:
+    """Fold every fp16 constant -> DEQUANTIZE pair into one float32 constant; returns how many.
+
+    The DEQUANTIZE output tensor takes the float32 data and the op goes away. A pair is left alone when
+    its output is a subgraph output (there would be no op left to produce it). fp16 constants that no
+    op reads any more lose their data, so the float32 copy replaces them instead of adding to them.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    folded = 0
+    for subgraph in model.subgraphs or []:
+        outputs = set(subgraph.outputs or [])
+        kept = []
+        for op in subgraph.operators or []:
+            code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+            if code == schema.BuiltinOperator.DEQUANTIZE and len(op.inputs) == 1 and len(op.outputs) == 1:
+                src, dst = subgraph.tensors[op.inputs[0]], subgraph.tensors[op.outputs[0]]
+                data = model.buffers[src.buffer].data if src.buffer else None
+                if (
+                    src.type == schema.TensorType.FLOAT16
+                    and dst.type == schema.TensorType.FLOAT32
+                    and data is not None
+                    and len(data)
+                    and op.outputs[0] not in outputs
+                ):
+                    weights = np.frombuffer(bytes(data), dtype="<f2").astype("<f4")
+                    buffer = schema.BufferT()
+                    buffer.data = np.frombuffer(weights.tobytes(), np.uint8)
+                    model.buffers.append(buffer)
+                    dst.buffer = len(model.buffers) - 1
+                    folded += 1
+                    continue
+            kept.append(op)
+        subgraph.operators = kept
+    if folded:
+        _drop_unread_tensors(model)
+    return folded
+
+
+def _drop_unread_tensors(model: Any) -> None:
+    """Remove the tensors no op reads or writes any more (the fp16 originals) and empty their buffers.
+
+    A dangling tensor with no data is not harmless: the calibrator reads every named tensor after each
+    run and fails on one that was never allocated.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    read_buffers: set[int] = {m.buffer for m in model.metadata or []}
+    for index, subgraph in enumerate(model.subgraphs or []):
+        used: set[int] = {*(subgraph.inputs or []), *(subgraph.outputs or [])}
+        for op in subgraph.operators or []:
+            used.update(i for i in [*(op.inputs or []), *(op.outputs or []), *(op.intermediates or [])] if i >= 0)
+        for sig in model.signatureDefs or []:
+            if sig.subgraphIndex == index:
+                used.update(m.tensorIndex for m in [*(sig.inputs or []), *(sig.outputs or [])])
+        remap = {old: new for new, old in enumerate(sorted(used))}
+        subgraph.tensors = [subgraph.tensors[old] for old in sorted(used)]
+
+        def renumber(indices: Any, remap: dict[int, int] = remap) -> list[int] | None:
+            return None if indices is None else [remap[i] if i >= 0 else i for i in indices]
+
+        subgraph.inputs, subgraph.outputs = renumber(subgraph.inputs), renumber(subgraph.outputs)
+        for op in subgraph.operators or []:
+            op.inputs, op.outputs = renumber(op.inputs), renumber(op.outputs)
+            op.intermediates = renumber(op.intermediates)
+        for sig in model.signatureDefs or []:
+            if sig.subgraphIndex == index:
+                for entry in [*(sig.inputs or []), *(sig.outputs or [])]:
+                    entry.tensorIndex = remap[entry.tensorIndex]
+        read_buffers.update(t.buffer for t in subgraph.tensors)
+    for index in range(1, len(model.buffers)):
+        if index not in read_buffers:
+            model.buffers[index] = schema.BufferT()
+
+
+def _upgrade_operator_codes(model: Any) -> int:
+    """Fill ``builtinCode`` from ``deprecatedBuiltinCode`` in models written by older converters.
+
+    Older files set only the deprecated int8 field and leave ``builtinCode`` at 0 (ADD). LiteRT reads
+    the larger of the two, but ai-edge-quantizer reads ``builtinCode`` alone, so to it every op is an
+    ADD and nothing gets quantized.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    upgraded = 0
+    for code in model.operatorCodes or []:
+        real = flatbuffer_utils.get_builtin_code_from_operator_code(code)
+        if code.builtinCode != real:
+            code.builtinCode = real
+            upgraded += 1
+    return upgraded
+
+
+def _add_default_signature(model: Any) -> bool:
+    """Give a model without signatures one for its main subgraph, named after its tensors, so the
+    calibrator (which only runs signatures) can feed it samples keyed like the model's inputs."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    if model.signatureDefs or not model.subgraphs:
+        return False
+    main = model.subgraphs[0]
+
+    def tensor_maps(indices: list[int]) -> list[Any]:
+        maps = []
+        for i in indices:
+            entry = schema.TensorMapT()
+            entry.name, entry.tensorIndex = _decode(main.tensors[i].name) or f"tensor_{i}", i
+            maps.append(entry)
+        return maps
+
+    sig = schema.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex = DEFAULT_SIGNATURE_KEY, 0
+    sig.inputs, sig.outputs = tensor_maps(list(main.inputs or [])), tensor_maps(list(main.outputs or []))
+    model.signatureDefs = [sig]
+    return True
+
+
+def prepare_float_source(model_path: Path, out: Path) -> tuple[Path, FloatSourceEdits]:
+    """The model as ai-edge-quantizer can work on it: float32 weights and a signature.
+
+    Returns ``model_path`` itself when nothing needed changing.
+    """
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_path.read_bytes()))
+    opcodes = _upgrade_operator_codes(model)
+    edits = FloatSourceEdits(_unpack_fp16_weights(model), _add_default_signature(model), opcodes)
+    if not edits.changed:
+        return model_path, edits
+    out.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return out, edits
+
+
+def signature_feeds(model_path: Path, calib: Dataset, count: int) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Calibration samples keyed the way the calibrator wants them: by signature key, then by the
+    signature's input names (which need not be the tensor names the calibration file uses)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path))
+    signatures: Mapping[str, Any] = interp._get_full_signature_list()  # the calibrator reads it too
+    if not signatures:
+        raise PassError("the model has no signature to calibrate; this is a bug in prepare_float_source")
+    key = DEFAULT_SIGNATURE_KEY if DEFAULT_SIGNATURE_KEY in signatures else next(iter(signatures))
+    by_index = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    names = {}
+    for sig_name, tensor_index in signatures[key]["inputs"].items():
+        tensor_name = by_index.get(tensor_index, sig_name)
+        source = tensor_name if tensor_name in calib.inputs else sig_name
+        if source not in calib.inputs:
+            raise CompileError(
+                f"calibration data has no array for input '{tensor_name}' (found: {', '.join(sorted(calib.inputs))}); "
+                "pass --calib with keys named after the model inputs"
+            )
+        names[sig_name] = source
+    samples = [{sig: calib.inputs[src][i : i + 1] for sig, src in names.items()} for i in range(count)]
+    return {key: samples}
+
+
+def smoke_run(path: Path, calib: Dataset | None) -> None:
+    """Load and run the quantized model once on LiteRT; raise PassError when it cannot."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=str(path), num_threads=1)
+        interp.allocate_tensors()
+        for detail in interp.get_input_details():
+            dtype, shape = np.dtype(detail["dtype"]), tuple(detail["shape"])
+            sample = calib.inputs.get(detail["name"]) if calib is not None else None
+            arr = sample[:1].reshape(shape) if sample is not None and sample[:1].size == np.prod(shape) else None
+            if arr is None:
+                arr = np.zeros(shape, dtype)
+            scale, zero = detail.get("quantization", (0.0, 0))
+            if dtype.kind in "iu" and scale:
+                info = np.iinfo(dtype)
+                arr = np.clip(np.round(arr / scale + zero), info.min, info.max)
+            interp.set_tensor(detail["index"], arr.astype(dtype))
+        interp.invoke()
+        outputs = [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
+    except Exception as exc:
+        raise PassError(
+            f"the quantized model does not run on LiteRT ({str(exc).strip().splitlines()[0][:160]}); try another recipe"
+        ) from exc
+    bad = [d["name"] for d, o in zip(interp.get_output_details(), outputs, strict=True) if not np.isfinite(o).all()]
+    if bad:
+        raise PassError(f"the quantized model gives non-finite values in output '{bad[0]}'; try another recipe")
 
 
 class TfliteQuantize(Pass["TfliteQuantize.Params"]):
@@ -45,18 +266,28 @@ class TfliteQuantize(Pass["TfliteQuantize.Params"]):
         }
         if self.params.recipe not in recipes:
             raise PassError(f"unknown ai-edge-quantizer recipe '{self.params.recipe}'")
-        qt = quantizer.Quantizer(str(model))
+        if self.params.recipe == "static" and ctx.calib is None:
+            raise CompileError("the static TFLite recipe needs realistic calibration data; pass --calib")
+        try:
+            source, edits = prepare_float_source(model, ctx.new_path("tflite-fp32-source", ".tflite"))
+        except Exception as exc:
+            raise PassError(f"could not read the TFLite flatbuffer ({str(exc).strip()[:160]})") from exc
+        if edits.fp16_weights_unpacked:
+            ctx.notes.append(f"tflite_quantize: unpacked {edits.fp16_weights_unpacked} fp16 weights to float32")
+        if edits.opcodes_upgraded:
+            ctx.notes.append(f"tflite_quantize: filled {edits.opcodes_upgraded} opcodes from the deprecated field")
+        if edits.signature_added:
+            ctx.notes.append(f"tflite_quantize: added signature '{DEFAULT_SIGNATURE_KEY}' for calibration")
+        qt = quantizer.Quantizer(str(source))
         qt.load_quantization_recipe(recipes[self.params.recipe]())
         try:
             if self.params.recipe == "static":
-                if ctx.calib is None:
-                    raise CompileError("the static TFLite recipe needs realistic calibration data; pass --calib")
+                assert ctx.calib is not None
                 n = min(ctx.calib.count, self.params.max_calib_samples)
-                samples = [{k: v[i : i + 1] for k, v in ctx.calib.inputs.items()} for i in range(n)]
-                result = qt.quantize(qt.calibrate({"serving_default": samples}))
+                result = qt.quantize(qt.calibrate(signature_feeds(source, ctx.calib, n)))
             else:
                 result = qt.quantize()
-        except CompileError:
+        except (CompileError, PassError):
             raise
         except Exception as exc:
             raise PassError(f"ai-edge-quantizer failed ({str(exc).strip().splitlines()[0][:160]})") from exc
@@ -67,4 +298,5 @@ class TfliteQuantize(Pass["TfliteQuantize.Params"]):
                 f"nothing was quantized by the '{self.params.recipe}' recipe (no supported op); "
                 "the float model stays the answer"
             )
+        smoke_run(out, ctx.calib)
         return out
