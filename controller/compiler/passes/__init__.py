@@ -227,7 +227,7 @@ PASS_REGISTRY: Mapping[str, PassInfo] = {
         frozenset({"int8", "int8-dynamic", "weight-only"}),
         frozenset({"tflite"}),
         requires=("ai_edge_quantizer",),
-        extra="tflite",
+        extra="controller",
         summary="ai-edge-quantizer recipes on TFLite input",
     ),
     "openvino_convert": PassInfo(

@@ -52,7 +52,7 @@ def test_tflite_without_quantizer_names_the_extra(tmp_path: Path, monkeypatch: p
     )
     result = CliRunner().invoke(compile_command, [str(model), "--target", "x86_64-avx2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "pip install 'edgefleet[tflite]'" in result.stderr
+    assert "pip install 'edgefleet[controller]'" in result.stderr
 
 
 def test_target_local_profiles_and_measures_here(tmp_path: Path, mlp: dict[str, Path]) -> None:
