@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgefleet.controller.compiler import cache as cache_mod
-from edgefleet.controller.compiler.data import Dataset, load_npz, split_holdout, synthetic
+from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, split_holdout, synthetic
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
 from edgefleet.controller.compiler.measure import (
@@ -231,17 +231,7 @@ def _gate_data(
 
 def _with_labels(data: Dataset, path: Path, flag: str) -> Dataset:
     """``--eval-labels``: one integer array (any key) with a class per sample of ``flag``'s data."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompileError(f"--eval-labels file {path} does not exist; pass an .npz holding one array of labels")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: np.asarray(npz[k]) for k in npz.files}
-    except Exception as exc:
-        raise CompileError(
-            f"cannot read --eval-labels {path.name} as .npz ({str(exc).splitlines()[0][:120]}); "
-            "save it with numpy.savez(path, labels=array)"
-        ) from exc
+    arrays = read_npz(path, "--eval-labels", "one array of labels", "numpy.savez(path, labels=array)")
     if len(arrays) != 1:
         raise CompileError(
             f"--eval-labels holds {len(arrays)} arrays ({', '.join(sorted(arrays)) or 'none'}); store exactly one, "

@@ -363,6 +363,20 @@ def _cast(flag: str, name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def read_npz(path: Path, flag: str, holding: str, saved_with: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz, or a one-line error saying what the file should hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompileError(f"{flag} file {path} does not exist; pass an .npz with {holding}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: np.asarray(npz[k]) for k in npz.files}
+    except Exception as exc:
+        raise CompileError(
+            f"cannot read {flag} {path.name} as .npz ({str(exc).splitlines()[0][:120]}); save it with {saved_with}"
+        ) from exc
+
+
 def load_npz(
     path: Path,
     inputs: tuple[TensorSpec, ...],
@@ -376,17 +390,7 @@ def load_npz(
     (a state [2, N, 128]), or be stacked on a new leading axis (N x the full shape; (N,) for a
     scalar). The reading must be unambiguous and give the same N for every input.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CompileError(f"{flag} file {path} does not exist; pass an .npz with one array per model input")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: np.asarray(npz[k]) for k in npz.files}
-    except Exception as exc:
-        raise CompileError(
-            f"cannot read {flag} {path.name} as .npz ({str(exc).splitlines()[0][:120]}); "
-            "save it with numpy.savez(path, **{input_name: samples})"
-        ) from exc
+    arrays = read_npz(path, flag, "one array per model input", "numpy.savez(path, **{input_name: samples})")
     names = [spec.name for spec in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:

@@ -72,3 +72,26 @@ def test_bad_metrics_and_budgets_are_one_line_errors() -> None:
     with pytest.raises(CompileError, match="takes no '@'"):
         Gate(metric="top1@0.5")
     assert Gate(metric="mask-iou@0.3").threshold == 0.3
+
+
+def test_compile_gated_on_labelled_accuracy(tmp_path, mlp) -> None:
+    from edgefleet.controller.compiler.api import CompileSpec, compile_model
+
+    with np.load(mlp["eval"]) as data:
+        np.savez(tmp_path / "x.npz", x=data["x"])
+        np.savez(tmp_path / "labels.npz", labels=data["labels"])
+    report = compile_model(CompileSpec(
+        model=mlp["model"], target="x86_64-avx2", calib=mlp["calib"], eval_data=tmp_path / "x.npz",
+        eval_labels=tmp_path / "labels.npz", metric="accuracy", budget=0.01, out=tmp_path / "o",
+        recipes=("int8-qdq-perchannel-minmax",),
+    ))
+    assert report.gate["kind"] == "labelled" and report.gate["max_drop"] == 0.01
+    assert report.gate["reference_score"] > 0.9, "the digits MLP is ~97% accurate in fp32"
+    for row in report.candidates:
+        if row["task_score"] is not None:
+            assert row["passed_gate"] == (report.gate["reference_score"] - row["task_score"] <= 0.01 + 1e-12)
+    with pytest.raises(CompileError, match="holds 2 arrays"):
+        np.savez(tmp_path / "two.npz", a=np.zeros(200, int), b=np.zeros(200, int))
+        compile_model(CompileSpec(model=mlp["model"], target="x86_64-avx2", calib=mlp["calib"],
+                                  eval_data=tmp_path / "x.npz", eval_labels=tmp_path / "two.npz", metric="accuracy",
+                                  budget=0.01, out=tmp_path / "o2"))
