@@ -61,7 +61,7 @@ def _unpack_fp16_weights(model: Any) -> int:
 
     The DEQUANTIZE output tensor takes the float32 data and the op goes away. A pair is left alone when
     its output is a subgraph output (there would be no op left to produce it). fp16 constants that no
-    op reads any more lose their data, so the float32 copy replaces them instead of adding to them.
+    op reads any more are removed, so the float32 copy replaces them instead of adding to them.
     """
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
@@ -271,7 +271,10 @@ class TfliteQuantize(Pass["TfliteQuantize.Params"]):
         try:
             source, edits = prepare_float_source(model, ctx.new_path("tflite-fp32-source", ".tflite"))
         except Exception as exc:
-            raise PassError(f"could not read the TFLite flatbuffer ({str(exc).strip()[:160]})") from exc
+            raise PassError(
+                f"could not rewrite the TFLite flatbuffer for ai-edge-quantizer ({str(exc).strip()[:160]}); "
+                "the float model stays the answer"
+            ) from exc
         if edits.fp16_weights_unpacked:
             ctx.notes.append(f"tflite_quantize: unpacked {edits.fp16_weights_unpacked} fp16 weights to float32")
         if edits.opcodes_upgraded:
