@@ -183,3 +183,21 @@ def test_an_accuracy_search_is_skipped_when_the_failed_int8_build_was_not_faster
                                 gate_set=data, min_speedup=1.05) == ""
     assert _not_worth_searching([int8], [base, int8], None, gate_set=data, min_speedup=1.05) == "", \
         "with timings from a device or an estimate there is nothing to compare here: search"
+
+
+def test_accuracy_control_runs_after_ov_int8_fails_and_is_gated_like_any_build(
+    tmp_path: Path, conv: dict[str, Path]
+) -> None:
+    """A budget plain int8 cannot meet: NNCF accuracy control returns ops to float on the gate's metric.
+    (Timed by a fake measurer, so no quick pre-timing can skip the search.)"""
+    report = compile_model(
+        CompileSpec(model=conv["model"], target=local_target(), calib=conv["calib"], out=tmp_path / "o",
+                    budget=0.99999, recipes=("ov-int8", "ov-int8-accuracy")),
+        measurer=OpenVinoWinsMeasurer(),
+    )
+    rows = {r["recipe"]: r for r in report.candidates}
+    assert not rows["ov-int8"]["passed_gate"]
+    searched = rows["ov-int8-accuracy"]
+    assert searched["error"] is None, searched
+    assert any("kept" in n and "in float" in n for n in searched["notes"]), searched["notes"]
+    assert searched["passed_gate"] == (searched["metric_score"] >= 0.99999)
