@@ -417,21 +417,19 @@ class _GateJudge:
         cls, source: SourceModel, target: TargetSpec, gate: Gate, gate_set: Dataset, progress: Progress | None
     ) -> _GateJudge:
         _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
-        reference = _run_gate_set(ModelRunner(source.path, target.threads), gate_set)
+        reference = ModelRunner(source.path, target.threads).run_dataset(gate_set)
         ref_score = gate.score(reference, {**gate_set.inputs, **gate_set.extra})
         return cls(gate, gate_set, target.threads, reference, ref_score)
 
     def evaluate(self, path: Path, runtime: RuntimeChoice | None = None) -> GateResult:
-        outs = _run_gate_set(ModelRunner(path, self.threads, runtime=runtime), self.gate_set)
-        return self.judge(outs)
+        return self.judge(ModelRunner(path, self.threads, runtime=runtime).run_dataset(self.gate_set))
 
     def judge(self, outs: Mapping[str, np.ndarray]) -> GateResult:
         value = self.gate.agreement(self.reference, outs)
         score = self.gate.score(outs, {**self.gate_set.inputs, **self.gate_set.extra})
-        return GateResult(value, score, self.gate.passes(value, score, self.ref_score))
-
-    def cosine(self, path: Path, runtime: RuntimeChoice | None = None) -> float:
-        return fidelity(self.reference, _run_gate_set(ModelRunner(path, self.threads, runtime=runtime), self.gate_set))
+        same = self.gate.metric_name == "cosine" or self.gate.labelled  # agreement is cosine then
+        cosine = value if same else fidelity(self.reference, outs)
+        return GateResult(value, score, self.gate.passes(value, score, self.ref_score), cosine)
 
     def probe(self) -> GateProbe:
         """The gate as a score on single-sample runs, for NNCF's accuracy control."""
@@ -450,10 +448,6 @@ class _GateJudge:
             return float(result.fidelity)
 
         return GateProbe(feeds, score, self.gate.allowed_drop)
-
-
-def _run_gate_set(runner: ModelRunner, data: Dataset) -> dict[str, np.ndarray]:
-    return runner.run_dataset(data)
 
 
 def _needs_calib(recipe: Recipe) -> bool:
@@ -539,7 +533,7 @@ def _build_candidates(
             cand.compressed = sizes.submit(_compressed_size, final)
             result = judge.evaluate(final, recipe.runtime)
             cand.fidelity, cand.score, cand.passed = result.fidelity, result.score, result.passed
-            cand.cosine = result.fidelity if judge.gate.metric_name == "cosine" else judge.cosine(final, recipe.runtime)
+            cand.cosine = result.cosine
         except PassError as exc:
             cand.error = str(exc)
         except CompileError:

@@ -33,9 +33,10 @@ class PassError(Exception):
 class GateResult:
     """What the gate said about one model file (used by passes that search, like mixed precision)."""
 
-    fidelity: float
+    fidelity: float  # the gate's agreement metric against fp32 (cosine unless --metric says otherwise)
     score: float | None
     passed: bool
+    cosine: float | None = None  # cosine against fp32, reported beside a task metric
 
 
 @dataclass(frozen=True)
