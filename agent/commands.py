@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from edgefleet.agent.identity import Identity
-from edgefleet.firmware.durable_files import atomic_write_json, read_json
+from edgefleet.common.durable_files import atomic_write_json, read_json
 from edgefleet.firmware.installer import Installer
 from edgefleet.firmware.replay import InstallCommand
 from edgefleet.firmware.sources import ControllerArtifact, SourceInterrupted

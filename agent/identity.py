@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from edgefleet.firmware.durable_files import atomic_write_json
+from edgefleet.common.durable_files import atomic_write_json
 
 IDENTITY_FILE = "identity.json"
 IDENTITY_FORMAT = 1

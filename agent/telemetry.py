@@ -12,10 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from edgefleet.agent import latency
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, energy_per_inference_mj, estimated_energy_per_inference_mj
+from edgefleet.common import latency
 from edgefleet.protos.v1 import fleet_pb2
 
 

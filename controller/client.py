@@ -9,6 +9,7 @@ The config file is EDGEFLEET_CONFIG or ~/.config/edgefleet/config.toml.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from typing import Any
 import click
 import grpc
 
-from edgefleet.controller.auth import OPERATOR_TOKEN_FILE
+from edgefleet.controller.fleet.credentials import OPERATOR_TOKEN_FILE
 from edgefleet.controller.server import read_endpoint
-from edgefleet.protos.v1 import control_pb2_grpc
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -131,3 +132,20 @@ class ControlClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def upload_artifact(client: ControlClient, path: Path, chunk: int = 1024 * 1024) -> str:
+    """Stream a file into the controller's artifact store; returns its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    sha, size = digest.hexdigest(), path.stat().st_size
+
+    def messages():
+        yield control_pb2.ArtifactUpload(sha256=sha, size=size)
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                yield control_pb2.ArtifactUpload(data=block)
+
+    return str(client.call("UploadArtifact", messages()).sha256)

@@ -161,7 +161,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
 
 def roll_out_demo_model(client, work: Path, wait_for, group: ProcessGroup) -> str:
     """Train the digits model, register it, and roll it out: canary, then everyone."""
-    from edgefleet.controller.cli import upload_artifact
+    from edgefleet.controller.client import upload_artifact
     from edgefleet.controller.demo_model import build_digits_model
 
     model, calib, accuracy = build_digits_model(work)

@@ -16,20 +16,26 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from edgefleet.controller import __version__, auth
-from edgefleet.controller.artifacts import ArtifactStore
-from edgefleet.controller.commands import CommandDispatcher
-from edgefleet.controller.device_measure import DeviceMeasure
-from edgefleet.controller.enrollment import Enrollment
-from edgefleet.controller.grpc_api import ControlServicer, FleetServicer, OperatorAuthInterceptor, add_fleet_servicer
-from edgefleet.controller.http_api import HttpApi
-from edgefleet.controller.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
-from edgefleet.controller.presence import PresenceTracker
-from edgefleet.controller.rollouts import RolloutEngine
-from edgefleet.controller.signing import ensure_signing_key, trusted_public_pems
+from edgefleet.common.durable_files import atomic_write_json
+from edgefleet.controller import __version__
+from edgefleet.controller.api.grpc_services import (
+    ControlServicer,
+    FleetServicer,
+    OperatorAuthInterceptor,
+    add_fleet_servicer,
+)
+from edgefleet.controller.api.http_server import HttpApi
+from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
+from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.device_measure import DeviceMeasure
+from edgefleet.controller.fleet.enrollment import Enrollment
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.rollouts.engine import RolloutEngine
+from edgefleet.controller.rollouts.signing import ensure_signing_key, trusted_public_pems
 from edgefleet.controller.store import open_store
-from edgefleet.controller.telemetry import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
-from edgefleet.firmware.durable_files import atomic_write_json
+from edgefleet.controller.store.artifacts import ArtifactStore
+from edgefleet.controller.telemetry.ingest import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
 

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from edgefleet.firmware.durable_files import atomic_write_json, read_json
+from edgefleet.common.durable_files import atomic_write_json, read_json
 
 
 class InstallState(str, Enum):

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgefleet.common.durable_files import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 from edgefleet.firmware.bundle import (
     BundleHead,
     bundle_size,
@@ -33,7 +34,6 @@ from edgefleet.firmware.bundle import (
     read_head,
     verify_file,
 )
-from edgefleet.firmware.durable_files import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 from edgefleet.firmware.faults import NO_FAULTS, FaultPlan
 from edgefleet.firmware.install_state import (
     MODEL_RUNNING_STATES,

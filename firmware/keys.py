@@ -80,7 +80,7 @@ def public_key_pem(key: Ed25519PublicKey) -> str:
 
 def pin_public_keys(state_dir: Path, pems: Iterable[str]) -> list[str]:
     """Pin the controller's signing keys on the device (at enrollment); returns their key ids."""
-    from edgefleet.firmware.durable_files import atomic_write_bytes
+    from edgefleet.common.durable_files import atomic_write_bytes
 
     directory = Path(state_dir) / TRUSTED_KEYS_DIR
     directory.mkdir(parents=True, exist_ok=True)

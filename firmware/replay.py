@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.firmware.durable_files import atomic_write_json, read_json
+from edgefleet.common.durable_files import atomic_write_json, read_json
 from edgefleet.firmware.rejections import BundleRejected, RejectReason
 
 NONCE_STORE_FORMAT = 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.firmware.durable_files import atomic_symlink, atomic_write_json, fsync_dir, read_json, remove_tree
+from edgefleet.common.durable_files import atomic_symlink, atomic_write_json, fsync_dir, read_json, remove_tree
 from edgefleet.firmware.manifest import Manifest
 
 SLOT_NAMES = ("a", "b")

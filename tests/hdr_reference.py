@@ -1,12 +1,12 @@
 """Reference readings of latency histograms done by hdrh itself (its Python decoder and bucket
-walk), for tests to hold `edgefleet.controller.histograms` and `edgefleet.agent.latency` to.
+walk), for tests to hold `edgefleet.controller.telemetry.histograms` and `edgefleet.common.latency` to.
 Nothing in the product uses these: the controller works on numpy bucket counts instead."""
 
 from __future__ import annotations
 
 from hdrh.histogram import HdrHistogram
 
-from edgefleet.agent import latency
+from edgefleet.common import latency
 from edgefleet.protos.v1 import fleet_pb2
 
 

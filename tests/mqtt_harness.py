@@ -1,7 +1,7 @@
 """A real Mosquitto broker on free localhost ports, TLS made by the test, and MQTT test clients.
 
 The broker runs with a generated config in a temp dir, with the same password_file and
-acl_file the controller manages (controller/broker_auth.py), so tests exercise the real ACL.
+acl_file the controller manages (controller/fleet/broker_auth.py), so tests exercise the real ACL.
 Without the `mosquitto` binary the MQTT tests are skipped with the install command.
 """
 
@@ -27,8 +27,8 @@ import grpc
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.mqtt_link import new_client, parse_broker_url, session_properties
-from edgefleet.controller.broker_auth import BrokerAuth
+from edgefleet.common.mqtt import new_client, parse_broker_url, session_properties
+from edgefleet.controller.fleet.broker_auth import BrokerAuth
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
 from fleet_harness import ControllerProc, free_port, wait_until

@@ -46,9 +46,8 @@ def controller_device_measurers(say: Callable[[str], None]) -> DeviceMeasurerFac
 def _submitter(connection: Any, hardware_class: str) -> Any:
     def submit(device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
                runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
-        from edgefleet.controller.cli import upload_artifact
-        from edgefleet.controller.client import ControlClient
-        from edgefleet.controller.device_measure import MEASURE_RUNS, sample_npz, summarize
+        from edgefleet.controller.client import ControlClient, upload_artifact
+        from edgefleet.controller.fleet.device_measure import MEASURE_RUNS, sample_npz, summarize
         from edgefleet.protos.v1 import control_pb2
 
         # MeasureOnDevice names candidates by one artifact each and times them on onnxruntime; other

@@ -7,7 +7,7 @@ EDGEFLEET_BENCH_INGEST_LEVEL_S=15).
 The issue's aim is 10,000 devices each sending a batch every 5 s: 2,000 batches/s. One asyncio
 process here plays those devices over the real protocol: identities enrolled through Fleet.Enroll
 with one multi-use token, one gRPC Session stream per device (Hello first, as agents do), and
-TelemetryBatch messages carrying real HdrHistograms (``edgefleet.agent.latency``), each with a
+TelemetryBatch messages carrying real HdrHistograms (``edgefleet.common.latency``), each with a
 fresh seq and an ``end_unix_ms`` of the moment it is sent. Like the agent, a device heartbeats
 only when it has sent nothing else for a heartbeat interval (5 s, the controller's default).
 The offered rate steps up level by level by shortening every device's period (10,000 devices:
@@ -37,10 +37,10 @@ import pytest
 from bench_support import bench_profile, cpu_seconds, device_metadata, enroll_many, env_flag, print_table, verdict
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefleet.agent import latency
 from edgefleet.agent.identity import Identity
-from edgefleet.controller import histograms
-from edgefleet.controller.telemetry import convert
+from edgefleet.common import latency
+from edgefleet.controller.telemetry import histograms
+from edgefleet.controller.telemetry.ingest import convert
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
 from fleet_harness import ControllerProc
@@ -331,7 +331,7 @@ def test_ingest_rate_with_p99_lag_under_2s(tmp_path: Path) -> None:
                 [[f"{sustainable:.0f}", f"{sustainable * DEVICE_PERIOD_S:.0f}", f"{aim:.0f}/s = 10,000 devices",
                   verdict(sustainable >= 0.95 * aim)]])
     print_table("Where the controller's CPU per batch goes (same batch, timed in this process)",
-                ["step (controller/telemetry.py)", "CPU ms/batch"], per_batch_costs())
+                ["step (controller/telemetry/ingest.py)", "CPU ms/batch"], per_batch_costs())
     scrapes = len(RATES) * 2
     print(f"/metrics scrapes that failed and were retried: {len(SCRAPE_FAILURES)} "
           f"({', '.join(sorted(set(SCRAPE_FAILURES))) or 'none'}) for about {scrapes} successful ones")

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgefleet.agent.mqtt_link import new_client, parse_broker_url, session_properties
+from edgefleet.common.mqtt import new_client, parse_broker_url, session_properties
 from edgefleet.protos.v1 import fleet_pb2
 from mqtt_harness import ADMIN_PASSWORD, ADMIN_USER, Broker, enroll, mqtt_controller
 

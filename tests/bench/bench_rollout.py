@@ -55,7 +55,7 @@ from edgefleet.agent.commands import FETCH_CHUNK, TRANSFER_CHANNEL_OPTIONS
 from edgefleet.agent.identity import Identity
 from edgefleet.agent.measure import time_candidates
 from edgefleet.agent.profiler import collect_profile
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
 from fleet_harness import ControllerProc, wait_until

@@ -39,8 +39,7 @@ from bench_support import (
 
 from edgefleet.agent.commands import FETCH_CHUNK, GrpcArtifactSource
 from edgefleet.agent.identity import Identity
-from edgefleet.controller.cli import upload_artifact
-from edgefleet.controller.client import Connection
+from edgefleet.controller.client import Connection, upload_artifact
 from edgefleet.firmware.bundle import verify_bundle
 from edgefleet.firmware.keys import generate_signing_key
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc

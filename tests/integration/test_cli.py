@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from fleet_harness import wait_until
 
 pytestmark = pytest.mark.integration
@@ -93,8 +93,7 @@ def test_bad_arguments_are_one_line_errors(run, controller):
 def test_models_add_checks_calibration_data_before_upload(run, controller, tmp_path):
     import numpy as np
 
-    from edgefleet.controller.cli import upload_artifact
-    from edgefleet.controller.client import Connection
+    from edgefleet.controller.client import Connection, upload_artifact
     from edgefleet.protos.v1 import control_pb2
     from models.layout_models import silero_like, silero_samples
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgefleet.agent.client import LocalClient
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from edgefleet.firmware.keys import generate_signing_key, load_signing_key
 from edgefleet.protos.v1 import control_pb2
 from fleet_harness import wait_until
@@ -67,8 +67,7 @@ def test_offline_device_gets_the_command_when_it_returns(tmp_path, controller, s
     device = wait_until(lambda: agent.device_id, 30, "enrolled")
     agent.kill()
     bundle, _ = signed_bundle(tmp_path, mlp_onnx(tmp_path / "m.onnx"), version=3, key=controller_key(controller))
-    from edgefleet.controller.cli import upload_artifact
-    from edgefleet.controller.client import Connection
+    from edgefleet.controller.client import Connection, upload_artifact
 
     client = Connection.resolve(controller.grpc_address, controller.state_dir).control()
     sha = upload_artifact(client, bundle)
@@ -88,8 +87,7 @@ def test_download_resumes_across_a_controller_restart(tmp_path, controller, star
     model = mlp_onnx(tmp_path / "big.onnx", hidden=2048, extra_matmuls=6)  # about 100 MB of weights
     assert os.path.getsize(model) > 90_000_000
     bundle, _ = signed_bundle(tmp_path, model, version=5, key=controller_key(controller))
-    from edgefleet.controller.cli import upload_artifact
-    from edgefleet.controller.client import Connection
+    from edgefleet.controller.client import Connection, upload_artifact
 
     sha = upload_artifact(Connection.resolve(controller.grpc_address, controller.state_dir).control(), bundle)
     info = controller.call("InstallOnDevice", control_pb2.InstallOnDeviceRequest(device_id=device, bundle_sha256=sha))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from edgefleet.firmware.keys import load_signing_key
 from edgefleet.protos.v1 import fleet_pb2
 from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
@@ -177,8 +177,7 @@ def test_a_device_converges_on_the_retained_desired_model_without_a_command(
     """Its queued commands were lost (say the broker session expired while it was away): the
     retained `desired` model still brings the device to the right model when it returns."""
     from edgefleet.agent.client import LocalClient
-    from edgefleet.controller.cli import upload_artifact
-    from edgefleet.controller.client import Connection
+    from edgefleet.controller.client import Connection, upload_artifact
     from edgefleet.protos.v1 import mqtt_pb2
 
     agent = _agent(tmp_path, procs, mqtt_ctl, mqtt_ctl.create_token()).start()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from edgefleet.protos.v1 import control_pb2
 from fleet_harness import wait_until
 from model_factory import mlp_onnx

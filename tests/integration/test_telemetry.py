@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.agent.client import InferenceError, LocalClient
-from edgefleet.controller.cli import cli
+from edgefleet.controller.cli.main import cli
 from edgefleet.protos.v1 import control_pb2
 from fleet_harness import wait_until
 from model_factory import install_offline, mlp_onnx, signed_bundle

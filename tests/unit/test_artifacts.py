@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.controller.artifacts import ArtifactStore, ChunkCache
 from edgefleet.controller.errors import InvalidArgument, NotFound
+from edgefleet.controller.store.artifacts import ArtifactStore, ChunkCache
 from edgefleet.protos.v1 import fleet_pb2
 
 

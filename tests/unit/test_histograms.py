@@ -1,4 +1,4 @@
-"""controller/histograms.py gives exactly what hdrh gives, on the bucket counts as numpy arrays."""
+"""controller/telemetry/histograms.py gives exactly what hdrh gives, on the bucket counts as numpy arrays."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from edgefleet.agent import latency
-from edgefleet.controller import histograms
-from edgefleet.controller.telemetry import LATENCY_BUCKETS_S
+from edgefleet.common import latency
+from edgefleet.controller.telemetry import histograms
+from edgefleet.controller.telemetry.ingest import LATENCY_BUCKETS_S
 
 
 def random_histograms(count: int, seed: int = 11) -> list[HdrHistogram]:

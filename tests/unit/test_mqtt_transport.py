@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.mqtt_link import parse_broker_url, split_topic, topic
-from edgefleet.controller.broker_auth import BrokerAuth, device_acl, hash_password, verify_password
-from edgefleet.controller.mqtt_bridge import MqttBridge, MqttConfigError, MqttOptions, broker_auth, public_url
+from edgefleet.common.mqtt import parse_broker_url, split_topic, topic
+from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttConfigError, MqttOptions, broker_auth, public_url
+from edgefleet.controller.fleet.broker_auth import BrokerAuth, device_acl, hash_password, verify_password
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord
 from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2

@@ -13,7 +13,7 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"agent": "edgefleet.agent", "controller": "edgefleet.controller", "firmware": "edgefleet.firmware",
-           "protos": "edgefleet.protos"}
+           "protos": "edgefleet.protos", "common": "edgefleet.common"}
 
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:
@@ -39,3 +39,26 @@ def test_agent_import_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing the agent pulled in: {out}"
+
+
+def test_controller_imports_nothing_from_the_agent() -> None:
+    """What both sides need lives in edgefleet.common; the controller never reaches into the agent."""
+    offenders = []
+    for path in sorted((ROOT / "controller").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith(("from edgefleet.agent", "import edgefleet.agent")):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {stripped}")
+    # The compiler's local target profiles this machine with the agent's profiler: that is the one
+    # sanctioned use (a controller that compiles for itself is also a device of its own class).
+    offenders = [o for o in offenders if "edgefleet.agent.profiler" not in o]
+    assert offenders == []
+
+
+def test_common_stays_neutral() -> None:
+    """edgefleet.common is imported by both sides, so it imports neither."""
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            assert not stripped.startswith(("from edgefleet.agent", "import edgefleet.agent",
+                                            "from edgefleet.controller", "import edgefleet.controller")), path

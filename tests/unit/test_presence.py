@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.sqlite import SQLiteStore
 
 

@@ -8,11 +8,11 @@ import hdr_reference
 import numpy as np
 import pytest
 
-from edgefleet.agent import latency
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, PowerModel
 from edgefleet.agent.telemetry import TelemetryCollector
+from edgefleet.common import latency
 from edgefleet.protos.v1 import fleet_pb2
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from edgefleet.agent import latency
-from edgefleet.controller import histograms, telemetry
+from edgefleet.common import latency
 from edgefleet.controller.store.sqlite import SQLiteStore
+from edgefleet.controller.telemetry import histograms
+from edgefleet.controller.telemetry import ingest as telemetry
 from edgefleet.protos.v1 import fleet_pb2
 
 NOW_MS = 1_800_000_000_000
@@ -162,7 +163,7 @@ def test_pruned_sequences_stay_duplicates(ingest) -> None:  # type: ignore[no-un
 def test_metrics_can_be_scraped_while_telemetry_arrives(ingest) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    from edgefleet.controller.http_api import TelemetryCollector
+    from edgefleet.controller.api.http_server import TelemetryCollector
 
     service, store, _ = ingest
     live = telemetry.LiveTelemetry()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefleet.agent.units import format_duration, parse_duration, parse_labels
+from edgefleet.common.units import format_duration, parse_duration, parse_labels
 
 
 @pytest.mark.parametrize("text,seconds", [("30s", 30), ("10m", 600), ("24h", 86400), ("500ms", 0.5),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgefleet.controller.compiler.cli import compile_command
+from edgefleet.controller.cli.compile import compile_command
 
 HERE = str(Path(__file__).parent)
 if HERE not in sys.path:

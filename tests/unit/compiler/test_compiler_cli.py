@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from click.testing import CliRunner
 
+from edgefleet.controller.cli.compile import compile_command
 from edgefleet.controller.compiler import CompileSpec, DeviceMeasurer, TargetSpec, compile_model
-from edgefleet.controller.compiler.cli import compile_command
 
 HERE = str(Path(__file__).parent)
 if HERE not in sys.path:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgefleet.controller.cli.compile import compile_command
 from edgefleet.controller.compiler import CompileSpec, compile_model
-from edgefleet.controller.compiler.cli import compile_command
 from tests.models import tiny_models
 
 needs_quantizer = pytest.mark.skipif(

@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from edgefleet.agent.units import format_duration
+from edgefleet.common.units import format_duration
 from edgefleet.controller.store.base import DeviceRecord, Store
 from edgefleet.protos.v1 import fleet_pb2
 
-log = logging.getLogger("edgefleet.controller.presence")
+log = logging.getLogger("edgefleet.controller.fleet.presence")
 
 SILENT_INTERVALS = 3
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.controller.artifacts import ArtifactStore
-from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.errors import FailedPrecondition, NotFound
-from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import Store
 from edgefleet.protos.v1 import fleet_pb2
 
-log = logging.getLogger("edgefleet.controller.device_measure")
+log = logging.getLogger("edgefleet.controller.fleet.device_measure")
 
 MEASURE_TIMEOUT_S = 300.0
 MEASURE_RUNS = 10  # runs per round; each round's mean is one timing

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from edgefleet.agent.units import check_label
+from edgefleet.common.units import check_label
 from edgefleet.controller.errors import InvalidArgument
 
 MAX_LABELS = 64

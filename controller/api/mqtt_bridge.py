@@ -33,7 +33,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.agent.mqtt_link import (
+from edgefleet.common.mqtt import (
     BrokerAddress,
     connack_refused,
     new_client,
@@ -42,12 +42,12 @@ from edgefleet.agent.mqtt_link import (
     split_topic,
     topic,
 )
-from edgefleet.controller.artifacts import ArtifactStore
-from edgefleet.controller.broker_auth import BrokerAuth
 from edgefleet.controller.errors import FleetError
-from edgefleet.controller.presence import LiveSession, PresenceTracker
+from edgefleet.controller.fleet.broker_auth import BrokerAuth
+from edgefleet.controller.fleet.presence import LiveSession, PresenceTracker
+from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import CommandRecord, Store
-from edgefleet.controller.telemetry import TelemetryIngest
+from edgefleet.controller.telemetry.ingest import TelemetryIngest
 from edgefleet.protos.capability import negotiate
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
 

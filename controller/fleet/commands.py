@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 
 from edgefleet.controller.errors import NotFound
-from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.base import CommandRecord, Store
 from edgefleet.protos.v1 import fleet_pb2
 
-log = logging.getLogger("edgefleet.controller.commands")
+log = logging.getLogger("edgefleet.controller.fleet.commands")
 
 DEFAULT_TTL_S = 3600
 

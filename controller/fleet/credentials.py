@@ -14,8 +14,8 @@ import secrets
 import time
 from pathlib import Path
 
+from edgefleet.common.durable_files import atomic_write_bytes
 from edgefleet.controller.store.base import Store
-from edgefleet.firmware.durable_files import atomic_write_bytes
 
 OPERATOR_TOKEN_FILE = "operator-token"
 

@@ -11,16 +11,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edgefleet.controller import auth, validation
 from edgefleet.controller.errors import InvalidArgument, NotFound, Unauthenticated
+from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet import validation
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentRefused, EnrollmentTokenRecord, Store
 from edgefleet.protos.capability import negotiate
 from edgefleet.protos.v1 import profile_pb2
 
 if TYPE_CHECKING:  # issue 7: MQTT logins
-    from edgefleet.controller.broker_auth import BrokerAuth, MqttLogin
+    from edgefleet.controller.fleet.broker_auth import BrokerAuth, MqttLogin
 
-log = logging.getLogger("edgefleet.controller.enrollment")
+log = logging.getLogger("edgefleet.controller.fleet.enrollment")
 
 DEFAULT_TOKEN_TTL_S = 24 * 3600
 MAX_TOKEN_USES = 100_000

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from edgefleet.controller import histograms
 from edgefleet.controller.store.base import ModelPoint, Rollup, Store, TelemetryPoint
+from edgefleet.controller.telemetry import histograms
 from edgefleet.protos.v1 import fleet_pb2
 
-log = logging.getLogger("edgefleet.controller.telemetry")
+log = logging.getLogger("edgefleet.controller.telemetry.ingest")
 
 MAX_BATCH_BYTES = 64 * 1024
 MAX_MODELS_PER_BATCH = 32

@@ -19,11 +19,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.controller import auth, telemetry, validation
-from edgefleet.controller.artifacts import ArtifactStore, ChunkCache
-from edgefleet.controller.commands import CommandDispatcher
-from edgefleet.controller.device_measure import DeviceMeasure, DeviceMeasurementFailed
-from edgefleet.controller.enrollment import Enrollment
 from edgefleet.controller.errors import (
     FailedPrecondition,
     FleetError,
@@ -32,8 +27,14 @@ from edgefleet.controller.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from edgefleet.controller.presence import PresenceTracker
-from edgefleet.controller.rollouts import RolloutEngine, RolloutRequest
+from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet import validation
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.device_measure import DeviceMeasure, DeviceMeasurementFailed
+from edgefleet.controller.fleet.enrollment import Enrollment
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.rollouts.engine import RolloutEngine, RolloutRequest
+from edgefleet.controller.store.artifacts import ArtifactStore, ChunkCache
 from edgefleet.controller.store.base import (
     CommandRecord,
     DeviceRecord,
@@ -42,7 +43,8 @@ from edgefleet.controller.store.base import (
     RolloutRecord,
     Store,
 )
-from edgefleet.controller.telemetry import TelemetryIngest
+from edgefleet.controller.telemetry import ingest as telemetry
+from edgefleet.controller.telemetry.ingest import TelemetryIngest
 from edgefleet.protos.capability import CAPABILITY_VERSION, negotiate
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc, profile_pb2
 

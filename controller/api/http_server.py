@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from edgefleet.controller import histograms
-from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
-from edgefleet.controller.telemetry import LATENCY_BUCKETS_S, LiveTelemetry
+from edgefleet.controller.telemetry import histograms
+from edgefleet.controller.telemetry.ingest import LATENCY_BUCKETS_S, LiveTelemetry
 
 
 class FleetCollector(Collector):

@@ -1,6 +1,6 @@
 """Latency histograms at the controller, as numpy arrays of bucket counts.
 
-Agents send HdrHistograms (``edgefleet.agent.latency``: microseconds, 1 us to 10 min, 2
+Agents send HdrHistograms (``edgefleet.common.latency``: microseconds, 1 us to 10 min, 2
 significant digits). The controller decodes every batch's histogram once, then works on its
 bucket counts: percentiles for the stored point, the fleet-wide sums behind /metrics, and the
 per-minute merges of the rollups. hdrh does the decoding and encoding (its C codec); what it
@@ -20,7 +20,7 @@ import numpy as np
 from hdrh.codec import HdrHistogramEncoder
 from hdrh.histogram import HdrHistogram
 
-from edgefleet.agent import latency
+from edgefleet.common import latency
 from edgefleet.protos.v1 import fleet_pb2
 
 _STANDARD = latency.new_histogram()

@@ -34,11 +34,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.controller import histograms
-from edgefleet.controller.artifacts import ArtifactStore
-from edgefleet.controller.commands import CommandDispatcher
 from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, NotFound
-from edgefleet.controller.presence import PresenceTracker
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import (
     BuildRecord,
     CommandRecord,
@@ -47,9 +46,10 @@ from edgefleet.controller.store.base import (
     RolloutRecord,
     Store,
 )
+from edgefleet.controller.telemetry import histograms
 from edgefleet.protos.v1 import fleet_pb2
 
-log = logging.getLogger("edgefleet.controller.rollouts")
+log = logging.getLogger("edgefleet.controller.rollouts.engine")
 
 ACTIVE = ("planning", "running")
 FINAL_DEVICE_STATES = ("committed", "failed", "timed_out", "rolled_back", "superseded", "rollback_failed")
@@ -409,7 +409,7 @@ class RolloutEngine:
         return sent
 
     def _install_action(self, bundle_sha: str) -> fleet_pb2.InstallBundle:
-        from edgefleet.controller.grpc_api import bundle_install_action
+        from edgefleet.controller.api.grpc_services import bundle_install_action
 
         return bundle_install_action(self.artifacts, bundle_sha)
 

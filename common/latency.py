@@ -1,7 +1,7 @@
 """Latency histograms: HdrHistogram in microseconds, exactly mergeable across devices and minutes.
 
 The agent records into one and ships it encoded in every telemetry batch; the controller decodes
-and adds them as numpy bucket counts (`edgefleet.controller.histograms`) for rollups, fleet
+and adds them as numpy bucket counts (`edgefleet.controller.telemetry.histograms`) for rollups, fleet
 percentiles and the Prometheus histogram.
 """
 

@@ -1,0 +1,100 @@
+"""`edgefleet controller serve`: run the controller (gRPC, HTTP, MQTT bridge, rollout engine)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgefleet.controller.cli.base import Context, cli
+from edgefleet.controller.cli.output import duration_option
+from edgefleet.controller.client import UserError, default_state_dir
+
+
+# -- controller --------------------------------------------------------------------------------
+@cli.group("controller")
+def controller_group() -> None:
+    """Run the controller."""
+
+
+def mqtt_serve_options(fn: Any) -> Any:
+    """`controller serve` options for the MQTT transport (issue 7)."""
+    options = [
+        click.option("--mqtt", "mqtt_url", envvar="EDGEFLEET_MQTT_URL", metavar="mqtt[s]://ADMIN:PASSWORD@HOST:PORT",
+                     help="Also serve devices over this MQTT broker, logged in as its admin user."),
+        click.option("--mqtt-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="CA (PEM) that signed the broker's certificate; also handed to devices."),
+        click.option("--mqtt-device-url", default=None, metavar="URL",
+                     help="Broker URL given to devices at enrollment (default: --mqtt without the login)."),
+        click.option("--mqtt-auth-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Where the broker's password_file and acl_file are kept (default: STATE_DIR/mqtt)."),
+        click.option("--mqtt-broker-pid", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="The broker's pid_file: it is sent SIGHUP to load new device logins."),
+        click.option("--mqtt-client-id", default=None, help="This replica's MQTT client id (stable across restarts)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
+    from edgefleet.common.mqtt import parse_broker_url
+    from edgefleet.controller.api.mqtt_bridge import MqttOptions
+
+    url = values.get("mqtt_url")
+    for name, value in (("--mqtt", url), ("--mqtt-device-url", values.get("mqtt_device_url"))):
+        if value:
+            try:
+                parse_broker_url(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=name) from None
+    if not url:
+        return {}
+    return {"mqtt_url": url, "mqtt": MqttOptions(
+        ca_file=values.get("mqtt_ca"), device_url=values.get("mqtt_device_url"), auth_dir=values.get("mqtt_auth_dir"),
+        broker_pid_file=values.get("mqtt_broker_pid"), client_id=values.get("mqtt_client_id"),
+    )}
+
+
+@controller_group.command("serve")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Where the store, tokens and artifacts live.")
+@click.option("--grpc", "grpc_address", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT")
+@click.option("--http", "http_address", default="127.0.0.1:8480", show_default=True, metavar="HOST:PORT|off",
+              help="Health and Prometheus /metrics; 'off' disables it.")
+@click.option("--heartbeat-interval", default="5s", show_default=True,
+              help="How often an otherwise silent agent heartbeats; a stream silent for 3 intervals is ended.")
+@click.option("--store", "store_url", envvar="EDGEFLEET_STORE", metavar="postgresql://USER@HOST:PORT/DB",
+              help="Shared PostgreSQL store for several replicas (default: SQLite in the state dir).")
+@mqtt_serve_options  # issue 7
+@click.pass_obj
+def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
+                     heartbeat_interval: str, store_url: str | None, **mqtt: Any) -> None:
+    """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
+    from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
+
+    for name, address in (("--grpc", grpc_address), ("--http", http_address)):
+        if address != "off":
+            try:
+                split_address(address)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=name) from None
+    interval = duration_option(heartbeat_interval, "--heartbeat-interval")
+    if interval < 0.05:
+        raise click.BadParameter("must be at least 50ms", param_hint="--heartbeat-interval")
+    config = ControllerConfig(
+        state_dir=state_dir or obj.state_dir or default_state_dir(),
+        grpc_address=grpc_address,
+        http_address=None if http_address == "off" else http_address,
+        heartbeat_interval_s=interval,
+        store_url=store_url or None,
+        **mqtt_settings(mqtt),  # issue 7
+    )
+    from edgefleet.controller.api.mqtt_bridge import MqttConfigError  # issue 7
+    from edgefleet.controller.store import StoreUnavailable
+
+    try:
+        asyncio.run(serve(config))
+    except (BindError, MqttConfigError, StoreUnavailable) as exc:
+        raise UserError(str(exc)) from None

@@ -1,0 +1,40 @@
+"""How the CLI prints: JSON for --json, aligned tables and ages for people."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from google.protobuf.json_format import MessageToDict
+
+from edgefleet.common.units import format_duration, parse_duration
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def ago(unix_ms: int) -> str:
+    if not unix_ms:
+        return "never"
+    return format_duration(max(0.0, time.time() - unix_ms / 1000)) + " ago"
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def duration_option(value: str, name: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
