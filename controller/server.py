@@ -18,12 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from edgefleet.common.durable_files import atomic_write_json
 from edgefleet.controller import __version__
-from edgefleet.controller.api.grpc_services import (
-    ControlServicer,
-    FleetServicer,
-    OperatorAuthInterceptor,
-    add_fleet_servicer,
-)
+from edgefleet.controller.api.control_grpc import ControlServicer, OperatorAuthInterceptor
+from edgefleet.controller.api.fleet_grpc import FleetServicer, add_fleet_servicer
 from edgefleet.controller.api.http_server import HttpApi
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
 from edgefleet.controller.fleet import credentials as auth

@@ -409,7 +409,7 @@ class RolloutEngine:
         return sent
 
     def _install_action(self, bundle_sha: str) -> fleet_pb2.InstallBundle:
-        from edgefleet.controller.api.grpc_services import bundle_install_action
+        from edgefleet.controller.rollouts.builds import bundle_install_action
 
         return bundle_install_action(self.artifacts, bundle_sha)
 

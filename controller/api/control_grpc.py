@@ -1,0 +1,371 @@
+"""The Control gRPC service, for operators and the CLI, and the operator-token check in front of it.
+
+Translation only: each method validates nothing itself beyond the wire, calls the domain
+(enrollment, commands, rollouts, the model registry, telemetry) and converts records to protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from edgefleet.controller.api.grpc_common import (
+    maps_errors,
+    status_for,
+)
+from edgefleet.controller.errors import (
+    FailedPrecondition,
+    FleetError,
+    InvalidArgument,
+    NotFound,
+)
+from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.device_measure import DeviceMeasure, DeviceMeasurementFailed
+from edgefleet.controller.fleet.enrollment import Enrollment
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.rollouts.builds import bundle_install_action
+from edgefleet.controller.rollouts.engine import RolloutEngine, RolloutRequest
+from edgefleet.controller.rollouts.models import check_model_data, register_model
+from edgefleet.controller.store.artifacts import ArtifactStore
+from edgefleet.controller.store.base import (
+    CommandRecord,
+    DeviceRecord,
+    EnrollmentTokenRecord,
+    ModelRecord,
+    RolloutRecord,
+    Store,
+)
+from edgefleet.controller.telemetry import ingest as telemetry
+from edgefleet.controller.telemetry.summary import summary_rows
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, profile_pb2
+
+
+class TelemetryControl:
+    """The telemetry half of the Control service (mixed into ControlServicer)."""
+
+    store: Store
+    presence: PresenceTracker
+
+    @maps_errors
+    async def QueryTelemetry(
+        self, request: control_pb2.QueryTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.QueryTelemetryResponse:
+        if self.store.get_device(request.device_id) is None:
+            raise NotFound(f"no device {request.device_id!r}; see `edgefleet devices list`")
+        try:
+            samples = await asyncio.to_thread(
+                telemetry.query, self.store, request.device_id, request.metric, request.since_unix_ms,
+                request.model or None, request.rollups,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return control_pb2.QueryTelemetryResponse(
+            device_id=request.device_id,
+            metric=request.metric,
+            samples=[control_pb2.TelemetrySample(unix_ms=s.unix_ms, value=s.value, seq=s.seq, source=s.source)
+                     for s in samples],
+        )
+
+    @maps_errors
+    async def TelemetrySummary(
+        self, request: control_pb2.TelemetrySummaryRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.TelemetrySummaryResponse:
+        rows = await asyncio.to_thread(
+            summary_rows, self.store, self.presence, request.device_id, request.hardware_class, request.model)
+        return control_pb2.TelemetrySummaryResponse(rows=rows)
+
+
+def command_to_proto(record: CommandRecord) -> control_pb2.CommandInfo:
+    info = control_pb2.CommandInfo(
+        command_id=record.command_id, device_id=record.device_id, kind=record.kind, state=record.state,
+        result=record.result, reason=record.reason, message=record.message,
+        created_at_unix_ms=record.created_at_ms, expires_at_unix_ms=record.expires_at_ms,
+        rollout_id=record.rollout_id,
+    )
+    if record.ack:
+        info.ack.ParseFromString(record.ack)
+    return info
+
+
+class CommandControl:
+    """Artifacts and device commands: the part of Control that moves models (mixed into ControlServicer)."""
+
+    store: Store
+    artifacts: ArtifactStore
+    commands: CommandDispatcher
+    device_measure: DeviceMeasure
+
+    @maps_errors
+    async def MeasureOnDevice(
+        self, request: control_pb2.MeasureOnDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.MeasureOnDeviceResponse:
+        try:
+            device_id, ack = await self.device_measure.measure_on_class(
+                request.hardware_class, list(request.candidate_sha256), request.inputs_npz, request.device_id)
+        except DeviceMeasurementFailed as exc:
+            raise FailedPrecondition(str(exc)) from None
+        return control_pb2.MeasureOnDeviceResponse(device_id=device_id, timings=ack.timings)
+
+    async def UploadArtifact(
+        self, request_iterator: AsyncIterator[control_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
+    ) -> control_pb2.ArtifactInfo:
+        try:
+            sha, size = await self.artifacts.receive(request_iterator)
+        except FleetError as exc:
+            await context.abort(status_for(exc), str(exc))
+            raise
+        return control_pb2.ArtifactInfo(sha256=sha, size=size)
+
+    @maps_errors
+    async def InstallOnDevice(
+        self, request: control_pb2.InstallOnDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CommandInfo:
+        install = bundle_install_action(self.artifacts, request.bundle_sha256)
+        record = self.commands.issue(request.device_id, install=install, ttl_s=request.ttl_s or 3600)
+        return command_to_proto(record)
+
+    @maps_errors
+    async def GetCommand(
+        self, request: control_pb2.GetCommandRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CommandInfo:
+        record = self.store.get_command(request.command_id)
+        if record is None:
+            raise NotFound(f"no command {request.command_id!r}")
+        return command_to_proto(record)
+
+    @maps_errors
+    async def ListCommands(
+        self, request: control_pb2.ListCommandsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListCommandsResponse:
+        records = self.store.list_commands(device_id=request.device_id or None, rollout_id=request.rollout_id or None)
+        return control_pb2.ListCommandsResponse(commands=[command_to_proto(r) for r in records])
+
+
+class RolloutControl:
+    """Models and rollouts (mixed into ControlServicer)."""
+
+    store: Store
+    artifacts: ArtifactStore
+    rollouts: RolloutEngine
+
+    @maps_errors
+    async def AddModel(
+        self, request: control_pb2.AddModelRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ModelInfo:
+        # Loading the model and the data takes a while for a big model: off the event loop.
+        await asyncio.to_thread(check_model_data, self.artifacts, request)
+        record = register_model(self.store, self.artifacts, request)
+        return model_to_proto(record)
+
+    @maps_errors
+    async def ListModels(
+        self, request: control_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListModelsResponse:
+        return control_pb2.ListModelsResponse(models=[model_to_proto(m) for m in self.store.list_models()])
+
+    @maps_errors
+    async def CreateRollout(
+        self, request: control_pb2.CreateRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        defaults = RolloutRequest(model=request.model, version=int(request.version))
+        record = self.rollouts.create(dataclasses.replace(
+            defaults,
+            selector=request.to or defaults.selector,
+            waves=request.waves or defaults.waves,
+            soak_s=request.soak_s,
+            max_failures=request.max_failures,
+            gates=tuple(request.gates) or defaults.gates,
+            device_timeout_s=request.device_timeout_s or defaults.device_timeout_s,
+            auto_rollback=request.auto_rollback,
+        ))
+        return rollout_to_proto(self.store, record)
+
+    @maps_errors
+    async def GetRollout(
+        self, request: control_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        record = self.store.get_rollout(request.rollout_id)
+        if record is None:
+            raise NotFound(f"no rollout {request.rollout_id!r}; see `edgefleet rollout list`")
+        return rollout_to_proto(self.store, record)
+
+    @maps_errors
+    async def ListRollouts(
+        self, request: control_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListRolloutsResponse:
+        return control_pb2.ListRolloutsResponse(
+            rollouts=[rollout_to_proto(self.store, r, with_devices=False) for r in self.store.list_rollouts()])
+
+    @maps_errors
+    async def ChangeRollout(
+        self, request: control_pb2.ChangeRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RolloutInfo:
+        return rollout_to_proto(self.store, self.rollouts.set_state(request.rollout_id, request.action))
+
+
+def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:
+    return control_pb2.ModelInfo(name=record.name, version=record.version, sha256=record.sha256,
+                                 format=record.format, calib_sha256=record.calib_sha256, budget=record.budget,
+                                 created_at_unix_ms=record.created_at_ms)
+
+
+def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = True) -> control_pb2.RolloutInfo:
+    rows = store.rollout_devices(record.rollout_id)
+    info = control_pb2.RolloutInfo(
+        rollout_id=record.rollout_id, model=record.model, version=record.version, selector=record.selector,
+        waves=record.waves, soak_s=record.soak_s, max_failures=record.max_failures,
+        gates=json.loads(record.gates), device_timeout_s=record.device_timeout_s,
+        auto_rollback=record.auto_rollback, state=record.state, wave=record.wave,
+        waves_total=len({r.wave for r in rows}), reason=record.reason, created_at_unix_ms=record.created_at_ms,
+        updated_at_unix_ms=record.updated_at_ms, soak_until_unix_ms=record.soak_until_ms,
+    )
+    if with_devices:
+        for r in rows:
+            info.devices.add(device_id=r.device_id, hardware_class=r.hardware_class, wave=r.wave, state=r.state,
+                             command_id=r.command_id, previous_model=r.previous_model,
+                             previous_version=r.previous_version, reason=r.reason, baseline_json=r.baseline,
+                             dispatched_at_unix_ms=r.dispatched_at_ms, finished_at_unix_ms=r.finished_at_ms)
+        for hardware_class in sorted({r.hardware_class for r in rows}):
+            build = store.get_build(record.model, record.version, hardware_class)
+            if build is None:
+                info.builds.add(hardware_class=hardware_class, state="pending")
+                continue
+            report = json.loads(build.report) if build.report else {}
+            info.builds.add(hardware_class=hardware_class, state=build.state, chosen=report.get("chosen", ""),
+                            speedup=float(report.get("speedup") or 0.0),
+                            measured_on=str(report.get("latency", {}).get("measured_on") or ""),
+                            error=build.error, bundle_sha256=build.bundle_sha256,
+                            cached=bool(report.get("cached")),
+                            runtime=str(report.get("result", {}).get("runtime") or ""),
+                            size_ratio=float(report.get("size_ratio") or 0.0))
+    return info
+
+
+def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken:
+    return control_pb2.EnrollmentToken(
+        token_id=record.token_id,
+        uses_total=record.uses_total,
+        uses_left=record.uses_left,
+        created_at_unix_ms=record.created_at_ms,
+        expires_at_unix_ms=record.expires_at_ms,
+        labels=record.labels,
+        revoked=record.revoked,
+    )
+
+
+class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_pb2_grpc.ControlServicer):
+    def __init__(
+        self,
+        store: Store,
+        enrollment: Enrollment,
+        presence: PresenceTracker,
+        info: control_pb2.ControllerInfo,
+        artifacts: ArtifactStore,
+        commands: CommandDispatcher,
+        rollouts: RolloutEngine,
+        device_measure: DeviceMeasure,
+    ) -> None:
+        self.store = store
+        self.enrollment = enrollment
+        self.presence = presence
+        self.info = info
+        self.artifacts = artifacts
+        self.commands = commands
+        self.rollouts = rollouts
+        self.device_measure = device_measure
+
+    def _device(self, record: DeviceRecord, include_profile: bool) -> control_pb2.Device:
+        state = self.presence.presence(record)
+        device = control_pb2.Device(
+            device_id=record.device_id,
+            labels=record.labels,
+            online=state.online,
+            presence=state.reason,
+            last_seen_unix_ms=state.last_seen_ms,
+            enrolled_at_unix_ms=record.enrolled_at_ms,
+            agent_version=record.agent_version,
+            capability_version=record.capability_version,
+            hardware_class=record.hardware_class,
+            hostname=record.hostname,
+        )
+        if include_profile and record.profile:
+            device.profile.CopyFrom(profile_pb2.HardwareProfile.FromString(record.profile))
+        return device
+
+    @maps_errors
+    async def GetControllerInfo(
+        self, request: control_pb2.GetControllerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ControllerInfo:
+        return self.info
+
+    @maps_errors
+    async def CreateEnrollmentToken(
+        self, request: control_pb2.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CreateEnrollmentTokenResponse:
+        secret, record = self.enrollment.create_token(request.uses, request.ttl_s, dict(request.labels))
+        return control_pb2.CreateEnrollmentTokenResponse(token=secret, info=token_to_proto(record))
+
+    @maps_errors
+    async def ListEnrollmentTokens(
+        self, request: control_pb2.ListEnrollmentTokensRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListEnrollmentTokensResponse:
+        return control_pb2.ListEnrollmentTokensResponse(
+            tokens=[token_to_proto(t) for t in self.store.list_enrollment_tokens()]
+        )
+
+    @maps_errors
+    async def RevokeEnrollmentToken(
+        self, request: control_pb2.RevokeEnrollmentTokenRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.EnrollmentToken:
+        return token_to_proto(self.enrollment.revoke_token(request.token_id))
+
+    @maps_errors
+    async def ListDevices(
+        self, request: control_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListDevicesResponse:
+        return control_pb2.ListDevicesResponse(
+            devices=[self._device(r, request.include_profile) for r in self.store.list_devices()]
+        )
+
+    @maps_errors
+    async def GetDevice(
+        self, request: control_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Device:
+        record = self.store.get_device(request.device_id)
+        if record is None:
+            raise NotFound(f"no device {request.device_id!r}; see `edgefleet devices list`")
+        return self._device(record, include_profile=True)
+
+
+class OperatorAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every Control call needs `authorization: Bearer <operator token>`; device secrets never pass."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+        async def deny(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid operator token; set EDGEFLEET_TOKEN or use the controller's "
+                "state-dir/operator-token",
+            )
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith("/edgefleet.v1.Control/"):
+            md = dict(handler_call_details.invocation_metadata or ())
+            header = str(md.get("authorization", ""))
+            token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+            if not token or not self.store.is_operator_token(auth.digest(token)):
+                return self._deny
+        return await continuation(handler_call_details)

@@ -1,0 +1,234 @@
+"""The Fleet gRPC service, for agents: Enroll, the Session stream and FetchArtifact.
+
+It only translates: protobuf in, a call into the fleet domain (enrollment, presence, commands,
+telemetry ingest), protobuf out, and domain errors mapped to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from edgefleet.controller.api.grpc_common import (
+    device_credentials,
+    maps_errors,
+    status_for,
+)
+from edgefleet.controller.errors import (
+    FleetError,
+    InvalidArgument,
+)
+from edgefleet.controller.fleet import validation
+from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.enrollment import Enrollment
+from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.store.artifacts import ArtifactStore, ChunkCache
+from edgefleet.controller.telemetry.ingest import TelemetryIngest
+from edgefleet.protos.capability import CAPABILITY_VERSION, negotiate
+from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger("edgefleet.controller.grpc")
+
+
+def _chunk_or_message(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
+
+
+class _PreSerializedReplies:
+    """A server seen through `add_FleetServicer_to_server`: FetchArtifact's handler gets a response
+    serializer that passes already-serialized bytes through, so the ChunkCache's encodings go to
+    the wire as they are. Every other method keeps protoc's generated handler untouched."""
+
+    def __init__(self, server: grpc.aio.Server, methods: set[str]) -> None:
+        self._server = server
+        self._methods = methods
+
+    def _patch(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.rsplit("/", 1)[-1] in self._methods and handler is not None:
+            return handler._replace(response_serializer=_chunk_or_message)
+        return handler
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._patch(name, handler) for name, handler in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        patch = self._patch
+
+        class Patched(grpc.GenericRpcHandler):
+            def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+                self.inner = inner
+
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                handler = self.inner.service(details)
+                return patch(details.method, handler) if handler is not None else None
+
+        self._server.add_generic_rpc_handlers(tuple(Patched(h) for h in handlers))
+
+
+def add_fleet_servicer(servicer: FleetServicer, server: grpc.aio.Server) -> None:
+    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, _PreSerializedReplies(server, {"FetchArtifact"}))
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    def __init__(
+        self,
+        enrollment: Enrollment,
+        presence: PresenceTracker,
+        artifacts: ArtifactStore,
+        ingest: TelemetryIngest,
+        commands: CommandDispatcher,
+        heartbeat_interval_s: float,
+        trusted_public_keys_pem: list[str],
+    ) -> None:
+        self.enrollment = enrollment
+        self.presence = presence
+        self.artifacts = artifacts
+        self.chunks = ChunkCache(artifacts)
+        self.ingest = ingest
+        self.commands = commands
+        self.trusted_public_keys_pem = trusted_public_keys_pem
+        self.heartbeat_interval_ms = int(heartbeat_interval_s * 1000)
+
+    @maps_errors
+    async def Enroll(
+        self, request: fleet_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.EnrollResponse:
+        enrolled = self.enrollment.enroll(
+            request.token,
+            capability_version=request.capability_version,
+            agent_version=request.agent_version,
+            profile=request.profile,
+            labels=dict(request.labels),
+        )
+        return fleet_pb2.EnrollResponse(
+            device_id=enrolled.record.device_id,
+            device_secret=enrolled.secret,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            capability_version=CAPABILITY_VERSION,
+            labels=enrolled.record.labels,
+            trusted_public_keys_pem=self.trusted_public_keys_pem,
+            mqtt=enrolled.mqtt.to_proto() if enrolled.mqtt else None,  # issue 7
+        )
+
+    async def Session(
+        self, request_iterator: AsyncIterator[fleet_pb2.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            device = self.enrollment.authenticate_device(*device_credentials(context))
+            hello = await self._read_hello(context)
+        except FleetError as exc:
+            await context.abort(status_for(exc), str(exc))
+            return
+        session = self.presence.session_opened(
+            device.device_id,
+            agent_version=hello.agent_version,
+            capability_version=negotiate(hello.capability_version),
+            hardware_class=hello.profile.hardware_class,
+            profile=hello.profile.SerializeToString(),
+            hostname=hello.profile.os.hostname[:255],
+            model=(hello.model[:128], int(hello.model_version)),
+        )
+        outbox: asyncio.Queue[fleet_pb2.ControllerMessage] = asyncio.Queue()
+        session.send = outbox.put_nowait
+        writer = asyncio.create_task(self._write_loop(context, outbox))
+        reason = "stream closed"
+        try:
+            outbox.put_nowait(
+                fleet_pb2.ControllerMessage(
+                    accepted=fleet_pb2.SessionAccepted(
+                        capability_version=negotiate(hello.capability_version),
+                        heartbeat_interval_ms=self.heartbeat_interval_ms,
+                        device_id=device.device_id,
+                    )
+                )
+            )
+            self.commands.deliver_open(device.device_id)
+            handler = asyncio.current_task()
+            assert handler is not None
+            session.end_silent = handler.cancel  # called by PresenceTracker.expire_silent
+            while True:
+                try:
+                    message = await context.read()
+                except asyncio.CancelledError:
+                    if not session.silent:
+                        raise  # the server is stopping
+                    handler.uncancel()  # this cancellation was ours, and it is handled here
+                    limit = self.presence.silence_limit_s
+                    reason = f"silent for {limit:g}s"
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"no message for {limit:g}s; reconnect"
+                    )
+                if message is grpc.aio.EOF:
+                    break
+                if not self.presence.is_current(session):
+                    reason = "superseded"
+                    await context.abort(grpc.StatusCode.ABORTED, "a newer session for this device replaced this one")
+                self.presence.seen(session)
+                kind = message.WhichOneof("body")
+                if kind == "telemetry":
+                    self.ingest.submit(
+                        device.device_id,
+                        message.telemetry,
+                        lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
+                    )
+                elif kind == "heartbeat":
+                    outbox.put_nowait(
+                        fleet_pb2.ControllerMessage(
+                            heartbeat_ack=fleet_pb2.HeartbeatAck(
+                                sent_at_unix_ms=message.heartbeat.sent_at_unix_ms,
+                                controller_time_unix_ms=int(time.time() * 1000),
+                            )
+                        )
+                    )
+                elif kind == "command_ack":
+                    self.commands.on_ack(device.device_id, message.command_ack)
+                elif kind == "hello":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'hello' may be sent once per session")
+                else:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"unknown Session message {kind!r}; upgrade the controller",
+                    )
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            self.presence.session_closed(session, reason)
+
+    async def _read_hello(self, context: grpc.aio.ServicerContext) -> fleet_pb2.Hello:
+        try:
+            first = await asyncio.wait_for(context.read(), timeout=self.presence.silence_limit_s)
+        except asyncio.TimeoutError:
+            raise InvalidArgument("no 'hello' received; the first Session message must be 'hello'") from None
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
+            raise InvalidArgument("the first Session message must be 'hello'")
+        hello: fleet_pb2.Hello = first.hello
+        validation.check_string("hello.agent_version", hello.agent_version, 64)
+        validation.check_bytes("hello.profile", hello.profile.ByteSize(), validation.MAX_PROFILE_BYTES)
+        validation.check_string("hello.profile.hardware_class", hello.profile.hardware_class, 64)
+        return hello
+
+    @staticmethod
+    async def _write_loop(
+        context: grpc.aio.ServicerContext, outbox: asyncio.Queue[fleet_pb2.ControllerMessage]
+    ) -> None:
+        while True:
+            await context.write(await outbox.get())
+
+    async def FetchArtifact(
+        self, request: fleet_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """ArtifactChunk messages, already serialized by the ChunkCache (see `add_fleet_servicer`)."""
+        try:
+            self.enrollment.authenticate_device(*device_credentials(context))
+            for message in self.chunks.messages(request.sha256, request.offset, request.chunk_size):
+                yield message
+        except FleetError as exc:
+            await context.abort(status_for(exc), str(exc))
