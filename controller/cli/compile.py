@@ -52,7 +52,7 @@ class CompileUsageError(click.ClickException):
     show_default=True,
     metavar="|".join(METRICS),
     help="What the gate measures against fp32: cosine, top1 (classification), seq-argmax (CTC text, "
-    "per-frame labels), mask-iou[@T] (probability maps), rel-l2; or accuracy against --eval-labels.",
+    "per-frame labels: 1 - CER), mask-iou[@T] (probability maps), rel-l2; or accuracy against --eval-labels.",
 )
 @click.option(
     "--budget",

@@ -7,8 +7,10 @@ output head must not hide behind a good one), 1.0 for outputs identical to fp32,
 
 - ``cosine`` (the default): per-sample cosine similarity of the output tensor;
 - ``top1``: the argmax over the last axis agrees (classification);
-- ``seq-argmax``: the per-sample argmax sequence over the last axis agrees once repeats and the blank
-  are collapsed (CTC text, per-frame labels); the blank is the class fp32 predicts most often;
+- ``seq-argmax``: the argmax sequence over the last axis, with repeats and the blank collapsed (CTC
+  text, per-frame labels), read as a string: 1 - edits / reference length over the gate set, i.e.
+  1 - CER against fp32's reading. The blank is the class fp32 predicts most often. (Whole-sequence
+  agreement would make a 0.99 budget on 32 lines mean "no character may change".)
 - ``mask-iou`` (``mask-iou@0.3`` for another threshold than 0.5): IoU of the maps thresholded
   (segmentation and detection probability maps);
 - ``rel-l2``: 1 - ||candidate - fp32|| / ||fp32|| per sample (regression, embeddings, states).
@@ -101,6 +103,17 @@ def _per_sample(a: np.ndarray) -> np.ndarray:
     return a.reshape(n, -1)
 
 
+def _char_agreement(reference: list[tuple[int, ...]], candidate: list[tuple[int, ...]]) -> float:
+    """1 - total edit distance / total reference length (1 - CER), clipped to [0, 1]."""
+    from rapidfuzz.distance import Levenshtein
+
+    edits = sum(Levenshtein.distance(r, c) for r, c in zip(reference, candidate, strict=True))
+    length = sum(len(r) for r in reference)
+    if length == 0:
+        return 1.0 if edits == 0 else 0.0
+    return max(0.0, 1.0 - edits / length)
+
+
 def _collapse(seq: np.ndarray, blank: int) -> tuple[int, ...]:
     keep = np.ones(seq.shape, dtype=bool)
     keep[1:] = seq[1:] != seq[:-1]
@@ -131,8 +144,7 @@ def agreement(metric: str, reference: Mapping[str, np.ndarray], candidate: Mappi
                 continue
             r, g = r.reshape(r.shape[0], -1), g.reshape(g.shape[0], -1)
             blank = int(np.bincount(r.ravel()).argmax())
-            same = [_collapse(a, blank) == _collapse(b, blank) for a, b in zip(r, g, strict=True)]
-            scores.append(float(np.mean(same)))
+            scores.append(_char_agreement([_collapse(a, blank) for a in r], [_collapse(b, blank) for b in g]))
         elif metric == "mask-iou":
             r, g = _per_sample(ref) > threshold, _per_sample(got) > threshold
             inter, union = np.sum(r & g, axis=1), np.sum(r | g, axis=1)

@@ -29,8 +29,16 @@ def test_seq_argmax_collapses_repeats_and_the_blank() -> None:
     moved[:, 10, 3] = -5.0  # one frame less of the same character: the same text
     assert agreement("seq-argmax", {"y": ref}, {"y": moved}) == 1.0
     wrong = ref.copy()
-    wrong[0, 11, 4] = 20.0  # sample 0 now reads "343"
-    assert agreement("seq-argmax", {"y": ref}, {"y": wrong}) == pytest.approx(7 / 8)
+    wrong[0, 11, 4] = 20.0  # sample 0 now reads "343": two characters inserted
+    # 1 - CER: 2 edits over 8 one-character reference lines
+    assert agreement("seq-argmax", {"y": ref}, {"y": wrong}) == pytest.approx(1 - 2 / 8)
+    lines = np.full((n, t, c), -5.0, dtype=np.float32)
+    lines[:, :, blank] = 5.0
+    for i, char in enumerate((1, 2, 3, 4)):  # every line reads "1234"
+        lines[:, 4 + 8 * i:7 + 8 * i, char] = 9.0
+    swapped = lines.copy()
+    swapped[1, 4:7, 1], swapped[1, 4:7, 5] = -5.0, 9.0  # sample 1 reads "5234": one substitution
+    assert agreement("seq-argmax", {"y": lines}, {"y": swapped}) == pytest.approx(1 - 1 / (4 * n))
 
 
 def test_mask_iou_at_a_threshold() -> None:
