@@ -172,13 +172,12 @@ def openvino_recipes(target: TargetSpec) -> list[Recipe]:
     cpu = target.openvino_capabilities("CPU")
     if cpu is not None:
         rows.append(_ov("ov-fp32", (_OV_IR,), "fp32", "f32", summary="OpenVINO CPU, fp32"))
+        rows.append(_ov("ov-fp32-fp16w", (_OV_IR16,), "fp32", "f32", summary="fp32 compute, fp16 weights on disk"))
         if "BF16" in cpu:
             rows.append(_ov("ov-bf16", (_OV_IR,), "bf16", "bf16", summary="OpenVINO CPU in bf16 (AMX, AVX512-BF16)"))
             rows.append(_ov("ov-bf16-fp16w", (_OV_IR16,), "bf16", "bf16", summary="bf16 compute, fp16 weights"))
         if "FP16" in cpu:
             rows.append(_ov("ov-fp16", (_OV_IR16,), "fp16", "f16", summary="OpenVINO CPU in fp16 (AMX-FP16)"))
-        if "BF16" not in cpu and "FP16" not in cpu:
-            rows.append(_ov("ov-fp32-fp16w", (_OV_IR16,), "fp32", "f32", summary="fp32 compute, fp16 weights on disk"))
         if "INT8" in cpu:
             rows.append(_ov("ov-int8", (_OV_IR, _OV_INT8), "int8", None, summary="NNCF int8 on OpenVINO CPU"))
             rows.append(_ov("ov-int8-accuracy", (_OV_IR, _OV_INT8_AC), "mixed", None, after_failure_of=("ov-int8",),

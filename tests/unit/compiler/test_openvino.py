@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgefleet.controller.compiler import CompileError, LatencyStats, TargetSpec
@@ -15,7 +16,7 @@ from edgefleet.controller.compiler.api import CompileSpec, compile_model
 from edgefleet.controller.compiler.passes import PassContext, PassError
 from edgefleet.controller.compiler.passes.openvino_convert import OpenVinoConvert
 from edgefleet.controller.compiler.recipes import recipes_for
-from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, build_files
+from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice
 
 
 class OpenVinoWinsMeasurer:
@@ -57,7 +58,8 @@ def test_recipes_follow_the_capabilities() -> None:
     names = {r.name: r for r in recipes_for(amx, "onnx")}
     assert names["ov-bf16"].runtime == RuntimeChoice("openvino", "CPU", "bf16")
     assert names["ov-fp32"].runtime.inference_precision == "f32", "fp32 must be explicit: AMX defaults to bf16"
-    assert "ov-fp32-fp16w" not in names and "ov-fp16" not in names
+    assert "ov-fp16" not in names, "no FP16 capability, no fp16 compute"
+    assert "ov-fp32-fp16w" in names and "ov-bf16-fp16w" in names, "fp16 weights on disk need no capability"
     avx2 = replace(base, openvino_devices=(("CPU", ("FP32", "INT8")), ("GPU", ("FP16", "INT8"))))
     names = {r.name: r for r in recipes_for(avx2, "tflite")}
     assert {"ov-fp32", "ov-fp32-fp16w", "ov-int8", "ov-gpu-fp16", "tflite-float"} <= set(names)
@@ -73,21 +75,24 @@ def test_openvino_build_is_chosen_when_it_measures_faster(tmp_path: Path, mlp: d
     )
     rows = {r["recipe"]: r for r in report.candidates}
     assert rows["ov-fp32"]["runtime"] == "openvino:CPU/f32" and rows["ov-fp32"]["passed_gate"]
-    assert report.chosen == "ov-fp32-fp16w", "equal speed: the smaller IR (fp16 weights) wins the tie"
+    assert report.chosen == "ov-fp32-fp16w", "equal speed: the smaller build (fp16 weights) wins the tie"
     assert report.runtime == {"name": "openvino", "device": "CPU", "inference_precision": "f32",
                               "version": report.toolchain["openvino"]}
-    assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+    # An ONNX source ships as ONNX that OpenVINO reads on the device: no IR graph text to carry.
+    assert (out / "model.onnx").is_file() and not (out / "model.xml").exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["artifact"]["format"] == "openvino-ir"
-    assert [f["file"] for f in manifest["artifact"]["files"]] == ["model.xml", "model.bin"]
-    assert manifest["artifact"]["size_bytes"] == sum(p.stat().st_size for p in build_files(out / "model.xml"))
-    # fp16 weights: the .bin holds half the source's fp32 weight bytes (the .xml is the graph text).
-    assert (out / "model.bin").stat().st_size < 0.6 * mlp["model"].stat().st_size
+    assert manifest["artifact"]["format"] == "onnx"
+    assert [f["file"] for f in manifest["artifact"]["files"]] == ["model.onnx"]
+    # fp16 weights: about half the source's bytes, each weight behind a Cast back to float32.
+    assert (out / "model.onnx").stat().st_size < 0.6 * mlp["model"].stat().st_size
+    shipped = onnx.load(str(out / "model.onnx"))
+    halves = [t for t in shipped.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and len([n for n in shipped.graph.node if n.op_type == "Cast"]) >= len(halves)
     # The shipped build reproduces fp32 on the gate data when OpenVINO runs it as the manifest says.
     with np.load(mlp["eval"]) as data:
         x = data["x"][:16].astype(np.float32)
     ref = ModelRunner(mlp["model"]).run({"x": x})
-    got = ModelRunner(out / "model.xml", runtime=RuntimeChoice("openvino", "CPU", "f32")).run({"x": x})
+    got = ModelRunner(out / "model.onnx", runtime=RuntimeChoice("openvino", "CPU", "f32")).run({"x": x})
     np.testing.assert_allclose(next(iter(got.values())), next(iter(ref.values())), rtol=1e-2, atol=1e-3)
 
 
@@ -201,3 +206,37 @@ def test_accuracy_control_runs_after_ov_int8_fails_and_is_gated_like_any_build(
     assert searched["error"] is None, searched
     assert any("kept" in n and "in float" in n for n in searched["notes"]), searched["notes"]
     assert searched["passed_gate"] == (searched["metric_score"] >= 0.99999)
+
+
+def test_fp16_weights_halve_initializers_and_constant_nodes_and_keep_the_outputs() -> None:
+    """Exported graphs keep weights as initializers or as Constant nodes (Paddle's exporter does the
+    latter): both are stored as fp16 behind a Cast, and what overrides at run time stays fp32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.controller.compiler.passes.openvino_convert import fp16_weights
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 16)).astype(np.float32)
+    w2 = rng.normal(size=(16, 4)).astype(np.float32)
+    bias = rng.normal(size=(4,)).astype(np.float32)  # an initializer that is also an input: overridable
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2, "w2")),
+         helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["z"]),
+         helper.make_node("Add", ["z", "bias"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert fp16_weights(model) == 2
+    onnx.checker.check_model(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types == {"w1__fp16": TensorProto.FLOAT16, "bias": TensorProto.FLOAT}
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-2, atol=1e-2)
+    assert not np.array_equal(after, before), "the weights really were rounded to fp16"
