@@ -657,8 +657,16 @@ def _select(
         return 1.0 if c is baseline or c.stats is None else paired_speedup(base_stats, c.stats)
 
     quickest = max(passed, key=gain_of)
+    assert quickest.stats is not None
+    quickest_stats = quickest.stats
+
+    def behind_quickest(c: _Candidate) -> float:
+        """How much faster the quickest is than ``c``, paired round by round with it directly (two
+        gains over the baseline, each with its own noise, would add their errors)."""
+        return 1.0 if c is quickest or c.stats is None else paired_speedup(c.stats, quickest_stats)
+
     # Gains within tie_tolerance are noise on a shared machine: then the smaller bundle wins.
-    ties = [c for c in passed if gain_of(c) * (1 + spec.tie_tolerance) >= gain_of(quickest)]
+    ties = [c for c in passed if behind_quickest(c) <= 1 + spec.tie_tolerance]
     fastest = min(ties, key=lambda c: build_size(c.path) if c.path else 0)
     assert fastest.stats is not None
     gain = gain_of(fastest)
