@@ -106,7 +106,8 @@ class CommandControl:
     ) -> control_pb2.MeasureOnDeviceResponse:
         try:
             device_id, ack = await self.device_measure.measure_on_class(
-                request.hardware_class, list(request.candidate_sha256), request.inputs_npz, request.device_id)
+                request.hardware_class, list(request.candidate_sha256), request.inputs_npz, request.device_id,
+                candidates=list(request.candidates), inputs_are_feed=request.inputs_are_feed)
         except DeviceMeasurementFailed as exc:
             raise FailedPrecondition(str(exc)) from None
         return control_pb2.MeasureOnDeviceResponse(device_id=device_id, timings=ack.timings)

@@ -38,28 +38,42 @@ def controller_device_measurers(say: Callable[[str], None]) -> DeviceMeasurerFac
             say(f"no online {target.hardware_class} device at the controller: latencies will be estimated")
             return None
         say(f"timing candidates on device {online[0]} through the controller at {connection.address}")
-        return DeviceMeasurer(online[0], _submitter(connection, target.hardware_class))
+        return DeviceMeasurer(online[0], _submitter(connection, target.hardware_class, say))
 
     return factory
 
 
-def _submitter(connection: Any, hardware_class: str) -> Any:
+def _submitter(connection: Any, hardware_class: str, say: Callable[[str], None]) -> Any:
     def submit(device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
                runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
         from edgefleet.controller.client import ControlClient, upload_artifact
-        from edgefleet.controller.fleet.device_measure import MEASURE_RUNS, sample_npz, summarize
-        from edgefleet.protos.v1 import control_pb2
+        from edgefleet.controller.compiler.runner import RuntimeChoice, build_files
+        from edgefleet.controller.fleet.device_measure import MEASURE_RUNS, feeds_model_shapes, sample_npz, summarize
+        from edgefleet.protos.v1 import control_pb2, fleet_pb2
 
-        # MeasureOnDevice names candidates by one artifact each and times them on onnxruntime; other
-        # runtimes' builds are timed when a rollout compiles (DeviceMeasure.submit), so they are left
-        # out here and the report says they were not measured.
-        runtimes = runtimes or {}
-        paths = [p for p in paths if getattr(runtimes.get(Path(p)), "name", "onnxruntime") == "onnxruntime"]
+        # Every build goes with the runtime that times it; an OpenVINO IR is two artifacts.
         client = ControlClient(connection, timeout_s=600)
-        shas = [upload_artifact(client, Path(p)) for p in paths]
+        candidates = []
+        for path in paths:
+            choice = (runtimes or {}).get(Path(path)) or RuntimeChoice.for_file(Path(path))
+            files = build_files(Path(path))
+            candidate = fleet_pb2.Candidate(sha256=upload_artifact(client, files[0]), runtime=choice.name)
+            if choice.name == "openvino":
+                candidate.device = choice.device
+                candidate.inference_precision = choice.inference_precision or ""
+                if len(files) > 1:
+                    candidate.weights_sha256 = upload_artifact(client, files[1])
+            candidates.append(candidate)
         reply = client.call("MeasureOnDevice", control_pb2.MeasureOnDeviceRequest(
-            hardware_class=hardware_class, candidate_sha256=shas, inputs_npz=sample_npz(inputs), device_id=device_id))
-        timings = zip(paths, reply.timings, strict=True)
-        return {str(path): summarize(device_id, timing, MEASURE_RUNS) for path, timing in timings}
+            hardware_class=hardware_class, candidate_sha256=[c.sha256 for c in candidates],
+            inputs_npz=sample_npz(inputs), device_id=device_id, candidates=candidates,
+            inputs_are_feed=feeds_model_shapes(inputs)))
+        out: dict[str, Any] = {}
+        for index, (path, timing) in enumerate(zip(paths, reply.timings, strict=True)):
+            if timing.error and index > 0:
+                say(f"device {device_id} could not time {Path(path).name}: {timing.error}")
+                continue  # a build this device cannot run (no OpenVINO there): left out, and said
+            out[str(path)] = summarize(device_id, timing, MEASURE_RUNS)
+        return out
 
     return submit

@@ -143,8 +143,12 @@ class DeviceMeasure:
         return ack
 
     async def measure_on_class(self, hardware_class: str, shas: Sequence[str], inputs_npz: bytes,
-                               device_id: str = "") -> tuple[str, fleet_pb2.CommandAck]:
-        """For `edgefleet compile`: uploaded candidates timed on a (given, or any) online device of the class."""
+                               device_id: str = "", candidates: Sequence[fleet_pb2.Candidate] = (),
+                               inputs_are_feed: bool = False) -> tuple[str, fleet_pb2.CommandAck]:
+        """For `edgefleet compile`: uploaded candidates timed on a (given, or any) online device of the class.
+
+        ``candidates`` describe each build with its runtime (an OpenVINO IR names its weights too);
+        without them each of ``shas`` is one onnxruntime model, as older CLIs send."""
         if device_id:
             record = self.store.get_device(device_id)
             if record is None or record.hardware_class != hardware_class or not self.presence.presence(record).online:
@@ -153,12 +157,23 @@ class DeviceMeasure:
             device_id = self.online_device(hardware_class) or ""
         if not device_id:
             raise FailedPrecondition(f"no online device of class {hardware_class}; latencies can only be estimated")
-        candidates = []
-        for sha in shas:
-            if not self.artifacts.path(sha).exists():
-                raise NotFound(f"no artifact {sha}; upload the candidate first")
-            candidates.append((sha, self.artifacts.size(sha)))
-        return device_id, await self.run(device_id, measure_spec(candidates, inputs_npz))
+        if not candidates:
+            spec = measure_spec([(sha, self._size(sha)) for sha in shas], inputs_npz)
+        else:
+            spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7, inputs_are_feed=inputs_are_feed)
+            for index, given in enumerate(candidates):
+                candidate = spec.candidates.add()
+                candidate.CopyFrom(given)
+                candidate.name, candidate.inputs_npz = f"c{index}", inputs_npz
+                candidate.size = self._size(given.sha256)
+                if given.weights_sha256:
+                    candidate.weights_size = self._size(given.weights_sha256)
+        return device_id, await self.run(device_id, spec)
+
+    def _size(self, sha: str) -> int:
+        if not self.artifacts.path(sha).exists():
+            raise NotFound(f"no artifact {sha}; upload the candidate first")
+        return self.artifacts.size(sha)
 
     def measurer_factory(self) -> Any:
         """For compile_model(device_measurers=...): a DeviceMeasurer for an online device of the class."""

@@ -497,16 +497,20 @@ class ChangeRolloutRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
 
 class MeasureOnDeviceRequest(_message.Message):
-    __slots__ = ("hardware_class", "candidate_sha256", "inputs_npz", "device_id")
+    __slots__ = ("hardware_class", "candidate_sha256", "inputs_npz", "device_id", "candidates", "inputs_are_feed")
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     INPUTS_NPZ_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_ARE_FEED_FIELD_NUMBER: _ClassVar[int]
     hardware_class: str
     candidate_sha256: _containers.RepeatedScalarFieldContainer[str]
     inputs_npz: bytes
     device_id: str
-    def __init__(self, hardware_class: _Optional[str] = ..., candidate_sha256: _Optional[_Iterable[str]] = ..., inputs_npz: _Optional[bytes] = ..., device_id: _Optional[str] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.Candidate]
+    inputs_are_feed: bool
+    def __init__(self, hardware_class: _Optional[str] = ..., candidate_sha256: _Optional[_Iterable[str]] = ..., inputs_npz: _Optional[bytes] = ..., device_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[_fleet_pb2.Candidate, _Mapping]]] = ..., inputs_are_feed: _Optional[bool] = ...) -> None: ...
 
 class MeasureOnDeviceResponse(_message.Message):
     __slots__ = ("device_id", "timings")
