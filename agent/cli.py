@@ -104,19 +104,36 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
 
 
 def _run_until_signal(coro) -> None:
-    """Run the coroutine; SIGINT/SIGTERM cancel it so streams close cleanly."""
+    """Run the coroutine; SIGINT/SIGTERM cancel it so streams close cleanly and state is flushed.
+
+    The agent's own `finally` flushes (last telemetry cut into the outbox, outbox closed); a second
+    signal does not cut that short. Work still running in threads afterwards (a bundle download, an
+    install) is abandoned rather than waited for: the installer persists each state before acting,
+    so it resumes after the restart as it would after a power cut."""
+    from edgefleet.common.shutdown import run_until_stopped
 
     async def wrapper() -> None:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+        stopping = False
+
+        def stop(sig: signal.Signals) -> None:
+            nonlocal stopping
+            if stopping:
+                log.info("already stopping", extra={"signal": sig.name})
+                return
+            stopping = True
+            log.info("stopping", extra={"signal": sig.name})
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop, sig)
         try:
             await task
         except asyncio.CancelledError:
             log.info("agent stopped")
 
-    asyncio.run(wrapper())
+    run_until_stopped(wrapper())
 
 
 def collect_profile_for_agent(state_dir: Path | None, *, microbench: bool, hardware_class: str | None):

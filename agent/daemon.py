@@ -32,6 +32,8 @@ from edgefleet.protos.v1 import fleet_pb2, local_pb2, mqtt_pb2, profile_pb2
 log = logging.getLogger("edgefleet.agent")
 
 CONVERGE_AFTER_S = 10.0  # how long a desired model waits for its install command
+CUT_WAIT_S = 0.5  # at stop, how long a telemetry cut already in its thread is waited for
+LOCAL_API_GRACE_S = 0.5  # at stop, how long local inference calls in flight get to finish
 _WORKLOAD_RE = re.compile(r"^golden:(\d+(?:\.\d+)?)/s$")
 
 
@@ -81,6 +83,7 @@ class Agent:
         self.service = InferenceService(self.collector)
         self.threads = int(profile.cpu.physical_cores or 0)
         self._after_install: list[Callable[[], None]] = []
+        self._cutting: asyncio.Future[object] | None = None
 
     def load_active_model(self) -> None:
         from edgefleet.firmware.slots import active_model
@@ -155,7 +158,11 @@ class Agent:
         while True:
             await asyncio.sleep(max(0.0, next_cut - time.monotonic()))
             next_cut += interval
-            await asyncio.to_thread(self.collector.cut)
+            # Shielded: cancelled at stop, the cut goes on in its thread, and `run` waits for it
+            # before the last cut and closing the outbox, so no interval is taken and then not stored.
+            cutting: asyncio.Future[object] = asyncio.ensure_future(asyncio.to_thread(self.collector.cut))
+            self._cutting = cutting
+            await asyncio.shield(cutting)
             if self.session is not None:
                 self.session.telemetry_ready.set()
 
@@ -269,8 +276,10 @@ class Agent:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await task
-            await asyncio.to_thread(local_api.stop(0.5).wait)
+            await asyncio.to_thread(local_api.stop(LOCAL_API_GRACE_S).wait)
             self.service.close()
+            if self._cutting is not None and not self._cutting.done():
+                await asyncio.wait([self._cutting], timeout=CUT_WAIT_S)
             # The interval in progress is cut and kept, so a restart does not lose it.
             with contextlib.suppress(Exception):
                 self.collector.cut()

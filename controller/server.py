@@ -39,6 +39,11 @@ log = logging.getLogger("edgefleet.controller")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 ENDPOINT_FILE = "controller.json"
+# Stopping: open RPCs get RPC_GRACE_S to finish, a periodic job in a store write JOB_STOP_S, the
+# MQTT bridge MQTT_STOP_S to disconnect. Together well inside the 2 s a supervisor is promised.
+RPC_GRACE_S = 0.5
+JOB_STOP_S = 0.5
+MQTT_STOP_S = 0.5
 
 
 class BindError(Exception):
@@ -103,6 +108,9 @@ class Controller:
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._ingest_task: asyncio.Task[None] | None = None
+        self._rollouts_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         server = grpc.aio.server(
@@ -159,11 +167,13 @@ class Controller:
         await server.start()
         self._server = server
         assert self.rollouts is not None  # made with the servicers, on this loop
+        self._ingest_task = asyncio.create_task(self.ingest.run())
+        self._rollouts_task = asyncio.create_task(self.rollouts.run())
         self._tasks = [
+            self._ingest_task,
+            self._rollouts_task,
             asyncio.create_task(self._flush_presence()),
             asyncio.create_task(self._expire_silent_sessions()),
-            asyncio.create_task(self.ingest.run()),
-            asyncio.create_task(self.rollouts.run()),
             asyncio.create_task(self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups")),
         ]
         endpoint = {
@@ -184,10 +194,16 @@ class Controller:
         )
         return self.rollouts
 
+    async def _running_after(self, seconds: float) -> bool:
+        """Wait `seconds`; False at once when the controller is stopping, so a periodic job ends
+        between two runs rather than being cancelled inside one (its thread would go on alone)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
     async def _flush_presence(self) -> None:
         """last_seen to the store in one batch per interval: taken on the loop, written off it."""
-        while True:
-            await asyncio.sleep(self.presence.flush_interval_s)
+        while await self._running_after(self.presence.flush_interval_s):
             try:
                 await asyncio.to_thread(self.store.touch_devices, self.presence.take_dirty())
             except Exception:
@@ -196,19 +212,20 @@ class Controller:
     async def _expire_silent_sessions(self) -> None:
         """On the event loop (the sessions live there), a few times per heartbeat interval."""
         interval = min(1.0, max(0.05, self.config.heartbeat_interval_s / 4))
-        while True:
-            await asyncio.sleep(interval)
+        while await self._running_after(interval):
             expired = self.presence.expire_silent()
             if expired:
                 log.info("ended silent sessions", extra={"sessions": expired})
 
     async def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
+        """Run `job` at once, then every `interval_s`: after a restart the first run catches up."""
         while True:
-            await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(job)
             except Exception:
                 log.exception("periodic job failed", extra={"job": name})
+            if not await self._running_after(interval_s):
+                return
 
     def _maintain_telemetry(self) -> None:
         now_ms = int(time.time() * 1000)
@@ -217,23 +234,47 @@ class Controller:
             now_ms - int(self.config.telemetry_retention_s * 1000), now_ms - int(self.config.rollup_retention_s * 1000)
         )
 
-    async def stop(self, grace: float = 2.0) -> None:
-        if self._server:
-            await self._server.stop(grace)
-        for task in self._tasks:
+    async def stop(self, grace_s: float = RPC_GRACE_S) -> None:
+        """Stop within about a second, with what was acked durable and presence written.
+
+        The gRPC server refuses new calls at once and gives open ones `grace_s`: a Session stream
+        never ends by itself, so that grace is always spent, and the queued telemetry is stored
+        meanwhile, its acks going out on the streams still open. Periodic jobs end between runs;
+        one stuck in a store write is waited for JOB_STOP_S, then left (nothing of it was acked).
+        Each closing stream writes its device offline; at 1,000 streams that is about 0.25 s here,
+        one store write per device."""
+        started = time.monotonic()
+        self._stopping.set()
+        rpcs = asyncio.create_task(self._server.stop(grace_s)) if self._server else None
+        if self._rollouts_task is not None:
+            self._rollouts_task.cancel()  # it has no stop of its own; on the loop, it stops at an await
+        jobs = [t for t in self._tasks if t is not self._ingest_task]
+        _, stuck = await asyncio.wait(jobs, timeout=JOB_STOP_S) if jobs else (set(), set())
+        for task in stuck:  # a job still in a store write: nothing of it was acked
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.ingest.flush()
+        if stuck:
+            await asyncio.wait(stuck, timeout=JOB_STOP_S)
+        if rpcs is not None:
+            await rpcs  # the sessions' handlers have run their `finally`: presence marked offline
+        self.ingest.close()
+        if self._ingest_task is not None and not (await asyncio.wait([self._ingest_task], timeout=JOB_STOP_S))[0]:
+            log.warning("telemetry write still running at stop; its batches were not acked and will be resent")
+        await self.ingest.flush()  # what MQTT delivered meanwhile; its acks still go out on the bridge
         if self.mqtt is not None:  # issue 7: after the flush, so its telemetry acks still go out
-            await self.mqtt.stop()
+            try:
+                await asyncio.wait_for(self.mqtt.stop(), MQTT_STOP_S)
+            except asyncio.TimeoutError:
+                log.warning("MQTT bridge did not stop in time; its connection is dropped",
+                            extra={"timeout_s": MQTT_STOP_S})
         self.presence.flush()
-        compute_rollups(self.store)
+        # No rollups here: the minutes that need one are marked in the store with the raw points,
+        # and the maintenance job's first run after the restart builds them. At 1,000 devices
+        # building them here took half a second of the stop.
         self.http.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / ENDPOINT_FILE).unlink()
         self.store.close()
-        log.info("controller stopped")
+        log.info("controller stopped", extra={"took_s": round(time.monotonic() - started, 3)})
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -248,6 +289,7 @@ async def serve(config: ControllerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    log.info("stopping", extra={"grace_s": RPC_GRACE_S})
     await controller.stop()
 
 

@@ -129,7 +129,8 @@ class HttpApi:
     def start(self, host: str, port: int) -> int:
         """Bind and serve on a daemon thread; returns the bound port (0 picks a free one)."""
         self._server = make_server(host, port, self.app, _ThreadingWSGIServer, handler_class=_QuietHandler)
-        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
+        # A short poll: `stop` waits for the serving loop to notice, and the controller's stop is timed.
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="http", daemon=True).start()
         return self._server.server_port
 
     def stop(self) -> None:

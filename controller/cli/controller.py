@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +71,7 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
 def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
                      heartbeat_interval: str, store_url: str | None, **mqtt: Any) -> None:
     """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
+    from edgefleet.common.shutdown import run_until_stopped
     from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
 
     for name, address in (("--grpc", grpc_address), ("--http", http_address)):
@@ -95,6 +95,6 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
     from edgefleet.controller.store import StoreUnavailable
 
     try:
-        asyncio.run(serve(config))
+        run_until_stopped(serve(config))  # not asyncio.run: it would wait on threads still busy at stop
     except (BindError, MqttConfigError, StoreUnavailable) as exc:
         raise UserError(str(exc)) from None

@@ -153,6 +153,7 @@ class TelemetryIngest:
         self.clock = clock
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
+        self._closing = False
         self.listeners: list[Listener] = []
 
     def _clamped(self, reason: str) -> None:
@@ -176,11 +177,20 @@ class TelemetryIngest:
             self._wake.set()
 
     async def run(self) -> None:
-        while True:
+        """Write groups until `close`; then write what is queued and return.
+
+        Stopping is asked for, not forced by cancellation: a cancelled `to_thread` write goes on in
+        its thread, unseen, while the controller closes the store under it, and its acks are lost."""
+        while not self._closing:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval_s)
             self._wake.clear()
             await self.flush()
+
+    def close(self) -> None:
+        """`run` ends after one more flush. Batches submitted later wait for an explicit `flush`."""
+        self._closing = True
+        self._wake.set()
 
     async def flush(self) -> None:
         while self._queue:

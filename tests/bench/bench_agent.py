@@ -10,12 +10,16 @@ Run: ``.venv/bin/pytest -s tests/bench/bench_agent.py``.
    requests alternate between the arms, so all see the same machine load. Target: +0.3 ms at
    p50. The model is a small MLP (microseconds of compute), so the difference is the overhead.
 2. Overhead in process: ``InferenceService.infer_blocking`` (the model runs on the caller's
-   thread, batching check and telemetry recording included) against bare ``session.run``,
-   interleaved call by call, on a model whose compute is a few ms so that a 5% target means
-   something; ``await InferenceService.infer`` (asyncio callers: a hop to an inference thread
-   and back) is reported beside it. Target: < 5% at p50.
+   thread, batching check and telemetry recording included) against bare ``session.run`` of the
+   very same ORT session, interleaved call by call, as the median of paired ratios. Two models:
+   the small MLP (shown; too little compute for a share to mean anything) and an MLP whose
+   compute is a few ms, which the target is judged on. ``await InferenceService.infer`` (asyncio
+   callers: a hop to an inference thread and back) is reported beside it. Target: < 5% at p50.
 3. Footprint: idle CPU of the agent process (telemetry every 5 s, controller heartbeat 1 s) over
-   ~20 s of psutil ``cpu_times``, target < 1% of a core; RSS with the model loaded.
+   20 s of psutil ``cpu_times``, target < 1% of a core; RSS with the model loaded.
+
+Each test ends with one line: its target, what was measured, MET or MISSED. A missed target is
+reported, not failed; a test fails only when it could not measure.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 import pytest
-from bench_support import bench_profile, median, print_table, verdict
+from bench_support import bench_profile, median, print_table, report_targets, verdict
 from grpc_echo import ECHO_METHOD
 
 from edgefleet.agent.client import LocalClient, to_tensor
@@ -113,7 +117,8 @@ def test_idle_footprint(fleet: Any) -> None:
     print_table(f"Agent idle footprint (telemetry 5 s, heartbeat 1 s, {elapsed:.0f} s window, small MLP loaded)",
                 ["idle CPU (% of a core)", "target", "RSS (MiB)", "threads"],
                 [[f"{share:.2%}", f"< 1% {verdict(share < IDLE_CPU_TARGET)}", rss_mb, threads]])
-    assert share < 0.05, f"idle agent used {share:.1%} of a core"  # 5x the target: a real regression, not noise
+    report_targets("agent idle footprint",
+                   [(f"idle CPU {share:.2%} of a core < {IDLE_CPU_TARGET:.0%}", share < IDLE_CPU_TARGET)])
 
 
 def test_local_api_overhead_over_the_unix_socket(fleet: Any) -> None:
@@ -160,8 +165,10 @@ def test_local_api_overhead_over_the_unix_socket(fleet: Any) -> None:
     print_table(f"Local API over the Unix socket vs bare session.run (small MLP, batch 1, {threads} threads, "
                 f"{PAIRS} calls each, interleaved in blocks of {BLOCK})",
                 ["path", "p50 ms", "p99 ms", "p50 overhead ms", "target"], rows)
-    # The target is reported above; only a gross regression fails (the box is shared and small).
-    assert overheads["stream"] < 20 * SOCKET_TARGET_MS, f"the local API adds {overheads['stream']:.2f} ms at p50"
+    report_targets("local API over the Unix socket",
+                   [(f"InferStream p50 overhead +{overheads['stream']:.3f} ms < +{SOCKET_TARGET_MS} ms "
+                     f"(Python gRPC's own echo floor here: +{overheads['echo']:.3f} ms)",
+                     overheads["stream"] < SOCKET_TARGET_MS)])
 
 
 @contextlib.contextmanager
@@ -264,5 +271,8 @@ def test_in_process_overhead(tmp_path: Path) -> None:
                 ["model", "path", "bare p50 ms", "path p50 ms", "+ms (p50s)", "+% (paired)", "bare p99", "path p99",
                  "target"], rows)
     heavy_bare, heavy_share = shares[-1]
+    # Not a target but the setup: on a sub-millisecond model the share would measure timer noise.
     assert heavy_bare >= 1.0, f"the 'few ms' model ran in {heavy_bare:.2f} ms; resize it"
-    assert heavy_share < 1.0, f"InferenceService adds {heavy_share:.0%} to a {heavy_bare:.1f} ms model"
+    report_targets("in-process InferenceService",
+                   [(f"infer_blocking {heavy_share:+.1%} at p50 on a {heavy_bare:.1f} ms model "
+                     f"< {IN_PROCESS_TARGET:.0%}", heavy_share < IN_PROCESS_TARGET)])

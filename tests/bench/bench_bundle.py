@@ -1,13 +1,19 @@
 """Bundle benchmark: verification cost per MB, and install throughput against a plain file copy.
 
-Run: ``.venv/bin/pytest -s tests/bench/bench_bundle.py`` (as part of ``make bench``), or as a script:
-``python tests/bench/bench_bundle.py [--sizes 10 100] [--dir DIR] [--json]``.
+Run: ``.venv/bin/pytest -s tests/bench/bench_bundle.py`` (as part of ``make bench``; sizes:
+EDGEFLEET_BENCH_BUNDLE_MB="10,100"), or as a script:
+``python tests/bench/bench_bundle.py [--sizes 10 100] [--repeats 3] [--dir DIR] [--json]``.
 
 The install runs the real :class:`Installer` from a :class:`FileSource` (download into the staging
-slot, whole-file verification, unpacking, self-test, probation, commit, with every fsync), so its
-MB/s is the device-side ceiling of any transport. The baseline is ``shutil.copyfile`` of the same
-file plus an fsync, on the same disk. The gRPC-over-loopback figure is added by the transport's
-own benchmark on top of this one.
+slot, whole-file verification, unpacking, self-test, probation of one inference, commit, with every
+fsync), so its MB/s is the device-side ceiling of any transport. The baseline is
+``shutil.copyfile`` of the same file plus an fsync, on the same disk, alternating with the installs;
+best of ``repeats`` for each. Verification is timed on a warm page cache: its CPU cost per MB.
+
+Target: the whole install reaches >= 50% of the plain copy's MB/s at every size. No issue states
+one for the installer itself; this is issue 5's bar for the transfer (fetch >= 50% of a copy,
+bench_transfer.py) applied to the step below it, since a transport cannot beat the install it
+feeds. The last line says MET or MISSED; a missed target does not fail the test.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from bench_support import report_targets
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.firmware.bundle import BundleSpec, build_bundle, verify_bundle
@@ -36,6 +43,7 @@ from edgefleet.firmware.selftest import describe_onnx_model
 from edgefleet.firmware.sources import FileSource
 
 MB = 1024 * 1024
+TARGET_SHARE = 0.5  # install MB/s against copy + fsync MB/s
 
 
 class StepClock(FaultPlan):
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(results: list[dict[str, Any]]) -> None:
+def report(results: list[dict[str, Any]]) -> bool:
+    """The table, then the verdict as the last line; returns whether the target was met."""
     header = ["bundle", "verify ms/MB", "verify MB/s", "copy MB/s", "download MB/s", "install MB/s"]
     print("  ".join(f"{h:>13}" for h in header) + "  download/copy  install/copy")
     for r in results:
@@ -172,20 +181,22 @@ def report(results: list[dict[str, Any]]) -> None:
         cells += [r["download_mb_s"], r["install_mb_s"]]
         print("  ".join(f"{c:>13}" for c in cells) + f"  {r['download_vs_copy']:>13.0%}  {r['install_vs_copy']:>12.0%}")
         print(f"          steps (s): {r['install_steps_s']}")
+    checks = [(f"{r['bundle_mb']} MB install {r['install_vs_copy']:.0%} of copy+fsync >= {TARGET_SHARE:.0%}",
+               r["install_vs_copy"] >= TARGET_SHARE) for r in results]
+    return report_targets("bundle install", checks)
 
 
 def test_verify_and_install_against_a_plain_copy(tmp_path: Path) -> None:
-    """The pytest entry point (``make bench``): the same measurements as ``main()``, 10 and 100 MB."""
+    """The pytest entry point (``make bench``): the same measurements as ``main()``."""
     key = generate_signing_key()
     results = []
-    for size in (10, 100):
+    for size in (int(s) for s in os.environ.get("EDGEFLEET_BENCH_BUNDLE_MB", "10,100").split(",")):
         workdir = tmp_path / f"{size}mb"
         workdir.mkdir()
         results.append(bench_size(workdir, size, key, repeats=3))
         shutil.rmtree(workdir)
     print()
     report(results)
-    assert all(r["install_mb_s"] > 0 for r in results)
 
 
 if __name__ == "__main__":

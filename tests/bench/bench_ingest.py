@@ -1,8 +1,8 @@
 """Telemetry ingest (issue 6): batches/s one controller stores with p99 ingest lag under 2 s.
 
-Run: ``.venv/bin/pytest -s tests/bench/bench_ingest.py``
-(knobs: EDGEFLEET_BENCH_INGEST_STREAMS=500, EDGEFLEET_BENCH_INGEST_RATES="250,500,750,1000,2000",
-EDGEFLEET_BENCH_INGEST_LEVEL_S=15).
+Run: ``.venv/bin/pytest -s tests/bench/bench_ingest.py`` (knobs, with their defaults:
+EDGEFLEET_BENCH_INGEST_STREAMS=10000, EDGEFLEET_BENCH_INGEST_RATES="1000,2000,3000",
+EDGEFLEET_BENCH_INGEST_LEVEL_S=15; a quick look: STREAMS=200 RATES=100,200 LEVEL_S=5).
 
 The issue's aim is 10,000 devices each sending a batch every 5 s: 2,000 batches/s. One asyncio
 process here plays those devices over the real protocol: identities enrolled through Fleet.Enroll
@@ -15,8 +15,12 @@ The offered rate steps up level by level by shortening every device's period (10
 stored per second (from the controller's own ``edgefleet_telemetry_batches{result="stored"}``
 counter), the p99 of the controller's ``edgefleet_telemetry_ingest_lag_seconds`` histogram over
 that level (bucket upper bound), the send-to-ack time seen by the devices, and controller CPU.
-The sustainable rate is the highest level stored in full with p99 lag <= 2 s; the equivalent
-fleet is that rate x 5 s.
+The sustainable rate is the highest level sent and stored in full (>= 95% of the offered rate)
+with p99 lag <= 2 s; the equivalent fleet is that rate x 5 s. Levels stop early once one stores
+less than 80% of its offer: the controller is saturated and higher ones would only pile up.
+
+Target (the last line, MET or MISSED): a sustainable rate of >= 95% of 2,000 batches/s. A missed
+target does not fail the test; an error does (a batch rejected, a stream broken, a failed scrape).
 """
 
 from __future__ import annotations
@@ -34,7 +38,16 @@ import grpc
 import hdr_reference
 import numpy as np
 import pytest
-from bench_support import bench_profile, cpu_seconds, device_metadata, enroll_many, env_flag, print_table, verdict
+from bench_support import (
+    bench_profile,
+    cpu_seconds,
+    device_metadata,
+    enroll_many,
+    env_flag,
+    print_table,
+    report_targets,
+    verdict,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.agent.identity import Identity
@@ -168,25 +181,15 @@ class SimulatedDevice:
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
 
-SCRAPE_FAILURES: list[str] = []
-
-
 def scrape(http_address: str) -> tuple[float, dict[float, float]]:
     """(stored batches, {le: cumulative lag count}) from the controller's /metrics.
 
-    Retried: under ingest load a scrape can fail with HTTP 500 (the WSGI thread iterates the live
-    fleet histograms while the event loop adds to them); every failure is counted and reported.
+    Not retried: a scrape under ingest load once failed with HTTP 500 (the WSGI thread read hdrh
+    histograms the event loop was adding to); the collectors now read a copy taken under the live
+    view's lock (tests/unit/test_metrics_scrape.py), so a failed scrape is an error to see.
     """
-    for attempt in range(20):
-        try:
-            with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=30) as reply:
-                text = reply.read().decode()
-            break
-        except urllib.error.HTTPError as exc:
-            SCRAPE_FAILURES.append(f"HTTP {exc.code}")
-            if attempt == 19:
-                raise
-            time.sleep(0.05)
+    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
     stored, buckets = 0.0, {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -332,10 +335,8 @@ def test_ingest_rate_with_p99_lag_under_2s(tmp_path: Path) -> None:
                   verdict(sustainable >= 0.95 * aim)]])
     print_table("Where the controller's CPU per batch goes (same batch, timed in this process)",
                 ["step (controller/telemetry/ingest.py)", "CPU ms/batch"], per_batch_costs())
-    scrapes = len(RATES) * 2
-    print(f"/metrics scrapes that failed and were retried: {len(SCRAPE_FAILURES)} "
-          f"({', '.join(sorted(set(SCRAPE_FAILURES))) or 'none'}) for about {scrapes} successful ones")
-    # The aim is reported above (met or MISSED). Only a gross regression fails: the lowest level,
-    # on this shared 2-core box, no longer half stored.
-    first_share = shares[0]
-    assert first_share >= 0.5, f"the controller stored {first_share:.0%} of the lowest level's batches"
+    print(f"stored/offered by level: {', '.join(f'{share:.0%}' for share in shares)}")
+    report_targets("telemetry ingest", [
+        (f"sustainable {sustainable:.0f} batches/s with p99 lag <= {LAG_TARGET_S:g} s, {STREAMS} streams, "
+         f">= {0.95 * aim:.0f}/s (95% of {aim:.0f}/s = 10,000 devices every {DEVICE_PERIOD_S:g} s)",
+         sustainable >= 0.95 * aim)])

@@ -1,7 +1,8 @@
 """Rollout of a ~10 MB bundle to 200 devices (issue 8): end-to-end time against a plain loopback copy.
 
-Run: ``.venv/bin/pytest -s tests/bench/bench_rollout.py`` (knobs: EDGEFLEET_BENCH_ROLLOUT_DEVICES=200,
-EDGEFLEET_BENCH_ROLLOUT_HIDDEN=1024 and EDGEFLEET_BENCH_ROLLOUT_LAYERS=2 size the model).
+Run: ``.venv/bin/pytest -s tests/bench/bench_rollout.py`` (knobs, with their defaults:
+EDGEFLEET_BENCH_ROLLOUT_DEVICES=200; EDGEFLEET_BENCH_ROLLOUT_HIDDEN=2304 and
+EDGEFLEET_BENCH_ROLLOUT_LAYERS=2 size the model: ~41 MB fp32, a ~10 MB int8 bundle).
 
 A real controller process; 200 devices simulated by this one asyncio process over the real
 protocol: Fleet.Enroll (one multi-use token), a Session stream each (Hello with this machine's
@@ -26,11 +27,13 @@ Reported for each: end-to-end (create -> completed), split into planning (compil
 measurement, bundle signing) and distribution (first install command -> completed); distribution
 is split again into time on the wire (the union of the intervals in which at least one device
 was fetching) and time in the controller (the rest: dispatch, acks, wave changes). The baseline,
-run right before and right after the rollouts on the same machine: 200 sequential copies of the
-same bundle through a loopback TCP socket (``socket.sendfile`` into ``recv_into``).
+run twice on the same machine right after the rollouts (the bundle exists only once it is built),
+the median of the two kept: DEVICES sequential copies of the same bundle through a loopback TCP
+socket (``socket.sendfile`` into ``recv_into``).
 Target: within 3x of that copy, for distribution in both rollouts and end to end once the class
 build is cached. A cold end to end includes compiling a 41 MB model into several candidates and
-timing them on a device; it is reported, not held to the copy.
+timing them on a device; it is reported, not held to the copy. The last line says MET or MISSED
+for each; a missed target does not fail the test, a rollout that does not complete does.
 """
 
 from __future__ import annotations
@@ -48,7 +51,17 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from bench_support import MB, cpu_seconds, device_metadata, enroll_many, env_flag, median, print_table, verdict
+from bench_support import (
+    MB,
+    cpu_seconds,
+    device_metadata,
+    enroll_many,
+    env_flag,
+    median,
+    print_table,
+    report_targets,
+    verdict,
+)
 from click.testing import CliRunner
 
 from edgefleet.agent.commands import FETCH_CHUNK, TRANSFER_CHANNEL_OPTIONS
@@ -392,10 +405,10 @@ def test_rollout_of_10mb_to_200_devices(tmp_path: Path) -> None:
     finally:
         controller.stop()
         controller.close_channel()
-    copies_before = loopback_copies(bundle_path, DEVICES)
+    copies_first = loopback_copies(bundle_path, DEVICES)
     cold, cached = phases(results["cold"]), phases(results["cached"])
-    copies_after = loopback_copies(bundle_path, DEVICES)
-    copies = median([copies_before, copies_after])
+    copies_second = loopback_copies(bundle_path, DEVICES)
+    copies = median([copies_first, copies_second])
     build = results["cold"]["rollout"].builds[0]
     mb = bundle_size / MB
 
@@ -414,8 +427,8 @@ def test_rollout_of_10mb_to_200_devices(tmp_path: Path) -> None:
                 ["phase", "cold: seconds", "x copy", "build cached: seconds", "x copy"],
                 [[label, *cells(cold, key, cold_target), *cells(cached, key, cached_target)]
                  for label, key, cold_target, cached_target in rows]
-                + [[f"loopback copy of {DEVICES} x {mb:.1f} MB (before / after)",
-                    f"{copies_before:.2f} / {copies_after:.2f}", "1x", "", ""]])
+                + [[f"loopback copy of {DEVICES} x {mb:.1f} MB (two runs)",
+                    f"{copies_first:.2f} / {copies_second:.2f}", "1x", "", ""]])
     for name, p, result in (("cold", cold, results["cold"]), ("build cached", cached, results["cached"])):
         print(f"{name}: per-device fetch median {median(p['fetch_times']):.2f} s, max {max(p['fetch_times']):.2f} s; "
               f"aggregate over the wire {DEVICES * mb / max(p['wire'], 1e-9):.0f} MB/s, "
@@ -428,4 +441,9 @@ def test_rollout_of_10mb_to_200_devices(tmp_path: Path) -> None:
                   for w, v in p["waves"].items()))
         print(f"  CPU during distribution (in cores, 2 on this machine): controller {p['controller_cpu']:.2f}, "
               f"simulated devices (this process) {p['simulator_cpu']:.2f}")
-    # The 3x target is reported above (met or MISSED); the test fails only when a rollout itself does.
+    report_targets("rollout", [
+        (f"{label} {p[key]:.2f} s = {p[key] / copies:.1f}x the copy <= {TARGET_FACTOR:g}x",
+         p[key] <= TARGET_FACTOR * copies)
+        for label, p, key in (("cold distribution", cold, "distribution"),
+                              ("cached distribution", cached, "distribution"),
+                              ("cached end to end", cached, "e2e"))])

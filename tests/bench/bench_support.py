@@ -34,7 +34,21 @@ COPY_BLOCK = 1024 * 1024
 
 # -- reporting ---------------------------------------------------------------------------------
 def verdict(met: bool) -> str:
-    return "met" if met else "MISSED"
+    """A table cell: MET or MISSED."""
+    return "MET" if met else "MISSED"
+
+
+def report_targets(name: str, checks: Sequence[tuple[str, bool]]) -> bool:
+    """Print a benchmark's last line: each target with what this run measured against it, then
+    the overall verdict, e.g. ``ingest targets: stored 1890/s >= 1900/s MISSED => MISSED``
+    (the shape bench_real_models prints). Returns whether every target was met.
+
+    A missed target is reported, never failed: a benchmark fails only when it could not measure
+    (an error, a setup that cannot give a meaningful number)."""
+    met = all(ok for _, ok in checks)
+    text = "; ".join(f"{label} {verdict(ok)}" for label, ok in checks)
+    print(f"{name} targets: {text} => {verdict(met)}", flush=True)
+    return met
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

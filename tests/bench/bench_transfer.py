@@ -11,7 +11,11 @@ interleaved with the fetches on the same files:
 - ``copyfile``: ``shutil.copyfile`` (sendfile), the issue's "plain file copy";
 - ``rw-copy``: a 1 MiB read/write loop in Python, the floor of any user-space transport.
 
-Target: the fetch reaches >= 50% of the copyfile rate. Also: ``verify_bundle`` cost per MB.
+Target: the fetch reaches >= 50% of the copyfile rate at every size, as the median of the
+per-repeat ratios (copyfile time / fetch time). Also reported, without a target: FetchArtifact
+alone (no disk write) by requested chunk size with the controller's CPU, and ``verify_bundle``'s
+cost per MB against a bare sha256 of the same file. The last line says MET or MISSED; a missed
+target does not fail the test, a transfer that breaks (a short or refused fetch) does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from bench_support import (
     enroll_many,
     median,
     print_table,
+    report_targets,
     sha256_file,
     sized_bundle,
     stream_copy_s,
@@ -108,7 +113,7 @@ def test_fetch_artifact_against_a_plain_copy(tmp_path: Path) -> None:
             mb = size / MB
             share = median(ratios)
             met = share >= TARGET_SHARE
-            verdicts.append(met)
+            verdicts.append((f"{mb:.1f} MB fetch {share:.0%} of copyfile >= {TARGET_SHARE:.0%}", met))
             rows.append([f"{mb:.1f} MB", mb / median(copy), mb / median(rw), mb / median(fetch),
                          f"{share:.0%}", f"{median(rw) / median(fetch):.0%}", verdict(met)])
             trusted = [key.public_key()]
@@ -144,6 +149,4 @@ def test_fetch_artifact_against_a_plain_copy(tmp_path: Path) -> None:
     finally:
         controller.stop()
         controller.close_channel()
-    # A share far below the target on a loaded 2-core box is a real finding, but it is reported
-    # above (MISSED) rather than failing the run; only a transfer that broke fails the test.
-    assert rows
+    report_targets("bundle transfer", verdicts)
