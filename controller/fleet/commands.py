@@ -22,6 +22,8 @@ from edgefleet.protos.v1 import fleet_pb2
 log = logging.getLogger("edgefleet.controller.fleet.commands")
 
 DEFAULT_TTL_S = 3600
+# The install outcomes (CommandAck.result) after which the device serves the bundle it was sent.
+INSTALLED_RESULTS = ("committed", "already_installed")
 
 AckListener = Callable[[CommandRecord, fleet_pb2.CommandAck], None]
 
@@ -110,7 +112,7 @@ class CommandDispatcher:
             return  # already finished by an earlier ack
         log.info("command done", extra={"device": device_id, "command": ack.command_id, "result": ack.result,
                                         "reason": ack.reason, "rollout": finished.rollout_id})
-        if finished.kind == "install" and ack.result in ("committed", "already_installed"):
+        if finished.kind == "install" and ack.result in INSTALLED_RESULTS:
             self.store.set_device_model(device_id, ack.model, int(ack.version))
         for listener in self.listeners:
             try:

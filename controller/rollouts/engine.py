@@ -32,10 +32,21 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, NotFound
-from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.commands import INSTALLED_RESULTS, CommandDispatcher
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.rollouts.builds import build_for_class, bundle_install_action
 from edgefleet.controller.rollouts.plan import WaveSize, assign_waves, parse_gate, parse_waves, selector_matches
+from edgefleet.controller.rollouts.states import (
+    ACTIVE_ROLLOUT_STATES,
+    SETTLED_DEVICE_STATES,
+    UNFINISHED_ROLLOUT_STATES,
+    DeviceState,
+    RolloutEvent,
+    RolloutState,
+    check_device_move,
+    next_rollout_state,
+    operator_transition,
+)
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import (
     BuildRecord,
@@ -50,8 +61,6 @@ from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.rollouts.engine")
 
-ACTIVE = ("planning", "running")
-FINAL_DEVICE_STATES = ("committed", "failed", "timed_out", "rolled_back", "superseded", "rollback_failed")
 BASELINE_WINDOW_MS = 5 * 60_000
 INSTALL_TTL_S = 24 * 3600
 MAX_FINISHED_HINTS = 100_000
@@ -148,14 +157,13 @@ class RolloutEngine:
     def _supersede(self, newer: RolloutRecord, device_ids: set[str]) -> None:
         """A newer rollout of the same model takes over the devices the two share."""
         for older in self.store.list_rollouts():
-            if older.model != newer.model or older.state not in (*ACTIVE, "paused"):
+            if older.model != newer.model or older.state not in UNFINISHED_ROLLOUT_STATES:
                 continue
             taken = 0
             for row in self.store.rollout_devices(older.rollout_id):
-                if row.device_id in device_ids and row.state not in FINAL_DEVICE_STATES:
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="superseded", reason=f"superseded by {newer.rollout_id}",
-                        finished_at_ms=self._now_ms()))
+                if row.device_id in device_ids and row.state not in SETTLED_DEVICE_STATES:
+                    self._put_device(row, DeviceState.SUPERSEDED, reason=f"superseded by {newer.rollout_id}",
+                                     finished_at_ms=self._now_ms())
                     taken += 1
             if taken:
                 note = f"{taken} device(s) superseded by {newer.rollout_id}"
@@ -182,23 +190,37 @@ class RolloutEngine:
         rollout = self.store.get_rollout(rollout_id)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id!r}; see `edgefleet rollout list`")
-        if action == "pause":
-            if rollout.state not in ACTIVE:
-                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}; only a running one can pause")
-            return self._update(rollout, state="paused", reason="paused by an operator")
-        if action == "resume":
-            if rollout.state != "paused":
-                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not paused")
+        # Refuses what the table does not allow from the current state, with the states it is allowed from.
+        target = operator_transition(rollout_id, rollout.state, action)
+        if action == RolloutEvent.PAUSE:
+            return self._update(rollout, state=target.value, reason="paused by an operator")
+        if action == RolloutEvent.RESUME:
             self._wake.set()
-            return self._update(rollout, state="running", reason="", soak_until_ms=0)
-        if action == "abort":
-            if rollout.state in ("completed", "aborted", "rolled_back"):
-                raise FailedPrecondition(f"rollout {rollout_id} is already {rollout.state}")
-            return self._update(rollout, state="aborted", reason="aborted by an operator")
-        if action == "rollback":
-            self._roll_back(rollout, [r for r in self.store.rollout_devices(rollout_id) if r.state == "committed"])
-            return self._update(rollout, state="rolled_back", reason="rolled back by an operator")
-        raise InvalidArgument(f"unknown rollout action {action!r}")
+            return self._update(rollout, state=target.value, reason="", soak_until_ms=0)
+        if action == RolloutEvent.ABORT:
+            return self._update(rollout, state=target.value, reason="aborted by an operator")
+        rows = self.store.rollout_devices(rollout_id)
+        if not any(r.command_id for r in rows):
+            raise FailedPrecondition(
+                f"rollout {rollout_id} is {rollout.state} but never sent an install, so there is nothing to roll "
+                "back; abort it instead"
+            )
+        self._roll_back(rollout, [r for r in rows if r.state == DeviceState.COMMITTED])
+        return self._update(rollout, state=target.value, reason="rolled back by an operator")
+
+    def _move(self, rollout: RolloutRecord, event: RolloutEvent, **changes: Any) -> RolloutRecord:
+        """The engine's own state changes, each one looked up in the transition table."""
+        return self._update(rollout, state=next_rollout_state(rollout.state, event).value, **changes)
+
+    def _put_device(self, row: RolloutDeviceRecord, state: DeviceState | None = None,
+                    **changes: Any) -> RolloutDeviceRecord:
+        """Write a device row; a change of its state must be one the device table allows."""
+        if state is not None and state != row.state:
+            check_device_move(row.rollout_id, row.device_id, row.state, state)
+            changes["state"] = state.value
+        updated = dataclasses.replace(row, **changes)
+        self.store.put_rollout_device(updated)
+        return updated
 
     def _update(self, rollout: RolloutRecord, **changes: Any) -> RolloutRecord:
         updated = dataclasses.replace(rollout, updated_at_ms=self._now_ms(), **changes)
@@ -220,13 +242,13 @@ class RolloutEngine:
                 self._late_checked_at = time.monotonic()
             for rollout in rollouts:
                 try:
-                    if rollout.state in ACTIVE:
+                    if rollout.state in ACTIVE_ROLLOUT_STATES:
                         advanced = await self.step(rollout) or advanced
                     if late_due:
                         self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
-            if not any(r.state in ACTIVE for r in rollouts):
+            if not any(r.state in ACTIVE_ROLLOUT_STATES for r in rollouts):
                 self._finished.clear()  # hints for late results and rollbacks, which the passes read anyway
             if advanced:  # a rollout started running or moved to its next wave: dispatch that now
                 await asyncio.sleep(0)
@@ -242,16 +264,16 @@ class RolloutEngine:
         timeouts) runs at most once per tick; the passes woken by acks in between only look at
         the commands that finished."""
         rows = self.store.rollout_devices(rollout.rollout_id)
-        classes = sorted({r.hardware_class for r in rows if r.state != "superseded"})
+        classes = sorted({r.hardware_class for r in rows if r.state != DeviceState.SUPERSEDED})
         builds = {c: self._build(rollout.model, rollout.version, c) for c in classes}
-        if rollout.state == "planning":
+        if rollout.state == RolloutState.PLANNING:
             broken = {c: b for c, b in builds.items() if b and b.state == "failed"}
             if broken:
                 detail = "; ".join(f"{c}: {b.error}" for c, b in broken.items())
-                self._update(rollout, state="failed", reason=f"no build: {detail}")
+                self._move(rollout, RolloutEvent.BUILD_FAILED, reason=f"no build: {detail}")
                 return False
             if all(b and b.state == "ready" for b in builds.values()):
-                self._update(rollout, state="running", wave=0)
+                self._move(rollout, RolloutEvent.BUILDS_READY, wave=0)
                 return True
             return False
         now = self._now_ms()
@@ -266,23 +288,23 @@ class RolloutEngine:
                 rows = self.store.rollout_devices(rollout.rollout_id)
         wave_rows = []
         for row in rows:
-            if row.wave != rollout.wave or row.state == "superseded":
+            if row.wave != rollout.wave or row.state == DeviceState.SUPERSEDED:
                 continue
             build = builds.get(row.hardware_class) or self._build(rollout.model, rollout.version, row.hardware_class)
-            if row.state == "planned" and build is not None and build.state == "ready":
+            if row.state == DeviceState.PLANNED and build is not None and build.state == "ready":
                 row = self._dispatch(rollout, row, build)
-            elif row.state == "sent":
+            elif row.state == DeviceState.SENT:
                 row = self._track(rollout, row, now, sweep)
             wave_rows.append(row)
-        if any(r.state not in FINAL_DEVICE_STATES for r in wave_rows):
+        if any(r.state not in SETTLED_DEVICE_STATES for r in wave_rows):
             return False
-        failed = [r for r in wave_rows if r.state == "failed"]
+        failed = [r for r in wave_rows if r.state == DeviceState.FAILED]
         if wave_rows and len(failed) / len(wave_rows) > rollout.max_failures:
             reasons = ", ".join(f"{r.device_id}: {r.reason}" for r in failed)
             self._breach(rollout, wave_rows, f"wave {rollout.wave + 1}: {len(failed)} of {len(wave_rows)} "
                          f"installs failed (max {rollout.max_failures:.0%}): {reasons}")
             return False
-        committed = [r for r in wave_rows if r.state == "committed"]
+        committed = [r for r in wave_rows if r.state == DeviceState.COMMITTED]
         if rollout.soak_until_ms == 0:
             last = max((r.finished_at_ms for r in committed), default=now)
             rollout = self._update(rollout, soak_until_ms=max(last + int(rollout.soak_s * 1000), now))
@@ -296,7 +318,7 @@ class RolloutEngine:
         if later:
             self._update(rollout, wave=later[0], soak_until_ms=0)
             return True
-        self._update(rollout, state="completed", soak_until_ms=0)
+        self._move(rollout, RolloutEvent.LAST_WAVE_PASSED, soak_until_ms=0)
         return False
 
     def _join_late_devices(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> bool:
@@ -319,10 +341,9 @@ class RolloutEngine:
                                        now - BASELINE_WINDOW_MS, now) if device.model else {}
         # The row is written first: after a crash the deterministic command id finds the command.
         command_id = f"{rollout.rollout_id}-{row.device_id}-install"
-        sent = dataclasses.replace(
-            row, state="sent", command_id=command_id, previous_model=device.model,
-            previous_version=device.model_version, baseline=json.dumps(baseline), dispatched_at_ms=now)
-        self.store.put_rollout_device(sent)
+        sent = self._put_device(row, DeviceState.SENT, command_id=command_id, previous_model=device.model,
+                                previous_version=device.model_version, baseline=json.dumps(baseline),
+                                dispatched_at_ms=now)
         install = self._install_action(build.bundle_sha256)
         self.commands.issue(row.device_id, install=install, ttl_s=INSTALL_TTL_S, rollout_id=rollout.rollout_id,
                             command_id=command_id)
@@ -338,35 +359,32 @@ class RolloutEngine:
         self._finished.discard(row.command_id)
         command = self.store.get_command(row.command_id)
         if command is not None and command.state == "done":
-            ok = command.result in ("committed", "already_installed")
-            row = dataclasses.replace(
-                row, state="committed" if ok else "failed", finished_at_ms=now,
+            ok = command.result in INSTALLED_RESULTS
+            row = self._put_device(
+                row, DeviceState.COMMITTED if ok else DeviceState.FAILED, finished_at_ms=now,
                 reason="" if ok else f"{command.result}: {command.reason} {command.message}".strip())
-            self.store.put_rollout_device(row)
         elif sweep and now - row.dispatched_at_ms > rollout.device_timeout_s * 1000:
-            row = dataclasses.replace(
-                row, state="timed_out", finished_at_ms=now,
+            row = self._put_device(
+                row, DeviceState.TIMED_OUT, finished_at_ms=now,
                 reason=f"no outcome within {rollout.device_timeout_s:g}s; it installs when it returns")
-            self.store.put_rollout_device(row)
             log.warning("device timed out", extra={"rollout": rollout.rollout_id, "device": row.device_id})
         return row
 
     def _collect_late_results(self, rollout: RolloutRecord) -> None:
         """A timed-out device that comes back still installs; record that when it happens."""
-        for row in self.store.rollout_devices(rollout.rollout_id, states=("timed_out", "rolling_back")):
-            if row.state == "timed_out":
+        late = (DeviceState.TIMED_OUT.value, DeviceState.ROLLING_BACK.value)
+        for row in self.store.rollout_devices(rollout.rollout_id, states=late):
+            if row.state == DeviceState.TIMED_OUT:
                 command = self.store.get_command(row.command_id)
-                if command is not None and command.state == "done" and command.result in (
-                        "committed", "already_installed"):
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="committed", reason="committed after timing out", finished_at_ms=self._now_ms()))
-            elif row.state == "rolling_back":
+                if command is not None and command.state == "done" and command.result in INSTALLED_RESULTS:
+                    self._put_device(row, DeviceState.COMMITTED, reason="committed after timing out",
+                                     finished_at_ms=self._now_ms())
+            elif row.state == DeviceState.ROLLING_BACK:
                 command = self.store.get_command(row.rollback_command_id)
                 if command is not None and command.state == "done":
-                    ok = command.result in ("committed", "already_installed")
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="rolled_back" if ok else "rollback_failed",
-                        reason=row.reason if ok else f"rollback {command.result}: {command.reason}"))
+                    ok = command.result in INSTALLED_RESULTS
+                    self._put_device(row, DeviceState.ROLLED_BACK if ok else DeviceState.ROLLBACK_FAILED,
+                                     reason=row.reason if ok else f"rollback {command.result}: {command.reason}")
 
     # -- gates and breaches ------------------------------------------------------------------
     def device_metrics(self, device_id: str, model: str, version: int, since_ms: int,
@@ -411,9 +429,9 @@ class RolloutEngine:
     def _breach(self, rollout: RolloutRecord, wave_rows: list[RolloutDeviceRecord], reason: str) -> None:
         log.warning("rollout breach", extra={"rollout": rollout.rollout_id, "wave": rollout.wave, "reason": reason})
         if rollout.auto_rollback:
-            self._roll_back(rollout, [r for r in wave_rows if r.state == "committed"])
+            self._roll_back(rollout, [r for r in wave_rows if r.state == DeviceState.COMMITTED])
             reason += "; the wave's devices are rolling back to their previous model"
-        self._update(rollout, state="paused", reason=reason)
+        self._move(rollout, RolloutEvent.BREACH, reason=reason)
 
     def _roll_back(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> None:
         for row in rows:
@@ -421,12 +439,11 @@ class RolloutEngine:
             if not row.previous_model or previous is None or not previous.rollback_bundle_sha256:
                 # Nothing to return to (a first install, or a model installed outside rollouts): the
                 # device keeps the new model, and says why.
-                self.store.put_rollout_device(dataclasses.replace(
-                    row, reason=f"kept: no build of a previous model ({row.previous_model or 'none'}) to roll back to"))
+                self._put_device(
+                    row, reason=f"kept: no build of a previous model ({row.previous_model or 'none'}) to roll back to")
                 continue
             command_id = f"{rollout.rollout_id}-{row.device_id}-rollback"
-            self.store.put_rollout_device(dataclasses.replace(
-                row, state="rolling_back", rollback_command_id=command_id))
+            self._put_device(row, DeviceState.ROLLING_BACK, rollback_command_id=command_id)
             self.commands.issue(row.device_id, install=self._install_action(previous.rollback_bundle_sha256),
                                 ttl_s=INSTALL_TTL_S, rollout_id=rollout.rollout_id, command_id=command_id)
 
