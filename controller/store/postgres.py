@@ -49,7 +49,8 @@ from edgefleet.controller.store.base import (
 )
 
 # Schema changes are appended here, never edited: index + 1 is the schema version. The steps
-# mirror controller/store/sqlite.py's MIGRATIONS one for one, so a change lands in both lists.
+# mirror controller/store/sqlite.py's MIGRATIONS one for one, so a change lands in both lists;
+# test_both_backends_migrate_to_the_same_tables_and_columns compares what the two lists build.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE operator_tokens (

@@ -31,7 +31,8 @@ from edgefleet.controller.store.base import (
     session_columns,
 )
 
-# Schema changes are appended here, never edited: index + 1 is the schema version.
+# Schema changes are appended here, never edited: index + 1 is the schema version. Each has its twin
+# in controller/store/postgres.py; tests/unit/test_store_contract.py checks both build the same tables.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE operator_tokens (
