@@ -10,6 +10,8 @@ Life of a rollout:
                  check --max-failures, soak, check every gate against each device's own telemetry
                  on its previous model, then wave k+1
     completed | paused (a breach, or the operator) | aborted | rolled_back | failed (no build)
+Every move of a rollout and of each of its devices is in the tables of states.py; the operator's
+pause, resume, abort and rollback are refused from a state the table does not allow them from.
 
 A breach pauses the rollout with the gate, the devices and the numbers, and (unless
 --auto-rollback off) rolls the wave's devices back to their previous model with a signed
