@@ -11,6 +11,7 @@ import click
 from edgefleet.controller.cli.base import Context, cli, remote_options
 from edgefleet.controller.cli.output import ago, duration_option, emit_json, table, to_dict
 from edgefleet.controller.client import ControlClient
+from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES, SETTLED_DEVICE_STATES, RolloutEvent
 from edgefleet.protos.v1 import control_pb2
 
 
@@ -82,11 +83,10 @@ def render_rollout(info: control_pb2.RolloutInfo) -> str:
             f"{build.size_ratio:.2f}x smaller, measured on {build.measured_on or '-'}"
             + (" (cached)" if build.cached else "") if build.state == "ready" else "")
         lines.append(f"  build {build.hardware_class:<20} {build.state:<9} {detail}")
-    final = ("committed", "failed", "timed_out", "rolled_back", "superseded", "rollback_failed")
     for wave in sorted({d.wave for d in info.devices}):
         members = [d for d in info.devices if d.wave == wave]
-        done = sum(d.state in final for d in members)
-        marker = ">" if wave == info.wave and info.state in ("running", "planning") else " "
+        done = sum(d.state in SETTLED_DEVICE_STATES for d in members)
+        marker = ">" if wave == info.wave and info.state in ACTIVE_ROLLOUT_STATES else " "
         lines.append(f"{marker} wave {wave + 1:<2} {_bar(done, len(members))}")
         for hardware_class in sorted({d.hardware_class for d in members}):
             group = [d for d in members if d.hardware_class == hardware_class]
@@ -94,8 +94,8 @@ def render_rollout(info: control_pb2.RolloutInfo) -> str:
             for d in group:
                 counts[d.state] = counts.get(d.state, 0) + 1
             summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-            lines.append(f"      {hardware_class:<20} {_bar(sum(d.state in final for d in group), len(group), 10)}"
-                         f"  {summary}")
+            settled = sum(d.state in SETTLED_DEVICE_STATES for d in group)
+            lines.append(f"      {hardware_class:<20} {_bar(settled, len(group), 10)}  {summary}")
     return "\n".join(lines)
 
 
@@ -109,7 +109,7 @@ def _watch_rollout(client: ControlClient, rollout_id: str, as_json: bool = False
             if redraw:
                 click.echo("\x1b[H\x1b[2J", nl=False)
             click.echo(json.dumps(to_dict(info), sort_keys=True) if as_json else render_rollout(info))
-            if info.state not in ("planning", "running"):
+            if info.state not in ACTIVE_ROLLOUT_STATES:
                 return
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -147,11 +147,13 @@ def rollout_list(obj: Context, as_json: bool) -> None:
     click.echo(table(rows, ["ROLLOUT", "MODEL", "TO", "STATE", "WAVE", "CREATED", "REASON"]))
 
 
+# One command per operator action of the rollout state table; the controller refuses an action the
+# rollout's state does not allow, and says from which states it is allowed.
 _ROLLOUT_ACTIONS = {
-    "pause": "Stop starting new installs; in-flight installs finish.",
-    "resume": "Continue a paused rollout from its current wave.",
-    "abort": "Stop the rollout for good; devices keep what they have.",
-    "rollback": "Return every device this rollout updated to its previous model.",
+    RolloutEvent.PAUSE.value: "Stop starting new installs; in-flight installs finish.",
+    RolloutEvent.RESUME.value: "Continue a paused rollout from its current wave.",
+    RolloutEvent.ABORT.value: "Stop the rollout for good; devices keep what they have.",
+    RolloutEvent.ROLLBACK.value: "Return every device this rollout updated to its previous model.",
 }
 
 

@@ -9,6 +9,7 @@ import click
 from edgefleet.common.units import parse_labels
 from edgefleet.controller.cli.base import Context, cli, remote_options
 from edgefleet.controller.cli.output import duration_option, emit_json, table, to_dict
+from edgefleet.controller.fleet.credentials import token_state
 from edgefleet.protos.v1 import control_pb2
 
 
@@ -58,8 +59,8 @@ def token_list(obj: Context, as_json: bool) -> None:
     now_ms = time.time() * 1000
     rows = []
     for t in reply.tokens:
-        state = "revoked" if t.revoked else "expired" if t.expires_at_unix_ms <= now_ms else (
-            "used up" if t.uses_left == 0 else "active")
+        state = token_state(revoked=t.revoked, expires_at_ms=t.expires_at_unix_ms, uses_left=t.uses_left,
+                            now_ms=now_ms).value
         labels = ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
         rows.append([t.token_id, state, f"{t.uses_left}/{t.uses_total}",
                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.expires_at_unix_ms / 1000)), labels])

@@ -9,6 +9,7 @@ already recorded. The first final ack finishes a command; later ones change noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -22,6 +23,25 @@ from edgefleet.protos.v1 import fleet_pb2
 log = logging.getLogger("edgefleet.controller.fleet.commands")
 
 DEFAULT_TTL_S = 3600
+# The install outcomes (CommandAck.result) after which the device serves the bundle it was sent.
+INSTALLED_RESULTS = ("committed", "already_installed")
+
+# A command in one of these may still be delivered and acked; finish_command moves it to "done".
+OPEN_COMMAND_STATES = ("pending", "sent")
+FINISHED_COMMAND_STATES = ("done", "expired")
+
+
+def command_expired(record: CommandRecord, now_ms: int) -> bool:
+    """An open command past its expiry is never delivered again: the device would refuse it anyway."""
+    return record.state in OPEN_COMMAND_STATES and record.expires_at_ms <= now_ms
+
+
+def expired_commands(records: list[CommandRecord], now_ms: int) -> list[CommandRecord]:
+    """The records among `records` that expire at `now_ms`, as they are to be stored: both store
+    backends call this from open_commands, inside the transaction that reads them."""
+    return [dataclasses.replace(r, state="expired", result="expired", updated_at_ms=now_ms)
+            for r in records if command_expired(r, now_ms)]
+
 
 AckListener = Callable[[CommandRecord, fleet_pb2.CommandAck], None]
 
@@ -110,7 +130,7 @@ class CommandDispatcher:
             return  # already finished by an earlier ack
         log.info("command done", extra={"device": device_id, "command": ack.command_id, "result": ack.result,
                                         "reason": ack.reason, "rollout": finished.rollout_id})
-        if finished.kind == "install" and ack.result in ("committed", "already_installed"):
+        if finished.kind == "install" and ack.result in INSTALLED_RESULTS:
             self.store.set_device_model(device_id, ack.model, int(ack.version))
         for listener in self.listeners:
             try:
@@ -126,7 +146,7 @@ class CommandDispatcher:
         record = self.store.get_command(command_id)
         if record is None:
             raise NotFound(f"no command {command_id!r}")
-        if record.state in ("done", "expired"):
+        if record.state in FINISHED_COMMAND_STATES:
             return record
         future: asyncio.Future[CommandRecord] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(command_id, []).append(future)

@@ -12,10 +12,11 @@ import hmac
 import os
 import secrets
 import time
+from enum import Enum
 from pathlib import Path
 
 from edgefleet.common.durable_files import atomic_write_bytes
-from edgefleet.controller.store.base import Store
+from edgefleet.controller.store.base import EnrollmentTokenRecord, Store
 
 OPERATOR_TOKEN_FILE = "operator-token"
 
@@ -46,6 +47,41 @@ def new_device_id() -> str:
 
 def new_token_id() -> str:
     return "tok-" + secrets.token_hex(4)
+
+
+class TokenState(str, Enum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    USED_UP = "used up"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def token_state(*, revoked: bool, expires_at_ms: float, uses_left: int, now_ms: float) -> TokenState:
+    """Whether an enrollment token can enroll a device now. The one rule: both store backends refuse
+    enrollment by it and `edgefleet token list` shows it. Revoked wins over expired over used up."""
+    if revoked:
+        return TokenState.REVOKED
+    if expires_at_ms <= now_ms:
+        return TokenState.EXPIRED
+    if uses_left <= 0:
+        return TokenState.USED_UP
+    return TokenState.ACTIVE
+
+
+def token_refusal(token: EnrollmentTokenRecord, now_ms: int) -> str | None:
+    """Why `token` cannot enroll a device at `now_ms` (the EnrollmentRefused message), or None when it can."""
+    state = token_state(revoked=token.revoked, expires_at_ms=token.expires_at_ms, uses_left=token.uses_left,
+                        now_ms=now_ms)
+    if state is TokenState.REVOKED:
+        return f"enrollment token {token.token_id} was revoked"
+    if state is TokenState.EXPIRED:
+        return f"enrollment token {token.token_id} has expired"
+    if state is TokenState.USED_UP:
+        return f"enrollment token {token.token_id} is used up ({token.uses_total} of {token.uses_total})"
+    return None
 
 
 def ensure_operator_token(store: Store, state_dir: Path) -> Path:

@@ -10,6 +10,8 @@ Life of a rollout:
                  check --max-failures, soak, check every gate against each device's own telemetry
                  on its previous model, then wave k+1
     completed | paused (a breach, or the operator) | aborted | rolled_back | failed (no build)
+Every move of a rollout and of each of its devices is in the tables of states.py; the operator's
+pause, resume, abort and rollback are refused from a state the table does not allow them from.
 
 A breach pauses the rollout with the gate, the devices and the numbers, and (unless
 --auto-rollback off) rolls the wave's devices back to their previous model with a signed
@@ -23,10 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
-import re
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,21 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, NotFound
-from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.commands import INSTALLED_RESULTS, CommandDispatcher
 from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.rollouts.builds import build_for_class, bundle_install_action
+from edgefleet.controller.rollouts.plan import WaveSize, assign_waves, parse_gate, parse_waves, selector_matches
+from edgefleet.controller.rollouts.states import (
+    ACTIVE_ROLLOUT_STATES,
+    SETTLED_DEVICE_STATES,
+    UNFINISHED_ROLLOUT_STATES,
+    DeviceState,
+    RolloutEvent,
+    RolloutState,
+    check_device_move,
+    next_rollout_state,
+    operator_transition,
+)
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import (
     BuildRecord,
@@ -51,90 +63,9 @@ from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.rollouts.engine")
 
-ACTIVE = ("planning", "running")
-FINAL_DEVICE_STATES = ("committed", "failed", "timed_out", "rolled_back", "superseded", "rollback_failed")
-GATE_METRICS = ("p50_ms", "p95_ms", "p99_ms", "error_rate", "watts", "energy_mj")
 BASELINE_WINDOW_MS = 5 * 60_000
 INSTALL_TTL_S = 24 * 3600
 MAX_FINISHED_HINTS = 100_000
-_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*<=\s*([0-9.]+)\s*(x?)\s*$")
-
-
-# -- parsing the operator's spec ---------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class WaveSize:
-    count: int | None = None      # an absolute number of devices per class (the canary)
-    fraction: float | None = None  # a cumulative share of each class
-
-
-def parse_waves(text: str) -> list[WaveSize]:
-    waves = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if part.endswith("%"):
-                value = float(part[:-1]) / 100
-                if not 0 < value <= 1:
-                    raise ValueError
-                waves.append(WaveSize(fraction=value))
-            else:
-                count = int(part)
-                if count < 1:
-                    raise ValueError
-                waves.append(WaveSize(count=count))
-        except ValueError:
-            raise InvalidArgument(
-                f"--waves part {part!r} is not a device count or a percentage; e.g. --waves 1,10%,50%,100%"
-            ) from None
-    if not waves or waves[-1].fraction != 1.0:
-        raise InvalidArgument("--waves must end at 100%, e.g. --waves 1,10%,100%")
-    return waves
-
-
-@dataclasses.dataclass(frozen=True)
-class Gate:
-    metric: str
-    limit: float
-    relative: bool  # a multiple of the device's own baseline on its previous model
-
-    def __str__(self) -> str:
-        return f"{self.metric}<={self.limit:g}{'x' if self.relative else ''}"
-
-
-def parse_gate(text: str) -> Gate:
-    match = _GATE_RE.match(text)
-    if not match or match.group(1) not in GATE_METRICS:
-        raise InvalidArgument(
-            f"--gate {text!r} is not understood; write METRIC<=LIMIT or METRIC<=FACTORx with METRIC one of "
-            f"{', '.join(GATE_METRICS)}, e.g. --gate p95_ms<=1.2x --gate error_rate<=0.01"
-        )
-    return Gate(match.group(1), float(match.group(2)), match.group(3) == "x")
-
-
-def selector_matches(selector: str, device: DeviceRecord) -> bool:
-    kind, _, rest = selector.partition(" ") if " " in selector else (selector, "", "")
-    if selector == "all":
-        return True
-    if selector.startswith("class="):
-        return device.hardware_class == selector[len("class="):]
-    if kind == "label":
-        key, _, value = rest.partition("=")
-        return device.labels.get(key.strip()) == value.strip()
-    if kind == "devices":
-        return device.device_id in {d.strip() for d in rest.split(",")}
-    raise InvalidArgument(f"--to {selector!r} is not understood; use all, class=C, 'label k=v' or 'devices a,b'")
-
-
-def assign_waves(device_ids: list[str], waves: list[WaveSize]) -> dict[str, int]:
-    """Wave index per device of one class: a count is absolute, a fraction cumulative."""
-    n = len(device_ids)
-    targets: list[int] = []
-    for wave in waves:
-        target = min(n, wave.count) if wave.count is not None else math.ceil((wave.fraction or 0) * n)
-        targets.append(max(target, targets[-1] if targets else 0))
-    out: dict[str, int] = {}
-    for position, device_id in enumerate(device_ids):
-        out[device_id] = next(i for i, t in enumerate(targets) if position < t)
-    return out
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -228,14 +159,13 @@ class RolloutEngine:
     def _supersede(self, newer: RolloutRecord, device_ids: set[str]) -> None:
         """A newer rollout of the same model takes over the devices the two share."""
         for older in self.store.list_rollouts():
-            if older.model != newer.model or older.state not in (*ACTIVE, "paused"):
+            if older.model != newer.model or older.state not in UNFINISHED_ROLLOUT_STATES:
                 continue
             taken = 0
             for row in self.store.rollout_devices(older.rollout_id):
-                if row.device_id in device_ids and row.state not in FINAL_DEVICE_STATES:
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="superseded", reason=f"superseded by {newer.rollout_id}",
-                        finished_at_ms=self._now_ms()))
+                if row.device_id in device_ids and row.state not in SETTLED_DEVICE_STATES:
+                    self._put_device(row, DeviceState.SUPERSEDED, reason=f"superseded by {newer.rollout_id}",
+                                     finished_at_ms=self._now_ms())
                     taken += 1
             if taken:
                 note = f"{taken} device(s) superseded by {newer.rollout_id}"
@@ -262,23 +192,37 @@ class RolloutEngine:
         rollout = self.store.get_rollout(rollout_id)
         if rollout is None:
             raise NotFound(f"no rollout {rollout_id!r}; see `edgefleet rollout list`")
-        if action == "pause":
-            if rollout.state not in ACTIVE:
-                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}; only a running one can pause")
-            return self._update(rollout, state="paused", reason="paused by an operator")
-        if action == "resume":
-            if rollout.state != "paused":
-                raise FailedPrecondition(f"rollout {rollout_id} is {rollout.state}, not paused")
+        # Refuses what the table does not allow from the current state, with the states it is allowed from.
+        target = operator_transition(rollout_id, rollout.state, action)
+        if action == RolloutEvent.PAUSE:
+            return self._update(rollout, state=target.value, reason="paused by an operator")
+        if action == RolloutEvent.RESUME:
             self._wake.set()
-            return self._update(rollout, state="running", reason="", soak_until_ms=0)
-        if action == "abort":
-            if rollout.state in ("completed", "aborted", "rolled_back"):
-                raise FailedPrecondition(f"rollout {rollout_id} is already {rollout.state}")
-            return self._update(rollout, state="aborted", reason="aborted by an operator")
-        if action == "rollback":
-            self._roll_back(rollout, [r for r in self.store.rollout_devices(rollout_id) if r.state == "committed"])
-            return self._update(rollout, state="rolled_back", reason="rolled back by an operator")
-        raise InvalidArgument(f"unknown rollout action {action!r}")
+            return self._update(rollout, state=target.value, reason="", soak_until_ms=0)
+        if action == RolloutEvent.ABORT:
+            return self._update(rollout, state=target.value, reason="aborted by an operator")
+        rows = self.store.rollout_devices(rollout_id)
+        if not any(r.command_id for r in rows):
+            raise FailedPrecondition(
+                f"rollout {rollout_id} is {rollout.state} but never sent an install, so there is nothing to roll "
+                "back; abort it instead"
+            )
+        self._roll_back(rollout, [r for r in rows if r.state == DeviceState.COMMITTED])
+        return self._update(rollout, state=target.value, reason="rolled back by an operator")
+
+    def _move(self, rollout: RolloutRecord, event: RolloutEvent, **changes: Any) -> RolloutRecord:
+        """The engine's own state changes, each one looked up in the transition table."""
+        return self._update(rollout, state=next_rollout_state(rollout.state, event).value, **changes)
+
+    def _put_device(self, row: RolloutDeviceRecord, state: DeviceState | None = None,
+                    **changes: Any) -> RolloutDeviceRecord:
+        """Write a device row; a change of its state must be one the device table allows."""
+        if state is not None and state != row.state:
+            check_device_move(row.rollout_id, row.device_id, row.state, state)
+            changes["state"] = state.value
+        updated = dataclasses.replace(row, **changes)
+        self.store.put_rollout_device(updated)
+        return updated
 
     def _update(self, rollout: RolloutRecord, **changes: Any) -> RolloutRecord:
         updated = dataclasses.replace(rollout, updated_at_ms=self._now_ms(), **changes)
@@ -300,13 +244,13 @@ class RolloutEngine:
                 self._late_checked_at = time.monotonic()
             for rollout in rollouts:
                 try:
-                    if rollout.state in ACTIVE:
+                    if rollout.state in ACTIVE_ROLLOUT_STATES:
                         advanced = await self.step(rollout) or advanced
                     if late_due:
                         self._collect_late_results(rollout)
                 except Exception:
                     log.exception("rollout step failed", extra={"rollout": rollout.rollout_id})
-            if not any(r.state in ACTIVE for r in rollouts):
+            if not any(r.state in ACTIVE_ROLLOUT_STATES for r in rollouts):
                 self._finished.clear()  # hints for late results and rollbacks, which the passes read anyway
             if advanced:  # a rollout started running or moved to its next wave: dispatch that now
                 await asyncio.sleep(0)
@@ -322,16 +266,16 @@ class RolloutEngine:
         timeouts) runs at most once per tick; the passes woken by acks in between only look at
         the commands that finished."""
         rows = self.store.rollout_devices(rollout.rollout_id)
-        classes = sorted({r.hardware_class for r in rows if r.state != "superseded"})
+        classes = sorted({r.hardware_class for r in rows if r.state != DeviceState.SUPERSEDED})
         builds = {c: self._build(rollout.model, rollout.version, c) for c in classes}
-        if rollout.state == "planning":
+        if rollout.state == RolloutState.PLANNING:
             broken = {c: b for c, b in builds.items() if b and b.state == "failed"}
             if broken:
                 detail = "; ".join(f"{c}: {b.error}" for c, b in broken.items())
-                self._update(rollout, state="failed", reason=f"no build: {detail}")
+                self._move(rollout, RolloutEvent.BUILD_FAILED, reason=f"no build: {detail}")
                 return False
             if all(b and b.state == "ready" for b in builds.values()):
-                self._update(rollout, state="running", wave=0)
+                self._move(rollout, RolloutEvent.BUILDS_READY, wave=0)
                 return True
             return False
         now = self._now_ms()
@@ -346,23 +290,23 @@ class RolloutEngine:
                 rows = self.store.rollout_devices(rollout.rollout_id)
         wave_rows = []
         for row in rows:
-            if row.wave != rollout.wave or row.state == "superseded":
+            if row.wave != rollout.wave or row.state == DeviceState.SUPERSEDED:
                 continue
             build = builds.get(row.hardware_class) or self._build(rollout.model, rollout.version, row.hardware_class)
-            if row.state == "planned" and build is not None and build.state == "ready":
+            if row.state == DeviceState.PLANNED and build is not None and build.state == "ready":
                 row = self._dispatch(rollout, row, build)
-            elif row.state == "sent":
+            elif row.state == DeviceState.SENT:
                 row = self._track(rollout, row, now, sweep)
             wave_rows.append(row)
-        if any(r.state not in FINAL_DEVICE_STATES for r in wave_rows):
+        if any(r.state not in SETTLED_DEVICE_STATES for r in wave_rows):
             return False
-        failed = [r for r in wave_rows if r.state == "failed"]
+        failed = [r for r in wave_rows if r.state == DeviceState.FAILED]
         if wave_rows and len(failed) / len(wave_rows) > rollout.max_failures:
             reasons = ", ".join(f"{r.device_id}: {r.reason}" for r in failed)
             self._breach(rollout, wave_rows, f"wave {rollout.wave + 1}: {len(failed)} of {len(wave_rows)} "
                          f"installs failed (max {rollout.max_failures:.0%}): {reasons}")
             return False
-        committed = [r for r in wave_rows if r.state == "committed"]
+        committed = [r for r in wave_rows if r.state == DeviceState.COMMITTED]
         if rollout.soak_until_ms == 0:
             last = max((r.finished_at_ms for r in committed), default=now)
             rollout = self._update(rollout, soak_until_ms=max(last + int(rollout.soak_s * 1000), now))
@@ -376,7 +320,7 @@ class RolloutEngine:
         if later:
             self._update(rollout, wave=later[0], soak_until_ms=0)
             return True
-        self._update(rollout, state="completed", soak_until_ms=0)
+        self._move(rollout, RolloutEvent.LAST_WAVE_PASSED, soak_until_ms=0)
         return False
 
     def _join_late_devices(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> bool:
@@ -399,18 +343,15 @@ class RolloutEngine:
                                        now - BASELINE_WINDOW_MS, now) if device.model else {}
         # The row is written first: after a crash the deterministic command id finds the command.
         command_id = f"{rollout.rollout_id}-{row.device_id}-install"
-        sent = dataclasses.replace(
-            row, state="sent", command_id=command_id, previous_model=device.model,
-            previous_version=device.model_version, baseline=json.dumps(baseline), dispatched_at_ms=now)
-        self.store.put_rollout_device(sent)
+        sent = self._put_device(row, DeviceState.SENT, command_id=command_id, previous_model=device.model,
+                                previous_version=device.model_version, baseline=json.dumps(baseline),
+                                dispatched_at_ms=now)
         install = self._install_action(build.bundle_sha256)
         self.commands.issue(row.device_id, install=install, ttl_s=INSTALL_TTL_S, rollout_id=rollout.rollout_id,
                             command_id=command_id)
         return sent
 
     def _install_action(self, bundle_sha: str) -> fleet_pb2.InstallBundle:
-        from edgefleet.controller.rollouts.builds import bundle_install_action
-
         return bundle_install_action(self.artifacts, bundle_sha)
 
     def _track(self, rollout: RolloutRecord, row: RolloutDeviceRecord, now: int, sweep: bool) -> RolloutDeviceRecord:
@@ -420,35 +361,32 @@ class RolloutEngine:
         self._finished.discard(row.command_id)
         command = self.store.get_command(row.command_id)
         if command is not None and command.state == "done":
-            ok = command.result in ("committed", "already_installed")
-            row = dataclasses.replace(
-                row, state="committed" if ok else "failed", finished_at_ms=now,
+            ok = command.result in INSTALLED_RESULTS
+            row = self._put_device(
+                row, DeviceState.COMMITTED if ok else DeviceState.FAILED, finished_at_ms=now,
                 reason="" if ok else f"{command.result}: {command.reason} {command.message}".strip())
-            self.store.put_rollout_device(row)
         elif sweep and now - row.dispatched_at_ms > rollout.device_timeout_s * 1000:
-            row = dataclasses.replace(
-                row, state="timed_out", finished_at_ms=now,
+            row = self._put_device(
+                row, DeviceState.TIMED_OUT, finished_at_ms=now,
                 reason=f"no outcome within {rollout.device_timeout_s:g}s; it installs when it returns")
-            self.store.put_rollout_device(row)
             log.warning("device timed out", extra={"rollout": rollout.rollout_id, "device": row.device_id})
         return row
 
     def _collect_late_results(self, rollout: RolloutRecord) -> None:
         """A timed-out device that comes back still installs; record that when it happens."""
-        for row in self.store.rollout_devices(rollout.rollout_id, states=("timed_out", "rolling_back")):
-            if row.state == "timed_out":
+        late = (DeviceState.TIMED_OUT.value, DeviceState.ROLLING_BACK.value)
+        for row in self.store.rollout_devices(rollout.rollout_id, states=late):
+            if row.state == DeviceState.TIMED_OUT:
                 command = self.store.get_command(row.command_id)
-                if command is not None and command.state == "done" and command.result in (
-                        "committed", "already_installed"):
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="committed", reason="committed after timing out", finished_at_ms=self._now_ms()))
-            elif row.state == "rolling_back":
+                if command is not None and command.state == "done" and command.result in INSTALLED_RESULTS:
+                    self._put_device(row, DeviceState.COMMITTED, reason="committed after timing out",
+                                     finished_at_ms=self._now_ms())
+            elif row.state == DeviceState.ROLLING_BACK:
                 command = self.store.get_command(row.rollback_command_id)
                 if command is not None and command.state == "done":
-                    ok = command.result in ("committed", "already_installed")
-                    self.store.put_rollout_device(dataclasses.replace(
-                        row, state="rolled_back" if ok else "rollback_failed",
-                        reason=row.reason if ok else f"rollback {command.result}: {command.reason}"))
+                    ok = command.result in INSTALLED_RESULTS
+                    self._put_device(row, DeviceState.ROLLED_BACK if ok else DeviceState.ROLLBACK_FAILED,
+                                     reason=row.reason if ok else f"rollback {command.result}: {command.reason}")
 
     # -- gates and breaches ------------------------------------------------------------------
     def device_metrics(self, device_id: str, model: str, version: int, since_ms: int,
@@ -493,9 +431,9 @@ class RolloutEngine:
     def _breach(self, rollout: RolloutRecord, wave_rows: list[RolloutDeviceRecord], reason: str) -> None:
         log.warning("rollout breach", extra={"rollout": rollout.rollout_id, "wave": rollout.wave, "reason": reason})
         if rollout.auto_rollback:
-            self._roll_back(rollout, [r for r in wave_rows if r.state == "committed"])
+            self._roll_back(rollout, [r for r in wave_rows if r.state == DeviceState.COMMITTED])
             reason += "; the wave's devices are rolling back to their previous model"
-        self._update(rollout, state="paused", reason=reason)
+        self._move(rollout, RolloutEvent.BREACH, reason=reason)
 
     def _roll_back(self, rollout: RolloutRecord, rows: list[RolloutDeviceRecord]) -> None:
         for row in rows:
@@ -503,16 +441,15 @@ class RolloutEngine:
             if not row.previous_model or previous is None or not previous.rollback_bundle_sha256:
                 # Nothing to return to (a first install, or a model installed outside rollouts): the
                 # device keeps the new model, and says why.
-                self.store.put_rollout_device(dataclasses.replace(
-                    row, reason=f"kept: no build of a previous model ({row.previous_model or 'none'}) to roll back to"))
+                self._put_device(
+                    row, reason=f"kept: no build of a previous model ({row.previous_model or 'none'}) to roll back to")
                 continue
             command_id = f"{rollout.rollout_id}-{row.device_id}-rollback"
-            self.store.put_rollout_device(dataclasses.replace(
-                row, state="rolling_back", rollback_command_id=command_id))
+            self._put_device(row, DeviceState.ROLLING_BACK, rollback_command_id=command_id)
             self.commands.issue(row.device_id, install=self._install_action(previous.rollback_bundle_sha256),
                                 ttl_s=INSTALL_TTL_S, rollout_id=rollout.rollout_id, command_id=command_id)
 
-    # -- builds: compiled once per (model, version, class) -----------------------------------
+    # -- builds: compiled once per (model, version, class), in builds.py --------------------
     def _build(self, model: str, version: int, hardware_class: str) -> BuildRecord | None:
         record = self.store.get_build(model, version, hardware_class)
         if record is not None and record.state in ("ready", "failed"):
@@ -535,109 +472,6 @@ class RolloutEngine:
         self._wake.set()
 
     def _compile_sync(self, model: str, version: int, hardware_class: str) -> BuildRecord:
-        from edgefleet.controller.compiler.api import CompileSpec, compile_model
-        from edgefleet.controller.compiler.runner import build_files
-        from edgefleet.controller.compiler.target import TargetSpec
-        from edgefleet.firmware.bundle import BundleSpec, build_bundle
-        from edgefleet.firmware.manifest import RuntimeSpec
-        from edgefleet.firmware.selftest import describe_onnx_model, describe_openvino_model, describe_tflite_model
-
-        registered = self.store.get_model(model, version)
-        assert registered is not None
         self.compiles += 1
-        source = self.artifacts.path(registered.sha256)
-        calib = self.artifacts.path(registered.calib_sha256) if registered.calib_sha256 else None
-        target: Any = self._target_for(hardware_class) or TargetSpec.from_class(hardware_class)
-        with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
-            work = Path(tmp)
-            model_file = work / f"source.{registered.format}"
-            model_file.symlink_to(source)
-            calib_file = None
-            if calib is not None:
-                calib_file = work / "calib.npz"
-                calib_file.symlink_to(calib)
-            measurers = self.device_measurers() if self.device_measurers else None
-            report = compile_model(
-                CompileSpec(model=model_file, target=target, calib=calib_file, budget=registered.budget,
-                            out=work / "out", cache_dir=self.compile_cache),
-                device_measurers=measurers,
-            )
-            artifact = Path(report.artifact)
-            golden = None
-            if calib_file is not None and registered.format != "tflite":
-                from edgefleet.controller.compiler.data import load_npz
-                from edgefleet.controller.compiler.model_io import load_source
-
-                # The first calibration sample, in the model's own shapes whatever layout it was stored in.
-                golden = load_npz(calib_file, load_source(model_file).inputs, flag="--calib").model_sample(0)
-            provider = str(report.target.get("execution_provider") or "CPUExecutionProvider")
-            chosen_runtime = report.runtime or {}
-            if chosen_runtime.get("name") == "openvino":
-                device = str(chosen_runtime.get("device") or "CPU")
-                precision = chosen_runtime.get("inference_precision")
-                io, self_test = describe_openvino_model(artifact, golden, device=device, inference_precision=precision,
-                                                        rtol=1e-2, atol=1e-3)
-                runtime = RuntimeSpec(name="openvino", execution_provider="", device=device,
-                                      inference_precision=precision, version=chosen_runtime.get("version"))
-            elif artifact.suffix == ".tflite":
-                # TFLite names its tensors itself, so the golden input is generated from its own spec.
-                io, self_test = describe_tflite_model(artifact, rtol=1e-2, atol=1e-3)
-                runtime = RuntimeSpec(name="litert")
-            else:
-                io, self_test = describe_onnx_model(artifact, golden, rtol=1e-2, atol=1e-3)
-                runtime = RuntimeSpec(name="onnxruntime", execution_provider=provider)
-            provenance = {"compile": {k: report.to_dict()[k] for k in (
-                "chosen", "speedup", "cache_key", "toolchain", "baseline", "result")},
-                "source_sha256": registered.sha256}
-            shas = []
-            for rollback in (False, True):
-                bundle = work / f"bundle-{int(rollback)}.efb"
-                build_bundle(BundleSpec(
-                    name=model, version=version, hardware_class=hardware_class, model_file=artifact.name,
-                    payload={f.name: f for f in build_files(artifact)}, io=io, self_test=self_test,
-                    runtime=runtime,
-                    provenance=provenance, rollback=rollback,
-                ), self.signing_key, bundle)
-                shas.append(self.artifacts.put_file(bundle))
-        log.info("build ready", extra={"model": model, "version": version, "class": hardware_class,
-                                       "chosen": report.chosen, "speedup": report.speedup,
-                                       "measured_on": report.latency.get("measured_on", ""),
-                                       "cached": report.cached})
-        return BuildRecord(model, version, hardware_class, state="ready", bundle_sha256=shas[0],
-                           rollback_bundle_sha256=shas[1], report=json.dumps(report.to_dict()),
-                           updated_at_ms=self._now_ms())
-
-    def _target_for(self, hardware_class: str) -> Any:
-        """The profile of an enrolled device of the class makes a better target than the class name."""
-        from dataclasses import replace
-
-        from edgefleet.controller.compiler.target import TargetSpec, openvino_from_profile
-        from edgefleet.protos.v1 import profile_pb2
-
-        target = None
-        # A build of the class must run on every device of it: OpenVINO devices (and their precisions)
-        # are offered only where every profiled device of the class has them.
-        shared_ov: dict[str, set[str]] | None = None
-        for device in self.store.list_devices():
-            if device.hardware_class == hardware_class and device.profile:
-                profile = profile_pb2.HardwareProfile.FromString(device.profile)
-                if target is None:
-                    try:
-                        target = TargetSpec.from_profile(profile)
-                    except Exception as exc:  # a profile the compiler cannot use: fall back to the class name
-                        log.warning("compiling for the class name: the profile of %s is not usable as a target (%s)",
-                                    device.device_id, exc, extra={"class": hardware_class})
-                        return None
-                devices = dict(openvino_from_profile(profile)[0])
-                mine = {name: set(caps) for name, caps in devices.items()}
-                shared_ov = mine if shared_ov is None else {
-                    name: caps & mine[name] for name, caps in shared_ov.items() if name in mine
-                }
-        if target is not None and shared_ov is not None:
-            kept = tuple((name, tuple(c for c in caps if c in shared_ov[name]))
-                         for name, caps in target.openvino_devices if name in shared_ov)
-            if kept != target.openvino_devices:
-                log.info("OpenVINO candidates limited to what every device of the class runs",
-                         extra={"class": hardware_class, "openvino": str(kept)})
-            target = replace(target, openvino_devices=kept)
-        return target
+        return build_for_class(self.store, self.artifacts, self.signing_key, self.compile_cache, model, version,
+                               hardware_class, device_measurers=self.device_measurers, now_ms=self._now_ms)

@@ -164,7 +164,7 @@ class RolloutRecord:
     gates: str                # JSON list of gate strings
     device_timeout_s: float
     auto_rollback: bool
-    state: str = "planning"   # planning -> running -> completed | paused | aborted | rolled_back | failed
+    state: str = "planning"   # a RolloutState value; the moves are in controller/rollouts/states.py
     wave: int = 0
     reason: str = ""
     created_at_ms: int = 0
@@ -178,7 +178,7 @@ class RolloutDeviceRecord:
     device_id: str
     hardware_class: str
     wave: int
-    state: str = "planned"    # planned -> sent -> committed | failed | timed_out | rolled_back | superseded
+    state: str = "planned"    # a DeviceState value (planned -> sent -> committed | ...); see rollouts/states.py
     command_id: str = ""
     previous_model: str = ""
     previous_version: int = 0

@@ -27,6 +27,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from edgefleet.controller.fleet.commands import OPEN_COMMAND_STATES, expired_commands
+from edgefleet.controller.fleet.credentials import token_refusal
+from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store import StoreUnavailable
 from edgefleet.controller.store.base import (
     BuildRecord,
@@ -46,7 +49,8 @@ from edgefleet.controller.store.base import (
 )
 
 # Schema changes are appended here, never edited: index + 1 is the schema version. The steps
-# mirror controller/store/sqlite.py's MIGRATIONS one for one, so a change lands in both lists.
+# mirror controller/store/sqlite.py's MIGRATIONS one for one, so a change lands in both lists;
+# test_both_backends_migrate_to_the_same_tables_and_columns compares what the two lists build.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE operator_tokens (
@@ -386,14 +390,9 @@ class PostgresStore(Store):
             if row is None:
                 raise EnrollmentRefused("unknown enrollment token")
             token = _token(row)
-            if token.revoked:
-                raise EnrollmentRefused(f"enrollment token {token.token_id} was revoked")
-            if token.expires_at_ms <= now_ms:
-                raise EnrollmentRefused(f"enrollment token {token.token_id} has expired")
-            if token.uses_left <= 0:
-                raise EnrollmentRefused(
-                    f"enrollment token {token.token_id} is used up ({token.uses_total} of {token.uses_total})"
-                )
+            refusal = token_refusal(token, now_ms)
+            if refusal is not None:
+                raise EnrollmentRefused(refusal)
             cur.execute("UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_id = %s",
                         (token.token_id,))
             labels = {**device.labels, **token.labels}
@@ -472,16 +471,21 @@ class PostgresStore(Store):
 
     def open_commands(self, device_id: str, now_ms: int) -> list[CommandRecord]:
         with self._tx() as cur:
-            cur.execute(
-                "UPDATE commands SET state = 'expired', result = 'expired', updated_at_ms = %s "
-                "WHERE device_id = %s AND state IN ('pending', 'sent') AND expires_at_ms <= %s",
-                (now_ms, device_id, now_ms),
-            )
+            # FOR UPDATE: a replica finishing one of these meanwhile waits, then sees it expired (or the
+            # other way round), so an expired command is never also finished.
             rows = cur.execute(
-                "SELECT * FROM commands WHERE device_id = %s AND state IN ('pending', 'sent') "
-                "ORDER BY created_at_ms, command_id", (device_id,),
+                "SELECT * FROM commands WHERE device_id = %s AND state = ANY(%s) "
+                "ORDER BY created_at_ms, command_id FOR UPDATE", (device_id, list(OPEN_COMMAND_STATES)),
             ).fetchall()
-        return [_command(r) for r in rows]
+            records = [_command(r) for r in rows]
+            expired = expired_commands(records, now_ms)
+            if expired:
+                cur.executemany(
+                    "UPDATE commands SET state = %s, result = %s, updated_at_ms = %s WHERE command_id = %s",
+                    [(c.state, c.result, c.updated_at_ms, c.command_id) for c in expired],
+                )
+        gone = {c.command_id for c in expired}
+        return [c for c in records if c.command_id not in gone]
 
     def mark_command_sent(self, command_id: str, now_ms: int) -> None:
         with self._statement() as cur:
@@ -560,10 +564,10 @@ class PostgresStore(Store):
 
     def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]:
         if active_only:
-            query = "SELECT * FROM rollouts WHERE state IN ('planning', 'running') ORDER BY created_at_ms, rollout_id"
+            rows = self._all("SELECT * FROM rollouts WHERE state = ANY(%s) ORDER BY created_at_ms, rollout_id",
+                             (sorted(s.value for s in ACTIVE_ROLLOUT_STATES),))
         else:
-            query = "SELECT * FROM rollouts ORDER BY created_at_ms, rollout_id"
-        rows = self._all(query)
+            rows = self._all("SELECT * FROM rollouts ORDER BY created_at_ms, rollout_id")
         return [RolloutRecord(**r) for r in rows]
 
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:

@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgefleet.controller.fleet.commands import OPEN_COMMAND_STATES, expired_commands
+from edgefleet.controller.fleet.credentials import token_refusal
+from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store.base import (
     BuildRecord,
     CommandRecord,
@@ -28,7 +31,8 @@ from edgefleet.controller.store.base import (
     session_columns,
 )
 
-# Schema changes are appended here, never edited: index + 1 is the schema version.
+# Schema changes are appended here, never edited: index + 1 is the schema version. Each has its twin
+# in controller/store/postgres.py; tests/unit/test_store_contract.py checks both build the same tables.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE operator_tokens (
@@ -305,14 +309,9 @@ class SQLiteStore(Store):
             if row is None:
                 raise EnrollmentRefused("unknown enrollment token")
             token = _token(row)
-            if token.revoked:
-                raise EnrollmentRefused(f"enrollment token {token.token_id} was revoked")
-            if token.expires_at_ms <= now_ms:
-                raise EnrollmentRefused(f"enrollment token {token.token_id} has expired")
-            if token.uses_left <= 0:
-                raise EnrollmentRefused(
-                    f"enrollment token {token.token_id} is used up ({token.uses_total} of {token.uses_total})"
-                )
+            refusal = token_refusal(token, now_ms)
+            if refusal is not None:
+                raise EnrollmentRefused(refusal)
             db.execute(
                 "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_id = ?",
                 (token.token_id,),
@@ -395,16 +394,19 @@ class SQLiteStore(Store):
 
     def open_commands(self, device_id: str, now_ms: int) -> list[CommandRecord]:
         with self._tx() as db:
-            db.execute(
-                "UPDATE commands SET state = 'expired', result = 'expired', updated_at_ms = ? "
-                "WHERE device_id = ? AND state IN ('pending', 'sent') AND expires_at_ms <= ?",
-                (now_ms, device_id, now_ms),
-            )
+            open_states = ", ".join("?" * len(OPEN_COMMAND_STATES))
             rows = db.execute(
-                "SELECT * FROM commands WHERE device_id = ? AND state IN ('pending', 'sent') "
-                "ORDER BY created_at_ms, command_id", (device_id,),
+                f"SELECT * FROM commands WHERE device_id = ? AND state IN ({open_states}) "
+                "ORDER BY created_at_ms, command_id", (device_id, *OPEN_COMMAND_STATES),
             ).fetchall()
-        return [_command(r) for r in rows]
+            records = [_command(r) for r in rows]
+            expired = expired_commands(records, now_ms)
+            db.executemany(
+                "UPDATE commands SET state = ?, result = ?, updated_at_ms = ? WHERE command_id = ?",
+                [(c.state, c.result, c.updated_at_ms, c.command_id) for c in expired],
+            )
+        gone = {c.command_id for c in expired}
+        return [c for c in records if c.command_id not in gone]
 
     def mark_command_sent(self, command_id: str, now_ms: int) -> None:
         with self._tx() as db:
@@ -488,9 +490,11 @@ class SQLiteStore(Store):
         return _rollout(row) if row else None
 
     def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]:
-        where = "WHERE state IN ('planning', 'running')" if active_only else ""
+        active = sorted(s.value for s in ACTIVE_ROLLOUT_STATES) if active_only else []
+        where = f"WHERE state IN ({', '.join('?' * len(active))})" if active_only else ""
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM rollouts {where} ORDER BY created_at_ms, rollout_id").fetchall()
+            rows = self._db.execute(f"SELECT * FROM rollouts {where} ORDER BY created_at_ms, rollout_id",
+                                    active).fetchall()
         return [_rollout(r) for r in rows]
 
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:

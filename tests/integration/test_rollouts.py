@@ -77,6 +77,11 @@ def test_two_classes_compile_once_each_and_the_canary_goes_first(tmp_path, contr
         assert all(canary[0].finished_at_unix_ms <= d.dispatched_at_unix_ms for d in members if d.wave > 0)
     status = run_cli("rollout", "status", rid)
     assert "COMPLETED" in status and "[####################] 2/2" in status and "[####################] 4/4" in status
+    # An operator action the rollout's state does not allow is refused, in one line naming the state.
+    refused = CliRunner().invoke(cli, ["rollout", "resume", rid, "--state-dir", str(controller.state_dir)])
+    assert refused.exit_code != 0 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert f"rollout {rid} is completed; resume is allowed only when it is paused" \
+        in refused.output, refused.output
 
 
 def start_fleet(controller, start_agent, n: int, extra: dict[int, list[str]] | None = None):  # type: ignore[no-untyped-def]

@@ -584,3 +584,49 @@ def test_postgres_store_survives_its_connections_being_killed() -> None:
             assert store.is_operator_token("h")
         finally:
             store.close()
+
+
+def sqlite_schema(path: Path) -> dict[str, list[tuple[str, bool]]]:
+    """Table -> [(column, nullable)] in column order, as SQLite has them after every migration."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        # PRAGMA table_info: (cid, name, type, notnull, dflt_value, pk). A PRIMARY KEY column is counted as
+        # NOT NULL, as PostgreSQL makes it (SQLite alone would accept a NULL key that the code never writes).
+        return {t: [(c[1], not (c[3] or c[5])) for c in db.execute(f'PRAGMA table_info("{t}")')] for t in tables}
+    finally:
+        db.close()
+
+
+def postgres_schema_columns(dsn: str) -> dict[str, list[tuple[str, bool]]]:
+    with psycopg.connect(dsn) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_type = 'BASE TABLE' ORDER BY table_name")]
+        return {t: [(name, nullable == "YES") for name, nullable in conn.execute(
+            "SELECT column_name, is_nullable FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position", (t,))]
+            for t in tables}
+
+
+def test_both_backends_migrate_to_the_same_tables_and_columns(tmp_path: Path) -> None:
+    """The two MIGRATIONS lists are kept in step by hand; this is what says they are."""
+    from edgefleet.controller.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+
+    assert len(SQLITE_MIGRATIONS) == len(POSTGRES_MIGRATIONS), "a migration landed in one backend only"
+    SQLiteStore(tmp_path / "schema.db").close()
+    lite = sqlite_schema(tmp_path / "schema.db")
+    with postgres_schema() as dsn:
+        PostgresStore(dsn).close()
+        pg = postgres_schema_columns(dsn)
+    assert sorted(lite) == sorted(pg)
+    for table in sorted(lite):
+        assert lite[table] == pg[table], f"table {table}: sqlite {lite[table]} != postgres {pg[table]}"
+    # Every record field has its column, so the stores' generic inserts write them all.
+    for table, record in (("devices", DeviceRecord), ("commands", CommandRecord), ("models", ModelRecord),
+                          ("builds", BuildRecord), ("rollouts", RolloutRecord),
+                          ("rollout_devices", RolloutDeviceRecord), ("telemetry_rollups", Rollup)):
+        assert {f.name for f in dataclasses.fields(record)} == {c for c, _ in lite[table]}, table
