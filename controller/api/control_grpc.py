@@ -212,7 +212,8 @@ class RolloutControl:
 def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:
     return control_pb2.ModelInfo(name=record.name, version=record.version, sha256=record.sha256,
                                  format=record.format, calib_sha256=record.calib_sha256, budget=record.budget,
-                                 created_at_unix_ms=record.created_at_ms)
+                                 created_at_unix_ms=record.created_at_ms, eval_sha256=record.eval_sha256,
+                                 eval_labels_sha256=record.eval_labels_sha256, metric=record.metric)
 
 
 def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = True) -> control_pb2.RolloutInfo:

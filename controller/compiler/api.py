@@ -229,6 +229,28 @@ def _gate_data(
     return calib, gate_set
 
 
+def check_compile_data(
+    model: Path,
+    *,
+    calib: Path | None = None,
+    eval_data: Path | None = None,
+    eval_labels: Path | None = None,
+    metric: str = "cosine",
+    budget: float = 0.99,
+) -> None:
+    """The data checks a compile of ``model`` makes, without compiling: the metric and its labels,
+    then every array's names, dtypes, shapes and layout, NaN/Inf and sample counts. For `edgefleet
+    models add` (before upload, and again at the controller): a rollout must never be the first to
+    find out, at build time. Raises :class:`CompileError` with the one-line reason."""
+    source = load_source(Path(model))
+    gate = Gate(budget, None, 0.01, metric)
+    if gate.labelled and eval_labels is None:
+        raise CompileError("--metric accuracy scores against labels; pass --eval-labels LABELS.npz")
+    spec = CompileSpec(model=Path(model), calib=calib, eval_data=eval_data, eval_labels=eval_labels,
+                       metric=metric, budget=budget)
+    _gate_data(spec, source, {}, None)
+
+
 def _with_labels(data: Dataset, path: Path, flag: str) -> Dataset:
     """``--eval-labels``: one integer array (any key) with a class per sample of ``flag``'s data."""
     arrays = read_npz(path, "--eval-labels", "one array of labels", "numpy.savez(path, labels=array)")

@@ -79,10 +79,20 @@ def build_for_class(
         if calib is not None:
             calib_file = work / "calib.npz"
             calib_file.symlink_to(calib)
+
+        def linked(name: str, sha: str) -> Path | None:
+            if not sha:
+                return None
+            path = work / name
+            path.symlink_to(artifacts.path(sha))
+            return path
+
         measurers = device_measurers() if device_measurers else None
         report = compile_model(
             CompileSpec(model=model_file, target=target, calib=calib_file, budget=registered.budget,
-                        out=work / "out", cache_dir=compile_cache),
+                        eval_data=linked("eval.npz", registered.eval_sha256),
+                        eval_labels=linked("eval-labels.npz", registered.eval_labels_sha256),
+                        metric=registered.metric or "cosine", out=work / "out", cache_dir=compile_cache),
             device_measurers=measurers,
         )
         artifact = Path(report.artifact)

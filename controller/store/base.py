@@ -135,6 +135,9 @@ class ModelRecord:
     calib_sha256: str = ""
     budget: float = 0.99
     created_at_ms: int = 0
+    eval_sha256: str = ""        # held-out gate data; empty = a held-out part of calib
+    eval_labels_sha256: str = ""
+    metric: str = ""             # the gate's metric; empty = cosine
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,6 +211,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE telemetry_dirty_minutes ADD COLUMN marks INTEGER NOT NULL DEFAULT 1;
     """,
+    """
+    ALTER TABLE models ADD COLUMN eval_sha256 TEXT NOT NULL DEFAULT '';
+    ALTER TABLE models ADD COLUMN eval_labels_sha256 TEXT NOT NULL DEFAULT '';
+    ALTER TABLE models ADD COLUMN metric TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 MINUTE_MS = 60_000

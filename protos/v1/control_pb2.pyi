@@ -315,23 +315,29 @@ class ListCommandsResponse(_message.Message):
     def __init__(self, commands: _Optional[_Iterable[_Union[CommandInfo, _Mapping]]] = ...) -> None: ...
 
 class AddModelRequest(_message.Message):
-    __slots__ = ("name", "version", "sha256", "format", "calib_sha256", "budget")
+    __slots__ = ("name", "version", "sha256", "format", "calib_sha256", "budget", "eval_sha256", "eval_labels_sha256", "metric")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CALIB_SHA256_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LABELS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
     format: str
     calib_sha256: str
     budget: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., calib_sha256: _Optional[str] = ..., budget: _Optional[float] = ...) -> None: ...
+    eval_sha256: str
+    eval_labels_sha256: str
+    metric: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., calib_sha256: _Optional[str] = ..., budget: _Optional[float] = ..., eval_sha256: _Optional[str] = ..., eval_labels_sha256: _Optional[str] = ..., metric: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "sha256", "format", "calib_sha256", "budget", "created_at_unix_ms")
+    __slots__ = ("name", "version", "sha256", "format", "calib_sha256", "budget", "created_at_unix_ms", "eval_sha256", "eval_labels_sha256", "metric")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +345,9 @@ class ModelInfo(_message.Message):
     CALIB_SHA256_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LABELS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
@@ -346,7 +355,10 @@ class ModelInfo(_message.Message):
     calib_sha256: str
     budget: float
     created_at_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., calib_sha256: _Optional[str] = ..., budget: _Optional[float] = ..., created_at_unix_ms: _Optional[int] = ...) -> None: ...
+    eval_sha256: str
+    eval_labels_sha256: str
+    metric: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., calib_sha256: _Optional[str] = ..., budget: _Optional[float] = ..., created_at_unix_ms: _Optional[int] = ..., eval_sha256: _Optional[str] = ..., eval_labels_sha256: _Optional[str] = ..., metric: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

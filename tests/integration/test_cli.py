@@ -134,3 +134,40 @@ def test_models_add_checks_calibration_data_before_upload(run, controller, tmp_p
     ok = run("models", "add", str(model), "--name", "vad", "--version", "1", "--calib", str(good), "--json", *sd)
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["calib_sha256"]
+
+
+def test_models_add_keeps_the_gate_a_rollout_compiles_under(run, controller, tmp_path):
+    """Evaluation data, labels and the metric are checked like calibration data, then stored."""
+    import numpy as np
+
+    from models.layout_models import silero_like, silero_samples
+
+    sd = ["--state-dir", str(controller.state_dir)]
+    model = silero_like(tmp_path / "vad.onnx")
+    samples = silero_samples(8)
+    good = tmp_path / "good.npz"
+    np.savez(good, input=samples["input"][:, 0], state=np.concatenate(list(samples["state"]), axis=1),
+             sr=samples["sr"])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=samples["input"][:, 0])
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, labels=np.zeros(5, np.int64))  # 5 labels for 8 samples
+    base = ["models", "add", str(model), "--name", "vad", "--version", "1", "--calib", str(good)]
+    for extra, needle in [
+        (["--eval-data", str(bad)], "--eval-data"),
+        (["--metric", "f1"], "--metric 'f1' is unknown"),
+        (["--metric", "accuracy"], "pass --eval-labels"),
+        (["--eval-data", str(good), "--eval-labels", str(labels), "--metric", "accuracy"], "8 samples"),
+        (["--metric", "accuracy", "--eval-labels", str(labels), "--budget", "0.99"], "largest accuracy drop"),
+    ]:
+        result = run(*base, *extra, *sd)
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], (extra, result.output)
+    assert json.loads(run("models", "list", "--json", *sd).output)["models"] == []
+    ok = run(*base, "--eval-data", str(good), "--metric", "mask-iou@0.3", "--budget", "0.95", "--json", *sd)
+    assert ok.exit_code == 0, ok.output
+    info = json.loads(ok.output)
+    assert info["eval_sha256"] and info["metric"] == "mask-iou@0.3" and info["budget"] == 0.95
+    listed = run("models", "list", *sd).output
+    assert "mask-iou@0.3" in listed
