@@ -115,8 +115,9 @@ class MqttLink:
         self.desired: mqtt_pb2.DesiredModel | None = None
         self.on_desired: Callable[[mqtt_pb2.DesiredModel], None] | None = None
         self.telemetry_ready = asyncio.Event()
-        self.pump = TelemetryPump(outbox, self.telemetry_ready, device_id=identity.device_id,
-                                  window=telemetry_window, ack_timeout_s=ack_timeout_s) if outbox else None
+        self.pump = None if outbox is None else TelemetryPump(
+            outbox, self.telemetry_ready, device_id=identity.device_id, window=telemetry_window,
+            ack_timeout_s=ack_timeout_s)
         self.dispatch = ControllerDispatch(self, self.pump)
         self.telemetry_window = telemetry_window
         self.connected = False

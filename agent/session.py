@@ -138,8 +138,9 @@ class AgentSession:
         self.profile = profile
         self.outbox = outbox
         self.telemetry_ready = asyncio.Event()
-        self.pump = TelemetryPump(outbox, self.telemetry_ready, device_id=identity.device_id,
-                                  window=telemetry_window, ack_timeout_s=ack_timeout_s) if outbox else None
+        self.pump = None if outbox is None else TelemetryPump(
+            outbox, self.telemetry_ready, device_id=identity.device_id, window=telemetry_window,
+            ack_timeout_s=ack_timeout_s)
         self.dispatch = ControllerDispatch(self, self.pump)
         self.on_command: CommandHandler | None = None
         self.serving: Serving | None = None  # (model, version) now served

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,8 @@ def fill(outbox: TelemetryOutbox, count: int) -> None:
 @pytest.mark.parametrize("transport", [0, 1], ids=["grpc", "mqtt"])
 def test_both_links_resend_telemetry_when_acks_are_overdue(tmp_path: Path, transport: int) -> None:
     outbox = TelemetryOutbox(tmp_path / "outbox.db")
+    link = links(outbox)[transport]  # made with an empty outbox, as the daemon makes it
     fill(outbox, 3)
-    link = links(outbox)[transport]
     pump = link.pump  # type: ignore[attr-defined]
     assert isinstance(pump, TelemetryPump)
     sent: list[int] = []
@@ -88,11 +89,15 @@ def test_pump_stops_at_a_down_link_and_starts_over_on_the_next_connection(tmp_pa
     assert sent == [1, 2, 2, 3]
 
 
+def commands_seen(into: list[str]) -> Callable[[fleet_pb2.Command], None]:
+    return lambda command: into.append(command.command_id)
+
+
 def test_one_dispatch_for_both_links(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     outbox = TelemetryOutbox(tmp_path / "outbox.db")
     for link in links(outbox):
         commands: list[str] = []
-        link.on_command = lambda command: commands.append(command.command_id)
+        link.on_command = commands_seen(commands)
         dispatch = link.dispatch  # type: ignore[attr-defined]
         assert isinstance(dispatch, ControllerDispatch)
         dispatch.handle(fleet_pb2.ControllerMessage(command=fleet_pb2.Command(command_id="cmd-1")))
