@@ -16,8 +16,8 @@ import grpc
 from edgefleet.agent.commands import CommandRunner, GrpcArtifactSource
 from edgefleet.agent.device_stats import DeviceSampler
 from edgefleet.agent.identity import Identity, load_identity, save_identity
+from edgefleet.agent.link import ControllerLink
 from edgefleet.agent.local_api import socket_address, start_local_api
-from edgefleet.agent.mqtt_artifacts import MqttArtifactSource
 from edgefleet.agent.mqtt_link import MqttLink, keep_mqtt_login, link_for_agent  # issue 7
 from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
@@ -27,6 +27,7 @@ from edgefleet.agent.session import AgentSession, enroll
 from edgefleet.agent.telemetry import TelemetryCollector
 from edgefleet.firmware.installer import Installer, InstallPolicy
 from edgefleet.firmware.keys import pin_public_keys, pinned_keys
+from edgefleet.firmware.sources import ControllerArtifact
 from edgefleet.protos.v1 import fleet_pb2, local_pb2, mqtt_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent")
@@ -75,7 +76,7 @@ class Agent:
         self.config = config
         self.profile = profile
         self.identity: Identity | None = None
-        self.session: AgentSession | MqttLink | None = None
+        self.session: ControllerLink | None = None
         self.outbox = TelemetryOutbox(config.state_dir / "telemetry.db", config.telemetry_queue_cap)
         models = load_power_models(config.power_model)
         power = PowerMeter(profile.power_sensors, power_model_for(profile.hardware_class, models))
@@ -231,36 +232,33 @@ class Agent:
             raise ConfigError(
                 f"cannot serve the local API on {address}: {exc}; choose another with --local-api"
             ) from None
-        self.session = AgentSession(
+        link: ControllerLink = AgentSession(
             controller, self.identity, lambda: self.profile,
             outbox=self.outbox, backoff_max_s=self.config.backoff_max_s,
         )
         if self.config.transport == "mqtt":  # issue 7: after enrollment the device speaks only MQTT
-            self.session = link_for_agent(self.config.state_dir, self.identity, self.outbox,
-                                          url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
-        identity = self.identity
-        link = self.session
+            link = link_for_agent(self.config.state_dir, self.identity, self.outbox, profile=lambda: self.profile,
+                                  url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+        self.session = link
 
-        def source_for(spec: fleet_pb2.InstallBundle) -> GrpcArtifactSource | MqttArtifactSource:
-            # A device that speaks only MQTT fetches bundles over MQTT too.
-            if isinstance(link, MqttLink):
-                return link.artifact_source(spec.sha256, spec.size)
-            return GrpcArtifactSource(controller, identity, spec.sha256, spec.size)
+        def source_for(spec: fleet_pb2.InstallBundle) -> ControllerArtifact:
+            # Bundles come over the link's own transport: a device that speaks only MQTT fetches over MQTT.
+            return link.artifact_source(spec.sha256, spec.size)
 
         runner = CommandRunner(
             self.config.state_dir, installer,
             source_for=source_for,
-            send_ack=self.session.send_ack,
+            send_ack=link.send_ack,
             on_installed=self.installed,
             threads=self.threads,
         )
-        self.session.on_command = runner.submit
-        self.session.serving = self.serving
+        link.on_command = runner.submit
+        link.serving = self.serving
         if isinstance(link, MqttLink):
             link.on_desired = lambda desired: self._schedule_converge(runner, desired)
             self._after_install.append(link.publish_state)
         tasks = [
-            asyncio.create_task(self.session.run()),
+            asyncio.create_task(link.run()),
             asyncio.create_task(runner.run()),
             asyncio.create_task(self._telemetry_loop()),
         ]

@@ -32,6 +32,7 @@ import paho.mqtt.client as mqtt
 
 from edgefleet.agent import __version__
 from edgefleet.agent.identity import Identity
+from edgefleet.agent.link import DEFAULT_ACK_TIMEOUT_S, CommandHandler, ControllerDispatch, Serving, TelemetryPump
 from edgefleet.agent.mqtt_artifacts import ChunkRouter, MqttArtifactSource
 from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.agent.session import Refused
@@ -45,7 +46,7 @@ from edgefleet.common.mqtt import (
     topic,
 )
 from edgefleet.protos.capability import CAPABILITY_VERSION
-from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
+from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.agent.mqtt")
 
@@ -82,11 +83,8 @@ def keep_mqtt_login(state_dir: Path, login: fleet_pb2.MqttCredentials, controlle
 
 
 # -- the link ----------------------------------------------------------------------------------
-CommandHandler = Callable[[fleet_pb2.Command], None]
-
-
 class MqttLink:
-    """Keeps one MQTT connection; same surface as AgentSession (run, connected, telemetry_ready)."""
+    """The MQTT ControllerLink (agent/link.py): keeps one broker connection, with a persistent session."""
 
     def __init__(
         self,
@@ -95,8 +93,9 @@ class MqttLink:
         *,
         url: str | None = None,
         outbox: TelemetryOutbox | None = None,
+        profile: Callable[[], profile_pb2.HardwareProfile],
         telemetry_window: int = 64,
-        ack_timeout_s: float = 10.0,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         keepalive_s: int = 30,
         backoff_max_s: float = 30.0,
@@ -107,23 +106,26 @@ class MqttLink:
         self.login = login
         self.address = parse_broker_url(url or login.url)
         self.outbox = outbox
-        self.telemetry_window = telemetry_window
-        self.ack_timeout_s = ack_timeout_s
+        self.profile = profile
         self.session_expiry_s = session_expiry_s
         self.keepalive_s = keepalive_s
         self.backoff_max_s = backoff_max_s
         self.on_command = on_command
-        self.serving: Callable[[], tuple[str, int]] | None = None  # (model, version) now served
+        self.serving: Serving | None = None  # (model, version) now served
         self.desired: mqtt_pb2.DesiredModel | None = None
         self.on_desired: Callable[[mqtt_pb2.DesiredModel], None] | None = None
         self.telemetry_ready = asyncio.Event()
+        self.pump = None if outbox is None else TelemetryPump(
+            outbox, self.telemetry_ready, device_id=identity.device_id, window=telemetry_window,
+            ack_timeout_s=ack_timeout_s)
+        self.dispatch = ControllerDispatch(self, self.pump)
+        self.telemetry_window = telemetry_window
         self.connected = False
         self.connections = 0
         self.last_refusal: str | None = None
-        self._connected_event = asyncio.Event()
-        self._inflight: dict[int, float] = {}
+        self.last_rtt_ms: float | None = None  # MQTT has no heartbeat acks: the broker's keepalive watches the link
+        self._pumping: asyncio.Task[None] | None = None
         self._acks: collections.deque[fleet_pb2.CommandAck] = collections.deque()
-        self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self.artifacts = ChunkRouter()
@@ -139,6 +141,8 @@ class MqttLink:
                                      agent_version=__version__, capability_version=CAPABILITY_VERSION)
         if online and self.serving is not None:  # what Hello carries on gRPC: rollouts compare against it
             state.model, state.model_version = self.serving()
+        if online:  # capability 6: the profile on every connect, so a changed hardware class is seen
+            state.profile.CopyFrom(self.profile())
         return state.SerializeToString()
 
     def _build_client(self) -> mqtt.Client:
@@ -183,10 +187,10 @@ class MqttLink:
         self.connected = True
         self.connections += 1
         self.last_refusal = None
-        self._generation += 1
-        self._inflight.clear()  # resend everything still on disk; the controller de-duplicates on seq
-        self._connected_event.set()
-        self.telemetry_ready.set()
+        self._stop_pump()
+        if self.pump is not None:  # starts over from the oldest batch on disk; the controller de-duplicates
+            self._pumping = asyncio.get_running_loop().create_task(self.pump.run(self._publish_telemetry))
+            self._pumping.add_done_callback(self._pump_ended)
         self._flush_acks()
         log.info("mqtt connected", extra={"device": self.device_id, "broker": f"{self.address.host}:"
                                            f"{self.address.port}", "session_present": session_present})
@@ -195,7 +199,20 @@ class MqttLink:
         if self.connected:
             log.warning("mqtt connection lost", extra={"device": self.device_id, "reason": reason})
         self.connected = False
-        self._connected_event.clear()
+        self._stop_pump()
+
+    def _stop_pump(self) -> None:
+        if self._pumping is not None:
+            self._pumping.cancel()
+            self._pumping = None
+
+    def _pump_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("telemetry pump failed; telemetry stays on disk until the next connect",
+                      exc_info=task.exception(), extra={"device": self.device_id})
+
+    async def _publish_telemetry(self, message: fleet_pb2.AgentMessage) -> bool:
+        return self.publish("telemetry", message)
 
     def _received(self, name: str, payload: bytes) -> None:
         if name.endswith("/desired"):
@@ -206,15 +223,7 @@ class MqttLink:
         except Exception:
             log.warning("undecodable controller message dropped", extra={"device": self.device_id, "topic": name})
             return
-        kind = message.WhichOneof("body")
-        if kind == "telemetry_ack":
-            self._on_telemetry_ack(message.telemetry_ack)
-        elif kind == "command" and self.on_command is not None:
-            self.on_command(message.command)
-        else:
-            command_id = message.command.command_id if kind == "command" else ""
-            log.info("controller message received; no handler on this transport yet",
-                     extra={"device": self.device_id, "kind": kind, "command": command_id})
+        self.dispatch.handle(message)
 
     def _on_desired(self, payload: bytes) -> None:
         try:
@@ -230,17 +239,6 @@ class MqttLink:
         """Say again what this device serves (after an install), on the retained state topic."""
         if self._client is not None and self.connected:
             self._client.publish(topic(self.device_id, "state"), self._state(True), qos=1, retain=True)
-
-    def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
-        seqs = list(ack.seqs) + [r.seq for r in ack.rejected]
-        for rejected in ack.rejected:
-            log.warning("telemetry batch rejected by the controller",
-                        extra={"device": self.device_id, "seq": rejected.seq, "reason": rejected.reason})
-        if self.outbox is not None:
-            self.outbox.ack(seqs)
-        for seq in seqs:
-            self._inflight.pop(seq, None)
-        self.telemetry_ready.set()
 
     def _flush_acks(self) -> None:
         while self._acks and self.publish("ack", fleet_pb2.AgentMessage(command_ack=self._acks[0])):
@@ -271,11 +269,9 @@ class MqttLink:
                              clean_start=False, properties=session_properties(self.session_expiry_s))
         client.loop_start()
         try:
-            if self.outbox is not None:
-                await self._telemetry_loop(self.outbox)
-            else:
-                await asyncio.Event().wait()
+            await asyncio.Event().wait()  # the work happens in paho's callbacks and the telemetry pump
         finally:
+            self._stop_pump()
             if self.connected:
                 # A clean DISCONNECT does not fire the Last Will, so say offline ourselves.
                 info = client.publish(topic(self.device_id, "state"), self._state(False), qos=1, retain=True)
@@ -285,41 +281,6 @@ class MqttLink:
             client.loop_stop()
             self.connected = False
 
-    async def _telemetry_loop(self, outbox: TelemetryOutbox) -> None:
-        """Publish queued batches oldest first, at most `telemetry_window` un-acked at a time.
-
-        After a reconnect, or when the oldest un-acked batch has waited `ack_timeout_s` (its
-        ack or the batch itself was lost, e.g. with the broker), everything still on disk is sent
-        again; the controller de-duplicates on (device, seq), so a resend is never stored twice.
-        """
-        last_sent = 0
-        generation = -1
-        while True:
-            await self._connected_event.wait()
-            self.telemetry_ready.clear()
-            now = time.monotonic()
-            if generation != self._generation or (
-                    self._inflight and now - min(self._inflight.values()) > self.ack_timeout_s):
-                if generation == self._generation:
-                    log.info("telemetry acks overdue; resending", extra={"device": self.device_id,
-                                                                         "inflight": len(self._inflight)})
-                generation = self._generation
-                self._inflight.clear()
-                last_sent = 0
-            room = self.telemetry_window - len(self._inflight)
-            batches = outbox.pending(last_sent, room) if room > 0 else []
-            for batch in batches:
-                if not self.publish("telemetry", fleet_pb2.AgentMessage(telemetry=batch)):
-                    break
-                self._inflight[batch.seq] = now
-                last_sent = batch.seq
-            else:
-                if len(batches) == room and room > 0:
-                    await asyncio.sleep(0)
-                    continue  # more may be waiting
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.telemetry_ready.wait(), timeout=1.0)
-
 
 def link_for_agent(
     state_dir: Path,
@@ -328,6 +289,7 @@ def link_for_agent(
     *,
     url: str | None,
     backoff_max_s: float,
+    profile: Callable[[], profile_pb2.HardwareProfile],
     on_command: CommandHandler | None = None,
 ) -> MqttLink:
     """The daemon's MQTT link, from the login kept at enrollment; errors say how to fix them."""
@@ -335,4 +297,5 @@ def link_for_agent(
     if login is None:
         raise ValueError(f"{state_dir / MQTT_LOGIN_FILE} is missing: this device enrolled without an MQTT login; "
                          "re-enroll with --transport mqtt against a controller started with --mqtt URL")
-    return MqttLink(identity, login, url=url, outbox=outbox, backoff_max_s=backoff_max_s, on_command=on_command)
+    return MqttLink(identity, login, url=url, outbox=outbox, backoff_max_s=backoff_max_s, on_command=on_command,
+                    profile=profile)

@@ -18,7 +18,9 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from edgefleet.agent import __version__
+from edgefleet.agent.commands import GrpcArtifactSource
 from edgefleet.agent.identity import Identity
+from edgefleet.agent.link import DEFAULT_ACK_TIMEOUT_S, CommandHandler, ControllerDispatch, Serving, TelemetryPump
 from edgefleet.agent.outbox import TelemetryOutbox
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
@@ -115,6 +117,8 @@ async def enroll(
 
 
 class AgentSession:
+    """The gRPC ControllerLink (agent/link.py): one Session stream, reopened with backoff."""
+
     def __init__(
         self,
         controller: str,
@@ -126,17 +130,21 @@ class AgentSession:
         backoff_max_s: float = 30.0,
         connect_timeout_s: float = 15.0,
         telemetry_window: int = 64,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     ) -> None:
         self.controller = controller
         self.identity = identity
+        self.device_id = identity.device_id
         self.profile = profile
         self.outbox = outbox
-        self.telemetry_window = telemetry_window
         self.telemetry_ready = asyncio.Event()
-        self.on_command: Callable[[fleet_pb2.Command], None] | None = None
-        self.serving: Callable[[], tuple[str, int]] | None = None  # (model, version) now served
+        self.pump = None if outbox is None else TelemetryPump(
+            outbox, self.telemetry_ready, device_id=identity.device_id, window=telemetry_window,
+            ack_timeout_s=ack_timeout_s)
+        self.dispatch = ControllerDispatch(self, self.pump)
+        self.on_command: CommandHandler | None = None
+        self.serving: Serving | None = None  # (model, version) now served
         self._acks: asyncio.Queue[fleet_pb2.CommandAck] = asyncio.Queue()
-        self._inflight: set[int] = set()
         self._write_lock = asyncio.Lock()
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -175,11 +183,10 @@ class AgentSession:
                 extra={"device": self.identity.device_id, "controller": self.controller,
                        "heartbeat_s": interval_s, "capability": accepted.capability_version},
             )
-            self._inflight.clear()
             senders = [asyncio.create_task(self._heartbeat_loop(call, interval_s)),
                        asyncio.create_task(self._ack_loop(call))]
-            if self.outbox is not None:
-                senders.append(asyncio.create_task(self._telemetry_loop(call, self.outbox)))
+            if self.pump is not None:
+                senders.append(asyncio.create_task(self.pump.run(lambda message: self._sent(call, message))))
             try:
                 await self._read_loop(call)
             except grpc.aio.AioRpcError as exc:
@@ -212,6 +219,10 @@ class AgentSession:
         async with self._write_lock:  # one write at a time on a stream
             await call.write(message)
             self._last_write = time.monotonic()
+
+    async def _sent(self, call: Any, message: fleet_pb2.AgentMessage) -> bool:
+        await self._send(call, message)  # a broken stream raises, which ends the session
+        return True
 
     async def _heartbeat_loop(self, call: Any, interval_s: float) -> None:
         """Heartbeat ticks every interval; a tick sends one only if nothing else went out since the last.
@@ -253,46 +264,14 @@ class AgentSession:
                     self._acks.put_nowait(ack)  # keep it for the next session
                 raise
 
-    async def _telemetry_loop(self, call: Any, outbox: TelemetryOutbox) -> None:
-        """Send queued batches oldest first, at most `telemetry_window` un-acked at a time.
-
-        Every session starts again from the oldest batch still on disk: whatever was in flight
-        when the last connection dropped is resent, and the controller de-duplicates on seq.
-        """
-        last_sent = 0
-        while True:
-            self.telemetry_ready.clear()
-            room = self.telemetry_window - len(self._inflight)
-            batches = outbox.pending(last_sent, room) if room > 0 else []
-            for batch in batches:
-                await self._send(call, fleet_pb2.AgentMessage(telemetry=batch))
-                self._inflight.add(batch.seq)
-                last_sent = batch.seq
-            if len(batches) == room and room > 0:
-                continue  # more may be waiting
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.telemetry_ready.wait(), timeout=1.0)
-
     async def _read_loop(self, call: Any) -> None:
         while True:
             message = await call.read()
             if message is grpc.aio.EOF:
                 log.warning("session closed by the controller", extra={"device": self.identity.device_id})
                 return
-            kind = message.WhichOneof("body")
-            if kind == "heartbeat_ack":
-                self.last_rtt_ms = time.time() * 1000 - message.heartbeat_ack.sent_at_unix_ms
-            elif kind == "telemetry_ack":
-                self._on_telemetry_ack(message.telemetry_ack)
-            elif kind == "command" and self.on_command is not None:
-                self.on_command(message.command)
+            self.dispatch.handle(message)
 
-    def _on_telemetry_ack(self, ack: fleet_pb2.TelemetryAck) -> None:
-        seqs = list(ack.seqs) + [r.seq for r in ack.rejected]
-        for rejected in ack.rejected:
-            log.warning("telemetry batch rejected by the controller",
-                        extra={"device": self.identity.device_id, "seq": rejected.seq, "reason": rejected.reason})
-        if self.outbox is not None:
-            self.outbox.ack(seqs)
-        self._inflight.difference_update(seqs)
-        self.telemetry_ready.set()
+    def artifact_source(self, sha256: str, size: int) -> GrpcArtifactSource:
+        """Bundles come over FetchArtifact, on a channel of their own, resumable from any offset."""
+        return GrpcArtifactSource(self.controller, self.identity, sha256, size)

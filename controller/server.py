@@ -27,6 +27,7 @@ from edgefleet.controller.fleet.commands import CommandDispatcher
 from edgefleet.controller.fleet.device_measure import DeviceMeasure
 from edgefleet.controller.fleet.enrollment import Enrollment
 from edgefleet.controller.fleet.presence import PresenceTracker
+from edgefleet.controller.fleet.sessions import DeviceSessions
 from edgefleet.controller.rollouts.engine import RolloutEngine
 from edgefleet.controller.rollouts.signing import ensure_signing_key, trusted_public_pems
 from edgefleet.controller.store import open_store
@@ -93,14 +94,13 @@ class Controller:
         self.live = LiveTelemetry()
         self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
         self.ingest.listeners.append(self.live)
+        # The one device-session layer both transports translate to and from.
+        self.sessions = DeviceSessions(self.store, self.enrollment, self.presence, self.ingest, self.commands,
+                                       self.artifacts, config.heartbeat_interval_s)
         self.mqtt: MqttBridge | None = None  # MQTT transport (issue 7)
         if config.mqtt_url and logins is not None:
-            self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, store=self.store, presence=self.presence,
-                                   ingest=self.ingest, auth=logins, artifacts=self.artifacts,
+            self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, sessions=self.sessions, auth=logins,
                                    default_client_id=self.replica)
-            # Commands ride MQTT like the gRPC Session: open ones go out when a device comes online.
-            self.mqtt.ack_handlers.append(lambda device_id, m: self.commands.on_ack(device_id, m.command_ack))
-            self.mqtt.online_handlers.append(self.commands.deliver_open)
             self.commands.issue_listeners.append(self.mqtt.publish_desired)
         self.http = HttpApi(self.store, self.presence, self.live, registry)
         self.started_at_ms = int(time.time() * 1000)
@@ -132,10 +132,8 @@ class Controller:
             started_at_unix_ms=self.started_at_ms,
         )
         add_fleet_servicer(
-            FleetServicer(
-                self.enrollment, self.presence, self.artifacts, self.ingest, self.commands,
-                self.config.heartbeat_interval_s, trusted_public_pems(self.config.state_dir, self.signing_key),
-            ),
+            FleetServicer(self.enrollment, self.sessions,
+                          trusted_public_pems(self.config.state_dir, self.signing_key)),
             server,
         )
         control_pb2_grpc.add_ControlServicer_to_server(

@@ -1,7 +1,8 @@
 """The Fleet gRPC service, for agents: Enroll, the Session stream and FetchArtifact.
 
-It only translates: protobuf in, a call into the fleet domain (enrollment, presence, commands,
-telemetry ingest), protobuf out, and domain errors mapped to status codes.
+It only translates: protobuf in, a call into the fleet domain (enrollment, and the device
+sessions of controller/fleet/sessions.py, which the MQTT bridge calls too), protobuf out, and
+domain errors mapped to status codes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,13 +24,9 @@ from edgefleet.controller.errors import (
     FleetError,
     InvalidArgument,
 )
-from edgefleet.controller.fleet import validation
-from edgefleet.controller.fleet.commands import CommandDispatcher
 from edgefleet.controller.fleet.enrollment import Enrollment
-from edgefleet.controller.fleet.presence import PresenceTracker
-from edgefleet.controller.store.artifacts import ArtifactStore, ChunkCache
-from edgefleet.controller.telemetry.ingest import TelemetryIngest
-from edgefleet.protos.capability import CAPABILITY_VERSION, negotiate
+from edgefleet.controller.fleet.sessions import DeviceSessions, Replies, SessionHello
+from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger("edgefleet.controller.grpc")
@@ -80,21 +76,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def __init__(
         self,
         enrollment: Enrollment,
-        presence: PresenceTracker,
-        artifacts: ArtifactStore,
-        ingest: TelemetryIngest,
-        commands: CommandDispatcher,
-        heartbeat_interval_s: float,
+        sessions: DeviceSessions,
         trusted_public_keys_pem: list[str],
     ) -> None:
         self.enrollment = enrollment
-        self.presence = presence
-        self.artifacts = artifacts
-        self.chunks = ChunkCache(artifacts)
-        self.ingest = ingest
-        self.commands = commands
+        self.sessions = sessions
         self.trusted_public_keys_pem = trusted_public_keys_pem
-        self.heartbeat_interval_ms = int(heartbeat_interval_s * 1000)
 
     @maps_errors
     async def Enroll(
@@ -110,7 +97,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return fleet_pb2.EnrollResponse(
             device_id=enrolled.record.device_id,
             device_secret=enrolled.secret,
-            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            heartbeat_interval_ms=self.sessions.heartbeat_interval_ms,
             capability_version=CAPABILITY_VERSION,
             labels=enrolled.record.labels,
             trusted_public_keys_pem=self.trusted_public_keys_pem,
@@ -120,39 +107,22 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     async def Session(
         self, request_iterator: AsyncIterator[fleet_pb2.AgentMessage], context: grpc.aio.ServicerContext
     ) -> None:
+        outbox: asyncio.Queue[fleet_pb2.ControllerMessage] = asyncio.Queue()
+        replies = Replies(send=outbox.put_nowait)
+        handler = asyncio.current_task()
+        assert handler is not None
         try:
-            device = self.enrollment.authenticate_device(*device_credentials(context))
+            device = self.sessions.authenticate(*device_credentials(context))
             hello = await self._read_hello(context)
+            # end_silent: called by PresenceTracker.expire_silent; the read below turns it into an abort.
+            session = self.sessions.open(device, SessionHello.from_grpc(hello), replies, greet=True,
+                                         end_silent=handler.cancel)
         except FleetError as exc:
             await context.abort(status_for(exc), str(exc))
             return
-        session = self.presence.session_opened(
-            device.device_id,
-            agent_version=hello.agent_version,
-            capability_version=negotiate(hello.capability_version),
-            hardware_class=hello.profile.hardware_class,
-            profile=hello.profile.SerializeToString(),
-            hostname=hello.profile.os.hostname[:255],
-            model=(hello.model[:128], int(hello.model_version)),
-        )
-        outbox: asyncio.Queue[fleet_pb2.ControllerMessage] = asyncio.Queue()
-        session.send = outbox.put_nowait
         writer = asyncio.create_task(self._write_loop(context, outbox))
         reason = "stream closed"
         try:
-            outbox.put_nowait(
-                fleet_pb2.ControllerMessage(
-                    accepted=fleet_pb2.SessionAccepted(
-                        capability_version=negotiate(hello.capability_version),
-                        heartbeat_interval_ms=self.heartbeat_interval_ms,
-                        device_id=device.device_id,
-                    )
-                )
-            )
-            self.commands.deliver_open(device.device_id)
-            handler = asyncio.current_task()
-            assert handler is not None
-            session.end_silent = handler.cancel  # called by PresenceTracker.expire_silent
             while True:
                 try:
                     message = await context.read()
@@ -160,59 +130,36 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                     if not session.silent:
                         raise  # the server is stopping
                     handler.uncancel()  # this cancellation was ours, and it is handled here
-                    limit = self.presence.silence_limit_s
+                    limit = self.sessions.silence_limit_s
                     reason = f"silent for {limit:g}s"
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED, f"no message for {limit:g}s; reconnect"
                     )
                 if message is grpc.aio.EOF:
                     break
-                if not self.presence.is_current(session):
+                if not self.sessions.is_current(session):
                     reason = "superseded"
                     await context.abort(grpc.StatusCode.ABORTED, "a newer session for this device replaced this one")
-                self.presence.seen(session)
-                kind = message.WhichOneof("body")
-                if kind == "telemetry":
-                    self.ingest.submit(
-                        device.device_id,
-                        message.telemetry,
-                        lambda ack: outbox.put_nowait(fleet_pb2.ControllerMessage(telemetry_ack=ack)),
-                    )
-                elif kind == "heartbeat":
-                    outbox.put_nowait(
-                        fleet_pb2.ControllerMessage(
-                            heartbeat_ack=fleet_pb2.HeartbeatAck(
-                                sent_at_unix_ms=message.heartbeat.sent_at_unix_ms,
-                                controller_time_unix_ms=int(time.time() * 1000),
-                            )
-                        )
-                    )
-                elif kind == "command_ack":
-                    self.commands.on_ack(device.device_id, message.command_ack)
-                elif kind == "hello":
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'hello' may be sent once per session")
-                else:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"unknown Session message {kind!r}; upgrade the controller",
-                    )
+                self.sessions.seen(session)
+                try:
+                    self.sessions.receive(device.device_id, message, replies)
+                except FleetError as exc:
+                    reason = str(exc)
+                    await context.abort(status_for(exc), str(exc))
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            self.presence.session_closed(session, reason)
+            self.sessions.close(session, reason)
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> fleet_pb2.Hello:
         try:
-            first = await asyncio.wait_for(context.read(), timeout=self.presence.silence_limit_s)
+            first = await asyncio.wait_for(context.read(), timeout=self.sessions.silence_limit_s)
         except asyncio.TimeoutError:
             raise InvalidArgument("no 'hello' received; the first Session message must be 'hello'") from None
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             raise InvalidArgument("the first Session message must be 'hello'")
         hello: fleet_pb2.Hello = first.hello
-        validation.check_string("hello.agent_version", hello.agent_version, 64)
-        validation.check_bytes("hello.profile", hello.profile.ByteSize(), validation.MAX_PROFILE_BYTES)
-        validation.check_string("hello.profile.hardware_class", hello.profile.hardware_class, 64)
         return hello
 
     @staticmethod
@@ -227,8 +174,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> AsyncIterator[bytes]:
         """ArtifactChunk messages, already serialized by the ChunkCache (see `add_fleet_servicer`)."""
         try:
-            self.enrollment.authenticate_device(*device_credentials(context))
-            for message in self.chunks.messages(request.sha256, request.offset, request.chunk_size):
+            self.sessions.authenticate(*device_credentials(context))
+            for message in self.sessions.artifact_chunks(request.sha256, request.offset, request.chunk_size):
                 yield message
         except FleetError as exc:
             await context.abort(status_for(exc), str(exc))

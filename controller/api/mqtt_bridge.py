@@ -1,14 +1,17 @@
 """The controller's MQTT transport: a thin translation layer, like the gRPC servicers.
 
 Subscriptions (the broker's ACL gives the controller's admin login the whole edgefleet/v1 tree):
-  $share/edgefleet/edgefleet/v1/+/telemetry  shared: replicas split the load; -> TelemetryIngest.submit,
-                                              whose ack goes back on the device's `cmd` topic
-  $share/edgefleet/edgefleet/v1/+/ack         shared: command acks -> `ack_handlers`
-                                              (server.py: CommandDispatcher.on_ack); artifact acks
-                                              -> the next window of artifact/<sha>/<n> chunks
-  edgefleet/v1/+/state                        every replica: retained DeviceState -> PresenceTracker;
-                                              an online device's LiveSession.send publishes to its
-                                              `cmd`, and `online_handlers` run (deliver_open)
+  $share/edgefleet/edgefleet/v1/+/telemetry  shared: replicas split the load; -> DeviceSessions.receive,
+                                              whose TelemetryAck goes back on the device's `cmd` topic
+  $share/edgefleet/edgefleet/v1/+/ack         shared: command acks and artifact acks -> DeviceSessions.receive;
+                                              the chunks go out on artifact/<sha>/<n>
+  edgefleet/v1/+/state                        every replica: retained DeviceState -> DeviceSessions.open
+                                              (the same hello checks as gRPC's); the session's replies
+                                              publish to the device's `cmd`
+
+All the domain work (validation, presence, ingest, commands, the artifact cache) is in
+controller/fleet/sessions.py, shared with the gRPC Session; this module only maps topics and
+payloads to those calls.
 
 The device id always comes from the topic, never from the payload: the broker's ACL lets a
 login publish only under its own id, so a device cannot speak for another one.
@@ -44,11 +47,8 @@ from edgefleet.common.mqtt import (
 )
 from edgefleet.controller.errors import FleetError
 from edgefleet.controller.fleet.broker_auth import BrokerAuth
-from edgefleet.controller.fleet.presence import LiveSession, PresenceTracker
-from edgefleet.controller.store.artifacts import ArtifactStore
-from edgefleet.controller.store.base import CommandRecord, Store
-from edgefleet.controller.telemetry.ingest import TelemetryIngest
-from edgefleet.protos.capability import negotiate
+from edgefleet.controller.fleet.sessions import DeviceSession, DeviceSessions, Replies, SessionHello
+from edgefleet.controller.store.base import CommandRecord
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
 
 log = logging.getLogger("edgefleet.controller.mqtt")
@@ -58,10 +58,8 @@ TELEMETRY_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/telemetry"
 ACK_FILTER = f"$share/{SHARE_GROUP}/edgefleet/v1/+/ack"
 STATE_FILTER = "edgefleet/v1/+/state"
 DEFAULT_ADMIN = "edgefleet-controller"
-MAX_ARTIFACT_CHUNK = 1024 * 1024
-MAX_ARTIFACT_WINDOW = 64
-
-AgentHandler = Callable[[str, fleet_pb2.AgentMessage], None]
+# Which AgentMessage kinds each device topic carries; anything else there is dropped.
+TOPIC_KINDS = {"telemetry": {"telemetry"}, "ack": {"command_ack", "artifact_ack"}}
 
 
 class MqttConfigError(ValueError):
@@ -116,28 +114,19 @@ class MqttBridge:
         url: str,
         options: MqttOptions,
         *,
-        store: Store,
-        presence: PresenceTracker,
-        ingest: TelemetryIngest,
+        sessions: DeviceSessions,
         auth: BrokerAuth,
         default_client_id: str = "",
-        artifacts: ArtifactStore | None = None,
     ) -> None:
-        self.artifacts = artifacts
+        self.sessions = sessions
         self.address: BrokerAddress = parse_broker_url(url)
         self.url = public_url(url)
         self.options = options
-        self.store = store
-        self.presence = presence
-        self.ingest = ingest
         self.auth = auth
         self.client_id = options.client_id or default_client_id or f"edgefleet-controller-{socket.gethostname()}"
-        # Hooks for the command path: acks from `ack` topics, and devices coming online over MQTT.
-        self.ack_handlers: list[AgentHandler] = []
-        self.online_handlers: list[Callable[[str], object]] = []
         self.connected = False
-        self._sessions: dict[str, LiveSession] = {}
-        self._ackers: dict[str, Callable[[fleet_pb2.TelemetryAck], None]] = {}
+        self._sessions: dict[str, DeviceSession] = {}
+        self._replies: dict[str, Replies] = {}
         self._inbox: collections.deque[tuple[str, bytes | bytearray]] = collections.deque()
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
@@ -256,37 +245,25 @@ class MqttBridge:
             log.warning("undecodable agent message dropped", extra={"device": device_id, "topic": leaf})
             return
         kind = message.WhichOneof("body")
-        if leaf == "telemetry" and kind == "telemetry":
-            self.ingest.submit(device_id, message.telemetry, self._acker(device_id))
-        elif leaf == "ack" and kind == "command_ack":
-            for handler in self.ack_handlers:
-                handler(device_id, message)
-        elif leaf == "ack" and kind == "artifact_ack":
-            self._serve_chunks(device_id, message.artifact_ack)
-        else:
+        if kind not in TOPIC_KINDS.get(leaf, ()):
             log.warning("unexpected message dropped", extra={"device": device_id, "topic": leaf, "kind": kind})
-
-    def _serve_chunks(self, device_id: str, ack: fleet_pb2.ArtifactAck) -> None:
-        """Publish the window of chunks the device asked for (it acked everything before it)."""
-        if self.artifacts is None:
             return
-        chunk_size = min(max(ack.chunk_size, 4096), MAX_ARTIFACT_CHUNK)
-        window = min(max(ack.window, 1), MAX_ARTIFACT_WINDOW)
         try:
-            path = self.artifacts.path(ack.sha256)
-            total = path.stat().st_size
-        except (FleetError, OSError):
-            log.warning("artifact request for an unknown artifact", extra={"device": device_id,
-                                                                          "sha256": ack.sha256[:64]})
-            return
-        with open(path, "rb") as f:
-            for n in range(ack.next_chunk, ack.next_chunk + window):
-                offset = n * chunk_size
-                if offset >= total:
-                    break
-                f.seek(offset)
-                chunk = fleet_pb2.ArtifactChunk(offset=offset, data=f.read(chunk_size), total_size=total)
-                self._client.publish(topic(device_id, f"artifact/{ack.sha256}/{n}"), chunk.SerializeToString(), qos=1)
+            self.sessions.receive(device_id, message, self._replies_for(device_id))
+        except FleetError as exc:
+            log.warning("agent message refused", extra={"device": device_id, "topic": leaf, "kind": kind,
+                                                        "reason": str(exc)})
+
+    def _replies_for(self, device_id: str) -> Replies:
+        """One per device, kept: the telemetry ingest groups acks by their callback."""
+        replies = self._replies.get(device_id)
+        if replies is None:
+            def send_chunk(sha256: str, n: int, chunk: bytes) -> None:
+                self._client.publish(topic(device_id, f"artifact/{sha256}/{n}"), chunk, qos=1)
+
+            replies = self._replies[device_id] = Replies(
+                send=lambda message: self._send(device_id, message), send_chunk=send_chunk)
+        return replies
 
     def publish_desired(self, record: CommandRecord, command: fleet_pb2.Command) -> None:
         """Retain the model an install command asks for on the device's `desired` topic."""
@@ -300,17 +277,6 @@ class MqttBridge:
     def _send(self, device_id: str, message: fleet_pb2.ControllerMessage) -> None:
         self.publish(device_id, message)
 
-    def _acker(self, device_id: str) -> Callable[[fleet_pb2.TelemetryAck], None]:
-        """One callback per device: the ingest groups acks by callback, so a device gets one
-        TelemetryAck per stored group instead of one MQTT message per batch."""
-        acker = self._ackers.get(device_id)
-        if acker is None:
-            def acker(ack: fleet_pb2.TelemetryAck) -> None:
-                self.publish(device_id, fleet_pb2.ControllerMessage(telemetry_ack=ack))
-
-            self._ackers[device_id] = acker
-        return acker
-
     def _on_state(self, device_id: str, payload: bytes | bytearray) -> None:
         try:  # an empty payload (a cleared retained state) parses as offline, which is what it means
             state = mqtt_pb2.DeviceState.FromString(bytes(payload))
@@ -321,37 +287,34 @@ class MqttBridge:
         if not state.online:
             if session is not None:
                 del self._sessions[device_id]
-                self.presence.session_closed(session, "mqtt: offline (last will or clean exit)")
+                self.sessions.close(session, "mqtt: offline (last will or clean exit)")
             return
-        if session is not None and self.presence.is_current(session):
-            # Already online through us; a state published again says the model changed.
-            self.store.set_device_model(device_id, state.model[:128], int(state.model_version))
-            return
-        record = self.store.get_device(device_id)
-        if record is None:
-            log.warning("state from a device that is not enrolled ignored", extra={"device": device_id})
-            return
-        session = self._sessions[device_id] = self.presence.session_opened(
-            device_id, agent_version=state.agent_version[:64],
-            capability_version=negotiate(state.capability_version), hardware_class=record.hardware_class,
-            profile=record.profile, hostname=record.hostname, model=(state.model[:128], int(state.model_version)),
-        )
-        session.send = lambda message: self._send(device_id, message)  # presence.sender() finds it
-        for handler in self.online_handlers:
-            handler(device_id)
+        hello = SessionHello(state.agent_version, state.capability_version,
+                             state.profile if state.HasField("profile") else None, state.model,
+                             int(state.model_version))
+        try:
+            if session is not None and self.sessions.is_current(session):
+                # Already online through us; a state published again says the model changed.
+                self.sessions.update(session, hello)
+                return
+            record = self.sessions.enrolled_device(device_id)
+            self._sessions[device_id] = self.sessions.open(record, hello, self._replies_for(device_id), greet=False)
+        except FleetError as exc:
+            log.warning("device state refused; the device stays offline until it sends a valid one",
+                        extra={"device": device_id, "reason": str(exc)})
 
     def _close_sessions(self, reason: str) -> None:
         sessions, self._sessions = self._sessions, {}
         for session in sessions.values():
-            self.presence.session_closed(session, reason)
+            self.sessions.close(session, reason)
 
     async def _vouch_loop(self) -> None:
         """The broker's keepalive and Last Will watch the device's link; while it says online, so do we."""
         while True:
-            await asyncio.sleep(max(0.05, self.presence.heartbeat_interval_s))
+            await asyncio.sleep(max(0.05, self.sessions.heartbeat_interval_ms / 1000))
             for device_id, session in list(self._sessions.items()):
-                if self.presence.is_current(session):
-                    self.presence.seen(session)
+                if self.sessions.is_current(session):
+                    self.sessions.seen(session)
                 else:
                     del self._sessions[device_id]  # a gRPC session for the device took over
 

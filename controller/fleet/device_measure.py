@@ -20,7 +20,8 @@ from edgefleet.controller.errors import FailedPrecondition, NotFound
 from edgefleet.controller.fleet.commands import CommandDispatcher
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.artifacts import ArtifactStore
-from edgefleet.controller.store.base import Store
+from edgefleet.controller.store.base import DeviceRecord, Store
+from edgefleet.protos.capability import MEASURE_CANDIDATES, OPENVINO_RUNTIME, lacks
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.device_measure")
@@ -102,11 +103,34 @@ class DeviceMeasure:
         self.loop = loop
 
     def online_device(self, hardware_class: str) -> str | None:
-        """An online device of the class, or None."""
+        """An online device of the class whose agent can time candidates, or None."""
+        too_old = []
         for record in self.store.list_devices():
             if record.hardware_class == hardware_class and self.presence.presence(record).online:
+                if lacks(record.capability_version, MEASURE_CANDIDATES, "timing candidates"):
+                    too_old.append(record.device_id)
+                    continue
                 return record.device_id
+        if too_old:
+            log.warning("online devices of the class predate on-device measurement; latencies are estimated",
+                        extra={"class": hardware_class, "devices": ",".join(too_old[:5]),
+                               "needs_capability": MEASURE_CANDIDATES})
         return None
+
+    def refusal(self, device_id: str, spec: fleet_pb2.MeasureCandidates) -> str | None:
+        """Why `spec` must not be sent to the device (its negotiated capability predates it), or None."""
+        record = self.store.get_device(device_id)
+        if record is None:
+            return f"no device {device_id!r}; see `edgefleet devices list`"
+        why = lacks(record.capability_version, MEASURE_CANDIDATES, "timing candidates (MeasureCandidates)")
+        for candidate in spec.candidates:
+            if why is None and candidate.runtime == "openvino":
+                why = self._lacks_openvino(record, candidate.name)
+        return why
+
+    @staticmethod
+    def _lacks_openvino(record: DeviceRecord, name: str) -> str | None:
+        return lacks(record.capability_version, OPENVINO_RUNTIME, f"OpenVINO candidate {name}")
 
     def submit(self, device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
                runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
@@ -117,13 +141,24 @@ class DeviceMeasure:
         inputs_npz = sample_npz(inputs)
         spec = fleet_pb2.MeasureCandidates(warmup=3, runs=MEASURE_RUNS, rounds=7,
                                            inputs_are_feed=feeds_model_shapes(inputs))
+        record = self.store.get_device(device_id)
+        sent: list[Path] = []
         for index, path in enumerate(paths):
             candidate = candidate_for(self.artifacts, Path(path), (runtimes or {}).get(Path(path)))
             candidate.name, candidate.inputs_npz = f"c{index}", inputs_npz
+            why = self._lacks_openvino(record, candidate.name) if (
+                record is not None and candidate.runtime == "openvino") else None
+            if why:  # never sent: the agent would not know what the OpenVINO fields mean
+                if index == 0:
+                    raise DeviceMeasurementFailed(f"device {device_id}: the baseline is not measurable: {why}")
+                log.warning("candidate not sent to the device", extra={"device_id": device_id,
+                                                                        "candidate": Path(path).name, "reason": why})
+                continue
             spec.candidates.append(candidate)
+            sent.append(Path(path))
         ack = asyncio.run_coroutine_threadsafe(self.run(device_id, spec), self.loop).result(MEASURE_TIMEOUT_S + 10)
         out: dict[str, Any] = {}
-        for index, (path, timing) in enumerate(zip(paths, ack.timings, strict=True)):
+        for index, (path, timing) in enumerate(zip(sent, ack.timings, strict=True)):
             if timing.error and index > 0:
                 log.warning("candidate not timed on the device", extra={"device_id": device_id,
                                                                           "candidate": Path(path).name,
@@ -133,6 +168,9 @@ class DeviceMeasure:
         return out
 
     async def run(self, device_id: str, spec: fleet_pb2.MeasureCandidates) -> fleet_pb2.CommandAck:
+        why = self.refusal(device_id, spec)
+        if why:
+            raise FailedPrecondition(f"device {device_id}: {why}")
         record = self.commands.issue(device_id, measure=spec, ttl_s=MEASURE_TIMEOUT_S)
         done = await self.commands.wait(record.command_id, MEASURE_TIMEOUT_S)
         if done.state != "done" or not done.ack:

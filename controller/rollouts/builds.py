@@ -145,11 +145,13 @@ def compile_target(store: Store, hardware_class: str) -> Any:
     from dataclasses import replace
 
     from edgefleet.controller.compiler.target import TargetSpec, openvino_from_profile
+    from edgefleet.protos.capability import OPENVINO_RUNTIME, lacks
     from edgefleet.protos.v1 import profile_pb2
 
     target = None
     # A build of the class must run on every device of it: OpenVINO devices (and their precisions)
-    # are offered only where every profiled device of the class has them.
+    # are offered only where every profiled device of the class has them, and its agent speaks
+    # capability OPENVINO_RUNTIME (an older one would be sent a build it cannot load).
     shared_ov: dict[str, set[str]] | None = None
     for device in store.list_devices():
         if device.hardware_class == hardware_class and device.profile:
@@ -162,6 +164,11 @@ def compile_target(store: Store, hardware_class: str) -> Any:
                                 device.device_id, exc, extra={"class": hardware_class})
                     return None
             devices = dict(openvino_from_profile(profile)[0])
+            why = lacks(device.capability_version, OPENVINO_RUNTIME, "an OpenVINO build")
+            if why:  # its agent predates OpenVINO builds: none for the class
+                log.info("no OpenVINO candidates for the class", extra={"class": hardware_class,
+                                                                      "device": device.device_id, "reason": why})
+                devices = {}
             mine = {name: set(caps) for name, caps in devices.items()}
             shared_ov = mine if shared_ov is None else {
                 name: caps & mine[name] for name, caps in shared_ov.items() if name in mine

@@ -23,17 +23,18 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from edgefleet.protos.v1 import profile_pb2 as edgefleet_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gefleet/v1/mqtt.proto\x12\x0c\x65\x64gefleet.v1\"\x92\x01\n\x0b\x44\x65viceState\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\x1a\n\x12\x63hanged_at_unix_ms\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x04\"\x86\x01\n\x0c\x44\x65siredModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x62undle_size\x18\x04 \x01(\x04\x12\x12\n\ncommand_id\x18\x05 \x01(\t\x12\x16\n\x0eset_at_unix_ms\x18\x06 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gefleet/v1/mqtt.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1a\x65\x64gefleet/v1/profile.proto\"\xc2\x01\n\x0b\x44\x65viceState\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\x1a\n\x12\x63hanged_at_unix_ms\x18\x02 \x01(\x03\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x1a\n\x12\x63\x61pability_version\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\x04\x12.\n\x07profile\x18\x07 \x01(\x0b\x32\x1d.edgefleet.v1.HardwareProfile\"\x86\x01\n\x0c\x44\x65siredModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x62undle_size\x18\x04 \x01(\x04\x12\x12\n\ncommand_id\x18\x05 \x01(\t\x12\x16\n\x0eset_at_unix_ms\x18\x06 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.mqtt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICESTATE']._serialized_start=42
-  _globals['_DEVICESTATE']._serialized_end=188
-  _globals['_DESIREDMODEL']._serialized_start=191
-  _globals['_DESIREDMODEL']._serialized_end=325
+  _globals['_DEVICESTATE']._serialized_start=70
+  _globals['_DEVICESTATE']._serialized_end=264
+  _globals['_DESIREDMODEL']._serialized_start=267
+  _globals['_DESIREDMODEL']._serialized_end=401
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,9 @@ import pytest
 from edgefleet.common.mqtt import parse_broker_url, split_topic, topic
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttConfigError, MqttOptions, broker_auth, public_url
 from edgefleet.controller.fleet.broker_auth import BrokerAuth, device_acl, hash_password, verify_password
+from edgefleet.controller.fleet.enrollment import Enrollment
+from edgefleet.controller.fleet.sessions import DeviceSessions
+from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord
 from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.protos.v1 import fleet_pb2, mqtt_pb2
@@ -113,12 +116,32 @@ def known_store(tmp_path: Path) -> SQLiteStore:
     return store
 
 
+class FakeCommands:
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+        self.acks: list[tuple[str, str]] = []
+
+    def deliver_open(self, device_id: str) -> int:
+        self.delivered.append(device_id)
+        return 0
+
+    def on_ack(self, device_id: str, ack: fleet_pb2.CommandAck) -> None:
+        self.acks.append((device_id, ack.command_id))
+
+
+def device_sessions(tmp_path: Path, presence: Any, ingest: Any, commands: Any | None = None) -> DeviceSessions:
+    """The real session layer over a real store, with the collaborators the test watches faked."""
+    store = known_store(tmp_path)
+    return DeviceSessions(store, Enrollment(store), presence, ingest, commands or FakeCommands(),
+                          ArtifactStore(tmp_path / "artifacts"), heartbeat_interval_s=1.0)
+
+
 def test_bridge_only_translates(tmp_path: Path) -> None:
     """Topic -> device id, payload -> handler; acks go back on that device's cmd topic."""
-    ingest, presence = FakeIngest(), FakePresence()
+    ingest, presence, commands = FakeIngest(), FakePresence(), FakeCommands()
     auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
-    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=known_store(tmp_path), presence=presence,  # type: ignore[arg-type]
-                        ingest=ingest, auth=auth)  # type: ignore[arg-type]
+    sessions = device_sessions(tmp_path, presence, ingest, commands)
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), sessions=sessions, auth=auth)
     published: list[tuple[str, fleet_pb2.ControllerMessage]] = []
     bridge.publish = lambda device_id, message, **_: published.append((device_id, message)) or True  # type: ignore[method-assign]
     batch = fleet_pb2.AgentMessage(telemetry=fleet_pb2.TelemetryBatch(seq=5))
@@ -135,7 +158,8 @@ def test_bridge_only_translates(tmp_path: Path) -> None:
     bridge._dispatch("edgefleet/v1/dev-unknown/state", online)  # not enrolled: ignored
     bridge._dispatch("edgefleet/v1/dev-known/state", mqtt_pb2.DeviceState(online=False).SerializeToString())
     assert presence.events == [("online", "dev-known"), ("offline", "dev-known")]
-    device = bridge.store.get_device("dev-known")
+    assert commands.delivered == ["dev-known"]  # open commands go out when the device comes online
+    device = sessions.store.get_device("dev-known")
     assert device is not None and (device.model, device.model_version) == ("det", 2)
 
 
@@ -143,8 +167,8 @@ def test_bridge_batches_hops_onto_the_loop(tmp_path: Path) -> None:
     """Many paho callbacks, one call_soon_threadsafe: the loop is woken once per burst."""
     ingest = FakeIngest()
     auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
-    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), store=known_store(tmp_path), presence=FakePresence(),  # type: ignore[arg-type]
-                        ingest=ingest, auth=auth)  # type: ignore[arg-type]
+    sessions = device_sessions(tmp_path, FakePresence(), ingest)
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), sessions=sessions, auth=auth)
     bridge.publish = lambda *a, **k: True  # type: ignore[method-assign]
 
     async def main() -> int:
