@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def commands_seen(into: list[str]) -> Callable[[fleet_pb2.Command], None]:
 
 
 def test_one_dispatch_for_both_links(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)  # an earlier in-process CLI run may have left the root logger quieter
     outbox = TelemetryOutbox(tmp_path / "outbox.db")
     for link in links(outbox):
         commands: list[str] = []
