@@ -163,7 +163,7 @@ def test_pruned_sequences_stay_duplicates(ingest) -> None:  # type: ignore[no-un
 def test_metrics_can_be_scraped_while_telemetry_arrives(ingest) -> None:  # type: ignore[no-untyped-def]
     import threading
 
-    from edgefleet.controller.api.http_server import TelemetryCollector
+    from edgefleet.controller.telemetry.metrics import TelemetryCollector
 
     service, store, _ = ingest
     live = telemetry.LiveTelemetry()
