@@ -95,6 +95,8 @@ def operator_token_refusal(token: OperatorTokenRecord | None, now_ms: int) -> st
         return f"operator token {token.token_id} was revoked; ask an admin for a new one"
     if token.expires_at_ms and token.expires_at_ms <= now_ms:
         return f"operator token {token.token_id} has expired; ask an admin for a new one"
+    if token.role not in {r.value for r in OperatorRole}:  # an edited row: refuse rather than guess a role
+        return f"operator token {token.token_id} has unknown role {token.role!r}; revoke it and create a new one"
     return None
 
 

@@ -11,7 +11,13 @@ from google.protobuf.message import Message
 
 from edgefleet.controller.api.control_audit import REDACTED, arguments_json, scrub
 from edgefleet.controller.api.control_roles import CONTROL_METHOD_ACCESS, access_refusal
-from edgefleet.controller.fleet.credentials import OperatorRole, new_enrollment_token, new_operator_token
+from edgefleet.controller.fleet.credentials import (
+    OperatorRole,
+    new_enrollment_token,
+    new_operator_token,
+    operator_token_refusal,
+)
+from edgefleet.controller.store.base import OperatorTokenRecord
 from edgefleet.protos.v1 import control_pb2
 
 CONTROL = control_pb2.DESCRIPTOR.services_by_name["Control"]
@@ -56,6 +62,17 @@ def test_a_refusal_names_the_role_needed_and_the_callers_role() -> None:
     assert "needs role admin" in (access_refusal("CreateOperatorToken", OperatorRole.OPERATOR, "opt-1") or "")
     # A method the table does not know is refused to everyone, admin included.
     assert "has no role" in (access_refusal("DropEverything", OperatorRole.ADMIN, "opt-1") or "")
+
+
+def test_revoked_expired_and_unknown_role_tokens_are_refused_by_name() -> None:
+    token = OperatorTokenRecord("opt-1", "h", "operator", 1000, expires_at_ms=5000)
+    assert operator_token_refusal(token, 4999) is None
+    assert "opt-1 has expired" in (operator_token_refusal(token, 5000) or "")
+    revoked = OperatorTokenRecord("opt-1", "h", "admin", 1, revoked_at_ms=2)
+    assert "opt-1 was revoked" in (operator_token_refusal(revoked, 3) or "")
+    assert "unknown role 'root'" in (operator_token_refusal(OperatorTokenRecord("opt-1", "h", "root", 1), 3) or "")
+    assert "missing or invalid operator token" in (operator_token_refusal(None, 3) or "")
+    assert operator_token_refusal(OperatorTokenRecord("opt-1", "h", "viewer", 1), 2**40) is None  # 0 = no expiry
 
 
 SECRET_BYTES = b"SECRET-BYTES-\x00\xff"
