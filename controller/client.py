@@ -128,6 +128,11 @@ class ControlClient:
                     f"the controller at {self.connection.address} refused the operator token from "
                     f"{self.connection.token_source}: {details}"
                 ) from None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise UserError(
+                    f"the controller refused this call for the operator token from {self.connection.token_source}: "
+                    f"{details} (permission_denied)"
+                ) from None
             raise UserError(f"{details} ({code.name.lower()})") from None
 
     def close(self) -> None:

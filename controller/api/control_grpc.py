@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 
 import grpc
 
+from edgefleet.controller.api.control_access import CURRENT_OPERATOR, OperatorAuthInterceptor
 from edgefleet.controller.api.grpc_common import (
     maps_errors,
     status_for,
@@ -33,16 +35,20 @@ from edgefleet.controller.rollouts.engine import RolloutEngine, RolloutRequest
 from edgefleet.controller.rollouts.models import check_model_data, register_model
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import (
+    AuditRecord,
     CommandRecord,
     DeviceRecord,
     EnrollmentTokenRecord,
     ModelRecord,
+    OperatorTokenRecord,
     RolloutRecord,
     Store,
 )
 from edgefleet.controller.telemetry import ingest as telemetry
 from edgefleet.controller.telemetry.summary import summary_rows
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, profile_pb2
+
+__all__ = ["ControlServicer", "OperatorAuthInterceptor"]  # the interceptor lives in control_access.py
 
 
 class TelemetryControl:
@@ -260,7 +266,91 @@ def token_to_proto(record: EnrollmentTokenRecord) -> control_pb2.EnrollmentToken
     )
 
 
-class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_pb2_grpc.ControlServicer):
+def operator_token_to_proto(record: OperatorTokenRecord) -> control_pb2.OperatorToken:
+    return control_pb2.OperatorToken(
+        token_id=record.token_id, role=record.role, name=record.name, created_at_unix_ms=record.created_at_ms,
+        expires_at_unix_ms=record.expires_at_ms, revoked_at_unix_ms=record.revoked_at_ms,
+        created_by=record.created_by,
+    )
+
+
+def audit_to_proto(record: AuditRecord) -> control_pb2.AuditEntry:
+    return control_pb2.AuditEntry(unix_ms=record.at_ms, token_id=record.token_id, role=record.role,
+                                  method=record.method, arguments_json=record.arguments, outcome=record.outcome,
+                                  message=record.message)
+
+
+MAX_AUDIT_ENTRIES = 10_000
+
+
+class AccessControl:
+    """Operator tokens and the audit log (mixed into ControlServicer). Who may call these is decided
+    before they run, by the interceptor (controller/api/control_access.py), like every other method."""
+
+    store: Store
+
+    @maps_errors
+    async def CreateOperatorToken(
+        self, request: control_pb2.CreateOperatorTokenRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CreateOperatorTokenResponse:
+        try:
+            role = auth.OperatorRole.parse(request.role)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if len(request.name) > 200:
+            raise InvalidArgument(f"'name' has {len(request.name)} characters; keep it under 200")
+        caller = CURRENT_OPERATOR.get()
+        now_ms = int(time.time() * 1000)
+        secret = auth.new_operator_token()
+        for _ in range(3):  # a token id collision (32 random bits) is retried, never silently dropped
+            record = OperatorTokenRecord(
+                token_id=auth.new_operator_token_id(), token_hash=auth.digest(secret), role=role.value,
+                created_at_ms=now_ms, name=request.name,
+                expires_at_ms=now_ms + int(request.ttl_s) * 1000 if request.ttl_s else 0,
+                created_by=caller.token_id if caller else "",
+            )
+            if self.store.add_operator_token(record):
+                return control_pb2.CreateOperatorTokenResponse(token=secret, info=operator_token_to_proto(record))
+        raise FailedPrecondition("could not allocate an operator token id; try again")
+
+    @maps_errors
+    async def ListOperatorTokens(
+        self, request: control_pb2.ListOperatorTokensRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListOperatorTokensResponse:
+        return control_pb2.ListOperatorTokensResponse(
+            tokens=[operator_token_to_proto(t) for t in self.store.list_operator_tokens()])
+
+    @maps_errors
+    async def RevokeOperatorToken(
+        self, request: control_pb2.RevokeOperatorTokenRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.OperatorToken:
+        now_ms = int(time.time() * 1000)
+        tokens = self.store.list_operator_tokens()
+        target = next((t for t in tokens if t.token_id == request.token_id), None)
+        if target is None:
+            raise NotFound(f"no operator token {request.token_id!r}; see `edgefleet operator-token list`")
+        usable_admins = [t for t in tokens if t.role == auth.OperatorRole.ADMIN.value
+                         and auth.operator_token_refusal(t, now_ms) is None]
+        if usable_admins == [target]:
+            raise FailedPrecondition(
+                f"{target.token_id} is the last usable admin token; create another admin token first "
+                "(`edgefleet operator-token create --role admin`) so the fleet stays manageable")
+        revoked = self.store.revoke_operator_token(request.token_id, now_ms)
+        if revoked is None:
+            raise NotFound(f"no operator token {request.token_id!r}; see `edgefleet operator-token list`")
+        return operator_token_to_proto(revoked)
+
+    @maps_errors
+    async def ListAudit(
+        self, request: control_pb2.ListAuditRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListAuditResponse:
+        limit = min(int(request.limit or 100), MAX_AUDIT_ENTRIES)
+        entries = await asyncio.to_thread(self.store.list_audit, since_ms=int(request.since_unix_ms), limit=limit)
+        return control_pb2.ListAuditResponse(entries=[audit_to_proto(e) for e in entries])
+
+
+class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessControl,
+                      control_pb2_grpc.ControlServicer):
     def __init__(
         self,
         store: Store,
@@ -342,32 +432,3 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, control_
         if record is None:
             raise NotFound(f"no device {request.device_id!r}; see `edgefleet devices list`")
         return self._device(record, include_profile=True)
-
-
-class OperatorAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every Control call needs `authorization: Bearer <operator token>`; device secrets never pass."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-        async def deny(request: bytes, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid operator token; set EDGEFLEET_TOKEN or use the controller's "
-                "state-dir/operator-token",
-            )
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if handler_call_details.method.startswith("/edgefleet.v1.Control/"):
-            md = dict(handler_call_details.invocation_metadata or ())
-            header = str(md.get("authorization", ""))
-            token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
-            if not token or not self.store.is_operator_token(auth.digest(token)):
-                return self._deny
-        return await continuation(handler_call_details)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from collections.abc import Collection, Iterable
 
 
@@ -18,6 +19,34 @@ class StoreError(Exception):
 
 class EnrollmentRefused(StoreError):
     """The enrollment token is unknown, expired, revoked or used up; no device row was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorTokenRecord:
+    """An operator's Control API credential; only the digest of its secret is stored."""
+
+    token_id: str             # a short public id (opt-...), what lists, revocation and the audit log name
+    token_hash: str
+    role: str                 # viewer | operator | admin (controller/fleet/credentials.py OperatorRole)
+    created_at_ms: int
+    name: str = ""            # who or what holds it, free text
+    expires_at_ms: int = 0    # 0 = never
+    revoked_at_ms: int = 0    # 0 = not revoked
+    created_by: str = ""      # the admin token that created it; "" = the state dir's bootstrap token
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRecord:
+    """One Control call in the audit log: who, what (arguments without secrets), when, and how it ended."""
+
+    at_ms: int
+    token_id: str
+    role: str
+    method: str
+    arguments: str            # JSON, scrubbed of secrets (controller/api/control_audit.py)
+    outcome: str              # "ok" or the gRPC status code name, e.g. PERMISSION_DENIED
+    message: str = ""         # the status details when not ok
+    audit_id: int = 0         # assigned by the store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +240,37 @@ class Store(abc.ABC):
 
     # -- operator tokens -------------------------------------------------------------------
     @abc.abstractmethod
-    def add_operator_token(self, token_hash: str, created_at_ms: int) -> None: ...
+    def add_operator_token(self, record: OperatorTokenRecord) -> bool:
+        """Store a token; False (changing nothing) when its digest or id is already stored, so
+        re-registering the bootstrap token on every start is a no-op and never un-revokes it."""
 
     @abc.abstractmethod
-    def is_operator_token(self, token_hash: str) -> bool: ...
+    def get_operator_token(self, token_hash: str) -> OperatorTokenRecord | None:
+        """The token with this digest, revoked or expired ones too (the caller says why it refuses)."""
+
+    @abc.abstractmethod
+    def list_operator_tokens(self) -> list[OperatorTokenRecord]: ...
+
+    @abc.abstractmethod
+    def revoke_operator_token(self, token_id: str, now_ms: int) -> OperatorTokenRecord | None:
+        """Mark revoked (keeping the first revocation time); None when there is no such token."""
+
+    def is_operator_token(self, token_hash: str, now_ms: int | None = None) -> bool:
+        """Whether the digest belongs to a token that may call Control now (not revoked, not expired)."""
+        record = self.get_operator_token(token_hash)
+        if record is None or record.revoked_at_ms:
+            return False
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return not record.expires_at_ms or record.expires_at_ms > now
+
+    # -- audit log -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_audit(self, record: AuditRecord) -> None:
+        """Append one entry: a single insert, since it runs on every mutating Control call."""
+
+    @abc.abstractmethod
+    def list_audit(self, *, since_ms: int = 0, limit: int = 100) -> list[AuditRecord]:
+        """The newest `limit` entries at or after `since_ms`, oldest first."""
 
     # -- enrollment tokens -----------------------------------------------------------------
     @abc.abstractmethod

@@ -15,6 +15,7 @@ from edgefleet.controller.fleet.commands import OPEN_COMMAND_STATES, expired_com
 from edgefleet.controller.fleet.credentials import token_refusal
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store.base import (
+    AuditRecord,
     BuildRecord,
     CommandRecord,
     DeviceRecord,
@@ -22,6 +23,7 @@ from edgefleet.controller.store.base import (
     EnrollmentTokenRecord,
     ModelPoint,
     ModelRecord,
+    OperatorTokenRecord,
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
@@ -216,6 +218,30 @@ MIGRATIONS: list[str] = [
     ALTER TABLE models ADD COLUMN eval_labels_sha256 TEXT NOT NULL DEFAULT '';
     ALTER TABLE models ADD COLUMN metric TEXT NOT NULL DEFAULT '';
     """,
+    # Operator roles and the audit log. Tokens from before roles existed were all-powerful: they
+    # become admin here, while the column's default (for any insert that forgets it) is the least role.
+    """
+    ALTER TABLE operator_tokens ADD COLUMN token_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE operator_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'viewer';
+    ALTER TABLE operator_tokens ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE operator_tokens ADD COLUMN expires_at_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operator_tokens ADD COLUMN revoked_at_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operator_tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    UPDATE operator_tokens SET role = 'admin', token_id = 'opt-' || substr(token_hash, 1, 8),
+        name = 'state-dir operator-token';
+    CREATE UNIQUE INDEX operator_tokens_by_id ON operator_tokens (token_id);
+    CREATE TABLE audit_log (
+        audit_id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        token_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        method TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_time ON audit_log (at_ms);
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -265,18 +291,48 @@ class SQLiteStore(Store):
                 db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
 
     # -- operator tokens -------------------------------------------------------------------
-    def add_operator_token(self, token_hash: str, created_at_ms: int) -> None:
+    def add_operator_token(self, record: OperatorTokenRecord) -> bool:
+        with self._tx() as db:
+            row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+            return db.execute(
+                f"INSERT OR IGNORE INTO operator_tokens ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                tuple(row.values()),
+            ).rowcount == 1
+
+    def get_operator_token(self, token_hash: str) -> OperatorTokenRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM operator_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return OperatorTokenRecord(**dict(row)) if row else None
+
+    def list_operator_tokens(self) -> list[OperatorTokenRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM operator_tokens ORDER BY created_at_ms, token_id").fetchall()
+        return [OperatorTokenRecord(**dict(r)) for r in rows]
+
+    def revoke_operator_token(self, token_id: str, now_ms: int) -> OperatorTokenRecord | None:
+        with self._tx() as db:
+            db.execute("UPDATE operator_tokens SET revoked_at_ms = ? WHERE token_id = ? AND revoked_at_ms = 0",
+                       (now_ms, token_id))
+            row = db.execute("SELECT * FROM operator_tokens WHERE token_id = ?", (token_id,)).fetchone()
+        return OperatorTokenRecord(**dict(row)) if row else None
+
+    # -- audit log -------------------------------------------------------------------------
+    def add_audit(self, record: AuditRecord) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO operator_tokens VALUES (?, ?)", (token_hash, created_at_ms)
+                "INSERT INTO audit_log (at_ms, token_id, role, method, arguments, outcome, message) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.at_ms, record.token_id, record.role, record.method, record.arguments, record.outcome,
+                 record.message),
             )
 
-    def is_operator_token(self, token_hash: str) -> bool:
+    def list_audit(self, *, since_ms: int = 0, limit: int = 100) -> list[AuditRecord]:
         with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM operator_tokens WHERE token_hash = ?", (token_hash,)
-            ).fetchone()
-        return row is not None
+            rows = self._db.execute(
+                "SELECT * FROM audit_log WHERE at_ms >= ? ORDER BY at_ms DESC, audit_id DESC LIMIT ?",
+                (since_ms, limit),
+            ).fetchall()
+        return [AuditRecord(**dict(r)) for r in reversed(rows)]
 
     # -- enrollment tokens -----------------------------------------------------------------
     def create_enrollment_token(self, record: EnrollmentTokenRecord) -> None:

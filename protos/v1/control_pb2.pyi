@@ -531,3 +531,87 @@ class MeasureOnDeviceResponse(_message.Message):
     device_id: str
     timings: _containers.RepeatedCompositeFieldContainer[_fleet_pb2.CandidateTiming]
     def __init__(self, device_id: _Optional[str] = ..., timings: _Optional[_Iterable[_Union[_fleet_pb2.CandidateTiming, _Mapping]]] = ...) -> None: ...
+
+class CreateOperatorTokenRequest(_message.Message):
+    __slots__ = ("role", "name", "ttl_s")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    name: str
+    ttl_s: int
+    def __init__(self, role: _Optional[str] = ..., name: _Optional[str] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class OperatorToken(_message.Message):
+    __slots__ = ("token_id", "role", "name", "created_at_unix_ms", "expires_at_unix_ms", "revoked_at_unix_ms", "created_by")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    role: str
+    name: str
+    created_at_unix_ms: int
+    expires_at_unix_ms: int
+    revoked_at_unix_ms: int
+    created_by: str
+    def __init__(self, token_id: _Optional[str] = ..., role: _Optional[str] = ..., name: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., expires_at_unix_ms: _Optional[int] = ..., revoked_at_unix_ms: _Optional[int] = ..., created_by: _Optional[str] = ...) -> None: ...
+
+class CreateOperatorTokenResponse(_message.Message):
+    __slots__ = ("token", "info")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    info: OperatorToken
+    def __init__(self, token: _Optional[str] = ..., info: _Optional[_Union[OperatorToken, _Mapping]] = ...) -> None: ...
+
+class ListOperatorTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOperatorTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[OperatorToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[OperatorToken, _Mapping]]] = ...) -> None: ...
+
+class RevokeOperatorTokenRequest(_message.Message):
+    __slots__ = ("token_id",)
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    def __init__(self, token_id: _Optional[str] = ...) -> None: ...
+
+class ListAuditRequest(_message.Message):
+    __slots__ = ("since_unix_ms", "limit")
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since_unix_ms: int
+    limit: int
+    def __init__(self, since_unix_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("unix_ms", "token_id", "role", "method", "arguments_json", "outcome", "message")
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    unix_ms: int
+    token_id: str
+    role: str
+    method: str
+    arguments_json: str
+    outcome: str
+    message: str
+    def __init__(self, unix_ms: _Optional[int] = ..., token_id: _Optional[str] = ..., role: _Optional[str] = ..., method: _Optional[str] = ..., arguments_json: _Optional[str] = ..., outcome: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ListAuditResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...

@@ -130,6 +130,26 @@ class ControlStub:
                 request_serializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.FromString,
                 _registered_method=True)
+        self.CreateOperatorToken = channel.unary_unary(
+                '/edgefleet.v1.Control/CreateOperatorToken',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenResponse.FromString,
+                _registered_method=True)
+        self.ListOperatorTokens = channel.unary_unary(
+                '/edgefleet.v1.Control/ListOperatorTokens',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperatorToken = channel.unary_unary(
+                '/edgefleet.v1.Control/RevokeOperatorToken',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.RevokeOperatorTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.OperatorToken.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/edgefleet.v1.Control/ListAudit',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -252,6 +272,32 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateOperatorToken(self, request, context):
+        """Operator tokens (admin only) and the audit log of mutating calls; the least role of every
+        method is in controller/api/control_roles.py.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperatorTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperatorToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +395,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.MeasureOnDevice,
                     request_deserializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.SerializeToString,
+            ),
+            'CreateOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOperatorToken,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenResponse.SerializeToString,
+            ),
+            'ListOperatorTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperatorTokens,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensResponse.SerializeToString,
+            ),
+            'RevokeOperatorToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperatorToken,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.RevokeOperatorTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.OperatorToken.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -864,6 +930,114 @@ class Control:
             '/edgefleet.v1.Control/MeasureOnDevice',
             edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceRequest.SerializeToString,
             edgefleet_dot_v1_dot_control__pb2.MeasureOnDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/CreateOperatorToken',
+            edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CreateOperatorTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperatorTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ListOperatorTokens',
+            edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ListOperatorTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperatorToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/RevokeOperatorToken',
+            edgefleet_dot_v1_dot_control__pb2.RevokeOperatorTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.OperatorToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/ListAudit',
+            edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,3 +80,26 @@ def test_controller_on_postgres_enrolls_and_keeps_devices_across_a_restart(
     assert controller.device(device_id).labels["site"] == "pg"
     wait_until(lambda: online_ids(controller) == {device_id}, 30, "agent back online after the controller restart")
     assert len(controller.devices()) == 1  # it reconnected with its identity; no second enrollment
+
+
+def test_replicas_on_one_store_share_operator_tokens_revocations_and_the_audit_log(
+    tmp_path: Path, procs: list[Proc], store_url: str
+) -> None:
+    import grpc
+
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replica = ControllerProc(tmp_path / name, extra_args=["--store", store_url])
+        procs.append(replica)
+        replicas.append(replica.start())
+    a, b = replicas
+    created = a.call("CreateOperatorToken", control_pb2.CreateOperatorTokenRequest(role="operator", name="bot"))
+    assert b.call("ListDevices", control_pb2.ListDevicesRequest(), token=created.token).devices == []
+    b.call("RevokeOperatorToken", control_pb2.RevokeOperatorTokenRequest(token_id=created.info.token_id))
+    with pytest.raises(grpc.RpcError) as caught:
+        a.call("ListDevices", control_pb2.ListDevicesRequest(), token=created.token)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (caught.value.details() or "")
+    entries = b.call("ListAudit", control_pb2.ListAuditRequest()).entries
+    assert [(e.method, e.outcome) for e in entries] == [("CreateOperatorToken", "ok"), ("RevokeOperatorToken", "ok")]
+    assert created.token not in str(entries)

@@ -19,6 +19,7 @@ import pytest
 
 from edgefleet.controller.store import StoreUnavailable, open_store
 from edgefleet.controller.store.base import (
+    AuditRecord,
     BuildRecord,
     CommandRecord,
     DeviceRecord,
@@ -26,6 +27,7 @@ from edgefleet.controller.store.base import (
     EnrollmentTokenRecord,
     ModelPoint,
     ModelRecord,
+    OperatorTokenRecord,
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
@@ -110,6 +112,11 @@ def token(token_id: str = "tok-1", uses: int = 2, expires: int = NOW + 60_000, *
     return EnrollmentTokenRecord(token_id, f"hash-{token_id}", uses, uses, NOW, expires, dict(labels))
 
 
+def operator_token(token_id: str = "opt-1", role: str = "admin", created: int = NOW, **fields: object
+                   ) -> OperatorTokenRecord:
+    return OperatorTokenRecord(token_id, f"hash-{token_id}", role, created, **fields)  # type: ignore[arg-type]
+
+
 def device(device_id: str = "dev-1", **labels: str) -> DeviceRecord:
     return DeviceRecord(device_id, f"secret-{device_id}", dict(labels), 0, hostname="h", hardware_class="x86_64-avx2",
                         profile=b"\x08\x01")
@@ -147,10 +154,43 @@ def rollout(rollout_id: str, created: int = NOW, state: str = "planning") -> Rol
 
 class TestStoreContract:
     def test_operator_tokens(self, store: Store) -> None:
-        assert not store.is_operator_token("h")
-        store.add_operator_token("h", NOW)
-        store.add_operator_token("h", NOW)  # idempotent
-        assert store.is_operator_token("h")
+        assert not store.is_operator_token("hash-opt-1") and store.get_operator_token("hash-opt-1") is None
+        first = operator_token(name="ci", expires_at_ms=NOW + 60_000, created_by="opt-0")
+        assert store.add_operator_token(first)
+        assert not store.add_operator_token(dataclasses.replace(first, role="viewer"))  # same digest: unchanged
+        assert not store.add_operator_token(OperatorTokenRecord("opt-1", "hash-other", "viewer", NOW))  # same id
+        assert store.get_operator_token("hash-opt-1") == first
+        assert store.get_operator_token("hash-other") is None
+        assert store.is_operator_token("hash-opt-1", NOW) and not store.is_operator_token("hash-opt-1", NOW + 60_000)
+
+    def test_operator_tokens_list_and_revoke_keeps_the_first_revocation(self, store: Store) -> None:
+        store.add_operator_token(operator_token("opt-b", role="viewer", created=NOW + 1))
+        store.add_operator_token(operator_token("opt-a", role="operator", created=NOW + 1))
+        store.add_operator_token(operator_token("opt-z", created=NOW))
+        assert [t.token_id for t in store.list_operator_tokens()] == ["opt-z", "opt-a", "opt-b"]
+        revoked = store.revoke_operator_token("opt-a", NOW + 5)
+        assert revoked is not None and revoked.revoked_at_ms == NOW + 5 and revoked.role == "operator"
+        again = store.revoke_operator_token("opt-a", NOW + 9)
+        assert again is not None and again.revoked_at_ms == NOW + 5
+        assert store.revoke_operator_token("opt-missing", NOW) is None
+        assert not store.is_operator_token("hash-opt-a", NOW) and store.is_operator_token("hash-opt-b", NOW)
+
+    def test_audit_log_keeps_the_newest_entries_oldest_first(self, store: Store) -> None:
+        entries = [AuditRecord(NOW + i, "opt-1", "operator", f"Method{i}", f'{{"i": {i}}}', "ok") for i in range(5)]
+        entries.append(AuditRecord(NOW + 2, "opt-2", "viewer", "CreateRollout", "{}", "PERMISSION_DENIED",
+                                   "CreateRollout needs role operator; this token (opt-2) is viewer"))
+        for e in entries:
+            store.add_audit(e)
+        listed = store.list_audit()
+        assert [(e.at_ms, e.method) for e in listed] == [
+            (NOW, "Method0"), (NOW + 1, "Method1"), (NOW + 2, "Method2"), (NOW + 2, "CreateRollout"),
+            (NOW + 3, "Method3"), (NOW + 4, "Method4")]
+        assert len({e.audit_id for e in listed}) == 6 and all(e.audit_id > 0 for e in listed)
+        denied = listed[3]
+        assert dataclasses.replace(denied, audit_id=0) == entries[-1]
+        assert [e.method for e in store.list_audit(limit=2)] == ["Method3", "Method4"]
+        assert [e.method for e in store.list_audit(since_ms=NOW + 3)] == ["Method3", "Method4"]
+        assert store.list_audit(since_ms=NOW + 10) == []
 
     def test_enroll_spends_a_use_and_merges_labels_token_first(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2, site="lab"))
@@ -532,8 +572,8 @@ def test_postgres_replicas_starting_together_migrate_once() -> None:
         for t in threads:
             t.join()
         assert errors == [] and len(opened) == 6
-        opened[0].add_operator_token("h", NOW)
-        assert all(s.is_operator_token("h") for s in opened)
+        opened[0].add_operator_token(operator_token())
+        assert all(s.is_operator_token("hash-opt-1", NOW) for s in opened)
         for s in opened:
             s.close()
         with psycopg.connect(dsn) as conn:
@@ -574,14 +614,56 @@ def test_postgres_store_survives_its_connections_being_killed() -> None:
     with postgres_schema() as dsn:
         store = PostgresStore(f"{dsn}&application_name={app}", max_connections=3)
         try:
-            store.add_operator_token("h", NOW)
+            store.add_operator_token(operator_token())
             with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
                 killed = admin.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
                     (app,),
                 ).fetchone()
             assert killed is not None and killed[0] >= 1
-            assert store.is_operator_token("h")
+            assert store.is_operator_token("hash-opt-1", NOW)
+        finally:
+            store.close()
+
+
+# The schema version that gave operator tokens a role, found by content so renumbering at a merge keeps it.
+ROLES_MIGRATION = next(i for i, m in enumerate(POSTGRES_MIGRATIONS) if "CREATE TABLE audit_log" in m) + 1
+
+
+def test_sqlite_tokens_from_before_roles_become_admin(tmp_path: Path) -> None:
+    import sqlite3
+
+    from edgefleet.controller.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    for script in SQLITE_MIGRATIONS[:ROLES_MIGRATION - 1]:
+        db.executescript(script)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (?)", (ROLES_MIGRATION - 1,))
+    db.execute("INSERT INTO operator_tokens VALUES ('abcdef0123456789', ?)", (NOW,))
+    db.commit()
+    db.close()
+    store = SQLiteStore(tmp_path / "old.db")
+    try:
+        old = store.get_operator_token("abcdef0123456789")
+        assert old is not None and old.role == "admin" and old.token_id == "opt-abcdef01" and not old.revoked_at_ms
+        assert store.is_operator_token("abcdef0123456789", NOW)
+    finally:
+        store.close()
+
+
+def test_postgres_tokens_from_before_roles_become_admin() -> None:
+    with postgres_schema() as dsn:
+        with psycopg.connect(dsn) as conn:
+            for script in POSTGRES_MIGRATIONS[:ROLES_MIGRATION - 1]:
+                conn.execute(script.encode())
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version VALUES (%s)", (ROLES_MIGRATION - 1,))
+            conn.execute("INSERT INTO operator_tokens VALUES ('abcdef0123456789', %s)", (NOW,))
+        store = PostgresStore(dsn)
+        try:
+            old = store.get_operator_token("abcdef0123456789")
+            assert old is not None and old.role == "admin" and old.token_id == "opt-abcdef01"
         finally:
             store.close()
 
@@ -628,5 +710,6 @@ def test_both_backends_migrate_to_the_same_tables_and_columns(tmp_path: Path) ->
     # Every record field has its column, so the stores' generic inserts write them all.
     for table, record in (("devices", DeviceRecord), ("commands", CommandRecord), ("models", ModelRecord),
                           ("builds", BuildRecord), ("rollouts", RolloutRecord),
-                          ("rollout_devices", RolloutDeviceRecord), ("telemetry_rollups", Rollup)):
+                          ("rollout_devices", RolloutDeviceRecord), ("telemetry_rollups", Rollup),
+                          ("operator_tokens", OperatorTokenRecord), ("audit_log", AuditRecord)):
         assert {f.name for f in dataclasses.fields(record)} == {c for c, _ in lite[table]}, table
