@@ -692,19 +692,13 @@ def _select(
     fastest = min(ties, key=lambda c: build_size(c.path) if c.path else 0)
     assert fastest.stats is not None
     gain = gain_of(fastest)
-    if fastest is baseline:
-        chosen, why = baseline, "no candidate within the gate was faster than the optimized fp32 graph"
+    if fastest is baseline or fastest.recipe.name == "fp32-source" or (baseline.passed and gain < spec.min_speedup):
+        chosen, why = _plain_fp32(spec, baseline, passed, fastest, gain)
     elif not baseline.passed:
         chosen = fastest
         why = (
             f"the fp32 baseline fails the gate against the source; {fastest.recipe.name} is the fastest "
             "candidate within it"
-        )
-    elif gain < spec.min_speedup:
-        chosen = baseline
-        why = (
-            f"the best candidate within the gate ({fastest.recipe.name}) was only {gain:.2f}x faster, under "
-            f"the {spec.min_speedup:.2f}x needed to beat measurement noise; the optimized fp32 graph is the answer"
         )
     else:
         chosen = fastest
@@ -715,6 +709,34 @@ def _select(
     if failed_gate:
         why += f"; failed the gate: {', '.join(failed_gate)}"
     return chosen, baseline, gain_of(chosen), why
+
+
+def _plain_fp32(
+    spec: CompileSpec, baseline: _Candidate, passed: list[_Candidate], fastest: _Candidate, gain: float
+) -> tuple[_Candidate, str]:
+    """Nothing beat fp32 by enough: ship the optimized graph, or the source as given when that is as
+    fast (within the tie tolerance, paired round by round) and smaller on disk."""
+    if fastest is baseline or fastest.recipe.name == "fp32-source":
+        why = "no candidate within the gate was faster than the optimized fp32 graph"
+    else:
+        why = (
+            f"the best candidate within the gate ({fastest.recipe.name}) was only {gain:.2f}x faster, under "
+            f"the {spec.min_speedup:.2f}x needed to beat measurement noise; plain fp32 is the answer"
+        )
+    source = next((c for c in passed if c.recipe.name == "fp32-source"), None)
+    if source is None or source.path is None or source.stats is None:
+        return baseline, why
+    if not baseline.passed or baseline.stats is None or baseline.path is None:
+        return source, why + "; the optimized graph is not usable, so the source as given ships"
+    behind = paired_speedup(source.stats, baseline.stats)  # > 1: the optimized graph is faster
+    if behind > 1 + spec.tie_tolerance:
+        return baseline, why
+    size, optimized = build_size(source.path), build_size(baseline.path)
+    if behind * (1 + spec.tie_tolerance) < 1:
+        return source, why + f"; the source as given was {1 / behind:.2f}x faster than the optimized graph"
+    if size < optimized:
+        return source, why + f"; the source as given is as fast and smaller ({size} vs {optimized} bytes)"
+    return baseline, why
 
 
 def _report(

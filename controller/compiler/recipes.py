@@ -56,6 +56,10 @@ BASELINE_STATIC = Recipe(
     "fp32",
     summary="static shapes, simplification, portable (basic) fusion",
 )
+# The source as given, on onnxruntime: when fusion gains nothing (a tiny recurrent model), the
+# optimized graph can still be bigger than the source (constants folded into both If branches),
+# and then the file the user gave is the better fp32 build.
+SOURCE = Recipe("fp32-source", (), "fp32", summary="the ONNX model as given")
 _QDQ_PC = (("calibration", "minmax"), ("per_channel", True), ("quant_format", "qdq"))
 
 
@@ -199,7 +203,7 @@ def openvino_recipes(target: TargetSpec) -> list[Recipe]:
 def all_recipe_names() -> list[str]:
     from dataclasses import replace
 
-    names = {r.name for _, rows in RECIPE_TABLE for r in rows} | {r.name for r in TFLITE_RECIPES}
+    names = {r.name for _, rows in RECIPE_TABLE for r in rows} | {r.name for r in TFLITE_RECIPES} | {SOURCE.name}
     base = TargetSpec.from_class("x86_64")
     for cpu in (("FP32", "BF16", "FP16", "INT8"), ("FP32", "INT8")):  # every OpenVINO device and capability
         devices = (("CPU", cpu), ("GPU", ("FP16", "INT8")), ("NPU", ()))
@@ -218,6 +222,8 @@ def recipes_for(target: TargetSpec, model_format: str, only: tuple[str, ...] | N
         rows = next((r for pattern, r in RECIPE_TABLE if re.fullmatch(pattern, key)), [])
         if not rows:
             raise CompileError(f"no recipes for class '{target.hardware_class}'; add a row to RECIPE_TABLE")
+    if model_format != "tflite":
+        rows = [rows[0], SOURCE, *rows[1:]]
     # The runtime is part of the candidate: OpenVINO builds compete with the ORT and LiteRT ones.
     rows = [*rows, *openvino_recipes(target)]
     if only:

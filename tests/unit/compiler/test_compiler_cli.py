@@ -265,5 +265,28 @@ def test_shared_leading_steps_run_once_per_compile(tmp_path: Path, mlp: dict[str
     built = [c for c in report.candidates if c.get("error") is None]
     assert len(built) >= 3, report.candidates
     assert len(calls) == 1
-    assert all({"pass": "simplify", "params": {}} in c["passes"] for c in built)
+    assert all({"pass": "simplify", "params": {}} in c["passes"] for c in built if c["recipe"] != "fp32-source")
     assert len({c["size_bytes"] for c in built}) >= 2, "the recipes after the shared steps still differ"
+
+
+def test_plain_fp32_ships_the_source_when_the_optimized_graph_is_no_faster_and_bigger(tmp_path: Path) -> None:
+    from edgefleet.controller.compiler.api import CompileSpec, _Candidate, _plain_fp32
+    from edgefleet.controller.compiler.measure import LatencyStats
+    from edgefleet.controller.compiler.recipes import BASELINE, SOURCE
+
+    def timed(name: str, size: int, rounds: tuple[float, ...]) -> _Candidate:
+        path = tmp_path / name
+        path.write_bytes(b"\0" * size)
+        stats = LatencyStats(sorted(rounds)[len(rounds) // 2], 0, 0, len(rounds), "local", rounds_ms=rounds)
+        return _Candidate(BASELINE if name == "opt.onnx" else SOURCE, path=path, passed=True, stats=stats)
+
+    spec = CompileSpec(model=tmp_path / "m.onnx")
+    same = (1.0, 1.01, 0.99, 1.0, 1.0)
+    optimized, source = timed("opt.onnx", 300, same), timed("src.onnx", 200, same)
+    chosen, why = _plain_fp32(spec, optimized, [optimized, source], optimized, 1.0)
+    assert chosen is source and "as fast and smaller" in why
+    bigger_source = timed("src.onnx", 400, same)
+    assert _plain_fp32(spec, optimized, [optimized, bigger_source], optimized, 1.0)[0] is optimized
+    slow_source = timed("src.onnx", 200, tuple(1.2 * r for r in same))
+    assert _plain_fp32(spec, optimized, [optimized, slow_source], optimized, 1.0)[0] is optimized, \
+        "the optimized graph is really faster: it ships, whatever its size"
