@@ -708,7 +708,13 @@ def _select(
     failed_gate = [c.recipe.name for c in candidates if c.path is not None and not c.passed]
     if failed_gate:
         why += f"; failed the gate: {', '.join(failed_gate)}"
-    return chosen, baseline, gain_of(chosen), why
+    # The speedup and size ratio reported are against the model the user gave, as given, where it was
+    # timed: that is what a user compares with. (Without it, against the optimized fp32 graph.)
+    source = next((c for c in passed if c.recipe.name == "fp32-source"), None)
+    reference = source if source is not None and source.stats is not None else baseline
+    assert reference.stats is not None and chosen.stats is not None
+    gain = 1.0 if chosen is reference else paired_speedup(reference.stats, chosen.stats)
+    return chosen, reference, gain, why
 
 
 def _plain_fp32(
