@@ -23,15 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.common.mqtt import new_client, parse_broker_url, session_properties
 from edgefleet.controller.fleet.broker_auth import BrokerAuth
 from edgefleet.protos.capability import CAPABILITY_VERSION
-from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
-from fleet_harness import ControllerProc, free_port, wait_until
+from edgefleet.protos.v1 import fleet_pb2, profile_pb2
+from fleet_harness import ControllerProc, enroll_request, free_port, wait_until
 
 ADMIN_USER = "edgefleet-controller"
 ADMIN_PASSWORD = "admin-secret-for-tests"
@@ -205,11 +204,11 @@ class Broker:
 
 
 def mqtt_controller(tmp: Path, broker: Broker, *, state_dir: Path | None = None, name: str = "controller",
-                    heartbeat_s: float = 0.3) -> ControllerProc:
+                    heartbeat_s: float = 0.3, insecure: bool = False) -> ControllerProc:
     """A controller process serving `broker` too (its own state dir unless one is shared)."""
     args = broker.controller_args()
     (tmp / name).mkdir(parents=True, exist_ok=True)
-    proc = ControllerProc(tmp / name, heartbeat_s=heartbeat_s, extra_args=args)
+    proc = ControllerProc(tmp / name, heartbeat_s=heartbeat_s, extra_args=args, insecure=insecure)
     if state_dir is not None:
         proc.args += ["--state-dir", str(state_dir)]  # the last --state-dir wins
         proc.state_dir = state_dir
@@ -218,13 +217,11 @@ def mqtt_controller(tmp: Path, broker: Broker, *, state_dir: Path | None = None,
 
 def enroll(controller: ControllerProc, token: str, hostname: str = "sim") -> fleet_pb2.EnrollResponse:
     """One Enroll call, as an agent makes it, returning the reply with its MQTT login."""
-    with grpc.insecure_channel(controller.grpc_address) as channel:
-        request = fleet_pb2.EnrollRequest(
-            token=token, capability_version=CAPABILITY_VERSION, agent_version="sim",
-            profile=profile_pb2.HardwareProfile(hardware_class="x86_64-sim",
-                                                os=profile_pb2.OsInfo(hostname=hostname)),
-        )
-        return fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=10)
+    request = fleet_pb2.EnrollRequest(
+        token=token, capability_version=CAPABILITY_VERSION, agent_version="sim",
+        profile=profile_pb2.HardwareProfile(hardware_class="x86_64-sim", os=profile_pb2.OsInfo(hostname=hostname)),
+    )
+    return enroll_request(controller, request)
 
 
 def telemetry_batch(seq: int, pad: int = 0) -> fleet_pb2.AgentMessage:

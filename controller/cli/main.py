@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgefleet.controller.cli import controller, devices, models, rollouts, telemetry, tokens  # noqa: F401  (registers the groups)
+from edgefleet.controller.cli import ca, controller, devices, models, rollouts, telemetry, tokens  # noqa: F401  (registers the groups)
 from edgefleet.controller.cli.base import cli
 from edgefleet.controller.cli.output import duration_option
 

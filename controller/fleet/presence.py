@@ -33,6 +33,7 @@ class LiveSession:
     # where the transport watches silence itself.
     end_silent: Callable[[], object] | None = None
     silent: bool = False
+    revoked: bool = False  # set before `end_silent` is called to end the stream of a revoked device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,15 @@ class PresenceTracker:
                 session.end_silent()
                 expired += 1
         return expired
+
+    def end_revoked(self, device_id: str) -> bool:
+        """End the open stream of a revoked device at once (on this replica); True when there was one."""
+        session = self._live.get(device_id)
+        if session is None or session.end_silent is None:
+            return False
+        session.revoked = True
+        session.end_silent()
+        return True
 
     def sender(self, device_id: str) -> Callable[[fleet_pb2.ControllerMessage], None] | None:
         live = self._live.get(device_id)
