@@ -162,10 +162,20 @@ def identity_cmd(state_dir: Path, as_json: bool) -> None:
         raise UserError(str(exc)) from None
     if identity is None:
         raise UserError(f"not enrolled: {state_dir}/identity.json is missing; run `edgefleet-agent run --token ...`")
-    data = {"device_id": identity.device_id, "controller": identity.controller, "labels": identity.labels,
-            "enrolled_at_unix_ms": identity.enrolled_at_unix_ms}
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else
-               f"{identity.device_id} enrolled with {identity.controller}")
+    from edgefleet.agent.certificates import CertificateFilesError, describe, load_device_tls
+
+    data: dict[str, object] = {"device_id": identity.device_id, "controller": identity.controller,
+                               "labels": identity.labels, "enrolled_at_unix_ms": identity.enrolled_at_unix_ms}
+    try:
+        tls = load_device_tls(state_dir)
+    except CertificateFilesError as exc:
+        raise UserError(str(exc)) from None
+    data["certificate"] = describe(tls) if tls is not None else None
+    text = f"{identity.device_id} enrolled with {identity.controller}"
+    if tls is not None:
+        cert = describe(tls)
+        text += f"\ncertificate {cert['serial']} from {cert['issuer']}, valid until {cert['not_after']}"
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
 @cli.command("profile")

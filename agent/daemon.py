@@ -182,6 +182,9 @@ class Agent:
             tls = load_device_tls(self.config.state_dir)
         except CertificateFilesError as exc:
             raise ConfigError(str(exc)) from None
+        if tls is None and self.config.transport == "mqtt":  # issue 7: it logs in to the broker, not to us
+            log.info("no device certificate; MQTT uses the broker login", extra={"device": self.identity.device_id})
+            return ControllerEndpoint(controller, insecure=True)
         if tls is None:
             ca_pem = self._ca_pem("move this device from its secret to a certificate")
             assert ca_pem is not None
