@@ -101,6 +101,7 @@ class Controller:
         logins = broker_auth(config.mqtt_url, config.mqtt, config.state_dir) if config.mqtt_url else None  # issue 7
         self.enrollment = Enrollment(self.store, mqtt_logins=logins)
         self.presence = PresenceTracker(self.store, config.heartbeat_interval_s, owner=self.replica)
+        self.presence.revoked.update(d.device_id for d in self.store.list_devices() if d.revoked)
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
         self.signing_key = ensure_signing_key(config.state_dir)
         self.ca: DeviceCA | None = None

@@ -239,6 +239,9 @@ class MqttBridge:
         if leaf == "state":
             self._on_state(device_id, payload)
             return
+        if device_id in self.sessions.presence.revoked:
+            log.warning("message of a revoked device dropped", extra={"device": device_id, "topic": leaf})
+            return
         try:
             message = fleet_pb2.AgentMessage.FromString(bytes(payload))
         except Exception:
