@@ -26,12 +26,12 @@ from edgefleet.agent.endpoint import DEVICE_ID_HEADER, DEVICE_SECRET_HEADER, Con
 from edgefleet.agent.identity import Identity, save_identity
 from edgefleet.agent.link import DEFAULT_ACK_TIMEOUT_S, CommandHandler, ControllerDispatch, Serving, TelemetryPump
 from edgefleet.agent.outbox import TelemetryOutbox
+from edgefleet.agent.renewal import CertificateRenewer, RenewalRefused
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
 
 log = logging.getLogger("edgefleet.agent.session")
 
-RENEW_RETRY_S = 30.0  # a failed renewal is tried again after this long (or sooner near the expiry)
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -177,8 +177,8 @@ class AgentSession:
     ) -> None:
         self.controller = controller
         self.endpoint = endpoint or plaintext(controller)
-        self.renew_now = asyncio.Event()
-        self.renewals = 0
+        self.renewer = CertificateRenewer(self.endpoint, identity.device_id, channel_options=CHANNEL_OPTIONS,
+                                          timeout_s=connect_timeout_s)
         self.identity = identity
         self.device_id = identity.device_id
         self.profile = profile
@@ -204,58 +204,30 @@ class AgentSession:
 
     async def run(self) -> None:
         """Stay connected until cancelled; raises Refused when the controller rejects this identity."""
-        renewer = asyncio.create_task(self._renew_loop()) if not self.endpoint.insecure else None
+        tasks = [asyncio.create_task(self._stay_connected())]
+        if not self.endpoint.insecure:
+            tasks.append(asyncio.create_task(self.renewer.run()))
         try:
-            while True:
-                async for attempt in backoff(self.backoff_base_s, self.backoff_max_s):
-                    with attempt:
-                        await self._connect_and_serve()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                try:
+                    task.result()
+                except RenewalRefused as exc:
+                    raise Refused(str(exc)) from None
         finally:
-            if renewer is not None:
-                renewer.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await renewer
+                    await task
+
+    async def _stay_connected(self) -> None:
+        while True:
+            async for attempt in backoff(self.backoff_base_s, self.backoff_max_s):
+                with attempt:
+                    await self._connect_and_serve()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return self.endpoint.metadata(self.identity.device_id, self.identity.device_secret)
-
-    async def _renew_loop(self) -> None:
-        """Renew the certificate at about 2/3 of its lifetime (or at once when the controller asks,
-        after a CA rotation), over mutual TLS with the certificate being replaced."""
-        while True:
-            tls = self.endpoint.tls
-            assert tls is not None
-            wait_s = max(0.0, tls.renew_at() - time.time())
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.renew_now.wait(), wait_s)
-            self.renew_now.clear()
-            try:
-                await self.renew()
-            except Refused:
-                raise
-            except Exception as exc:  # unreachable controller: try again, sooner as the expiry nears
-                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
-                retry_s = min(RENEW_RETRY_S, max(0.2, (tls.expires_at() - time.time()) / 10))
-                log.warning("certificate renewal failed, retrying",
-                            extra={"device": self.device_id, "retry_in_s": round(retry_s, 2), "error": detail})
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.renew_now.wait(), retry_s)
-
-    async def renew(self) -> None:
-        assert self.endpoint.state_dir is not None
-        key = new_key()
-        async with self.endpoint.aio_device_channel(CHANNEL_OPTIONS) as channel:
-            try:
-                reply = await fleet_pb2_grpc.FleetStub(channel).RenewCertificate(
-                    fleet_pb2.RenewCertificateRequest(csr_pem=csr_pem(key)), timeout=self.connect_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                _raise_refused(exc, f"certificate renewal for {self.device_id}")
-                raise
-        self.endpoint.tls = await asyncio.to_thread(save_device_tls, self.endpoint.state_dir, key,
-                                                    reply.certificate_pem, reply.ca_bundle_pem)
-        self.renewals += 1
-        log.info("certificate renewed", extra={"device": self.device_id,
-                                               "not_after_ms": reply.not_after_unix_ms})
 
     def _accepted(self, accepted: fleet_pb2.SessionAccepted) -> None:
         """Over TLS the controller hands the CAs to trust now (they change with a rotation)."""
@@ -266,7 +238,7 @@ class AgentSession:
             self.endpoint.reload()
         if accepted.renew_certificate:
             log.info("controller asks for a certificate from its new CA", extra={"device": self.device_id})
-            self.renew_now.set()
+            self.renewer.renew_now.set()
 
     async def _connect_and_serve(self) -> None:
         """Raises on a failure before the session is accepted; returns once an accepted session ends."""
