@@ -80,6 +80,7 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
         mqtt_url: str | None, ca_cert: Path | None, insecure: bool) -> None:
     """Enroll (once), then stay connected: heartbeats, serving, telemetry."""
     from edgefleet.agent.daemon import Agent, AgentConfig, ConfigError, parse_workload
+    from edgefleet.agent.renewal import RenewalRefused
     from edgefleet.agent.session import Refused
 
     try:
@@ -103,7 +104,7 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
         profile = collect_profile_for_agent(state_dir, microbench=config.microbench, hardware_class=hardware_class)
         agent = Agent(config, profile)
         _run_until_signal(agent.run())
-    except (ConfigError, IdentityError, Refused) as exc:
+    except (ConfigError, IdentityError, Refused, RenewalRefused) as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:  # e.g. an unreadable power model file
         raise UserError(str(exc)) from None

@@ -23,9 +23,10 @@ from edgefleet.agent.local_api import socket_address, start_local_api
 from edgefleet.agent.mqtt_link import MqttLink, keep_mqtt_login, link_for_agent  # issue 7
 from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
+from edgefleet.agent.renewal import CertificateRenewer
 from edgefleet.agent.runtime import load_model
 from edgefleet.agent.serving import InferenceService
-from edgefleet.agent.session import AgentSession, enroll, move_to_certificate
+from edgefleet.agent.session import CHANNEL_OPTIONS, AgentSession, enroll, move_to_certificate
 from edgefleet.agent.telemetry import TelemetryCollector
 from edgefleet.firmware.installer import Installer, InstallPolicy
 from edgefleet.firmware.keys import pin_public_keys, pinned_keys
@@ -277,9 +278,14 @@ class Agent:
             controller, self.identity, lambda: self.profile,
             outbox=self.outbox, backoff_max_s=self.config.backoff_max_s, endpoint=endpoint,
         )
+        renewer: CertificateRenewer | None = None
         if self.config.transport == "mqtt":  # issue 7: after enrollment the device speaks only MQTT
-            link = link_for_agent(self.config.state_dir, self.identity, self.outbox, profile=lambda: self.profile,
-                                  url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+            mqtt_link = link_for_agent(self.config.state_dir, self.identity, self.outbox, profile=lambda: self.profile,
+                                       url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+            if not endpoint.insecure:  # its certificate is renewed over the device port all the same
+                renewer = CertificateRenewer(endpoint, self.identity.device_id, channel_options=CHANNEL_OPTIONS)
+                renewer.on_renewed.append(mqtt_link.reload_certificate)
+            link = mqtt_link
         self.session = link
 
         def source_for(spec: fleet_pb2.InstallBundle) -> ControllerArtifact:
@@ -303,6 +309,8 @@ class Agent:
             asyncio.create_task(runner.run()),
             asyncio.create_task(self._telemetry_loop()),
         ]
+        if renewer is not None:
+            tasks.append(asyncio.create_task(renewer.run()))
         if self.config.workload_rate:
             tasks.append(asyncio.create_task(self._workload_loop(self.config.workload_rate)))
         try:

@@ -98,7 +98,12 @@ def make_tls(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
 class Broker:
     """One mosquitto process with file auth (the controller's files) and optional TLS; restartable."""
 
-    def __init__(self, tmp: Path, *, tls: bool = False) -> None:
+    def __init__(self, tmp: Path, *, tls: bool = False, client_ca: Path | None = None) -> None:
+        """`client_ca`: also a listener (TLS) where devices log in with a certificate of that CA
+        (the controller's ca-bundle.pem), its CN being the username; devices are given that one."""
+        self.client_ca = client_ca
+        tls = tls or client_ca is not None
+        self.cert_port = free_port() if client_ca is not None else 0
         self.binary = mosquitto_binary()
         self.dir = tmp / "broker"
         self.auth_dir = self.dir / "auth"
@@ -149,10 +154,22 @@ class Broker:
                 f"keyfile {self.tls.server_key}",
                 "tls_version tlsv1.2",
             ]
+        if self.client_ca is not None and self.tls is not None:
+            lines += [
+                f"listener {self.cert_port} 127.0.0.1",
+                f"cafile {self.client_ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "tls_version tlsv1.2",
+                "require_certificate true",
+                "use_identity_as_username true",
+            ]
         return "\n".join(lines) + "\n"
 
     @property
     def device_url(self) -> str:
+        if self.client_ca is not None:
+            return f"mqtts://127.0.0.1:{self.cert_port}"
         return f"mqtts://127.0.0.1:{self.tls_port}" if self.tls is not None else f"mqtt://127.0.0.1:{self.port}"
 
     @property
@@ -165,6 +182,8 @@ class Broker:
                 "--mqtt-broker-pid", str(self.pid_file)]
         if self.tls is not None:
             args += ["--mqtt-ca", str(self.tls.ca_cert)]
+        if self.client_ca is not None:
+            args += ["--mqtt-client-certs", "--mqtt-device-url", self.device_url]
         return args
 
     def start(self) -> Broker:

@@ -32,6 +32,9 @@ def mqtt_serve_options(fn: Any) -> Any:
         click.option("--mqtt-broker-pid", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="The broker's pid_file: it is sent SIGHUP to load new device logins."),
         click.option("--mqtt-client-id", default=None, help="This replica's MQTT client id (stable across restarts)."),
+        click.option("--mqtt-client-certs", is_flag=True,
+                     help="Devices log in to the broker with their device certificate instead of a password "
+                          "(a listener with require_certificate and use_identity_as_username; see deploy/mosquitto)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -54,6 +57,7 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
     return {"mqtt_url": url, "mqtt": MqttOptions(
         ca_file=values.get("mqtt_ca"), device_url=values.get("mqtt_device_url"), auth_dir=values.get("mqtt_auth_dir"),
         broker_pid_file=values.get("mqtt_broker_pid"), client_id=values.get("mqtt_client_id"),
+        client_certs=bool(values.get("mqtt_client_certs")),
     )}
 
 
@@ -91,6 +95,8 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint=name) from None
     interval = duration_option(heartbeat_interval, "--heartbeat-interval")
+    if insecure and mqtt.get("mqtt_client_certs"):
+        raise click.BadParameter("device certificates need TLS; drop --insecure", param_hint="--mqtt-client-certs")
     lifetime = duration_option(cert_lifetime, "--cert-lifetime")
     if lifetime < 3:
         raise click.BadParameter("must be at least 3s", param_hint="--cert-lifetime")
