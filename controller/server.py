@@ -23,7 +23,7 @@ from edgefleet.controller.api.fleet_grpc import FleetServicer, add_fleet_service
 from edgefleet.controller.api.http_server import HttpApi
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
 from edgefleet.controller.fleet import credentials as auth
-from edgefleet.controller.fleet.certificates import DEFAULT_CERT_LIFETIME_S, DEFAULT_TLS_SANS, DeviceCA
+from edgefleet.controller.fleet.certificates import DEFAULT_CERT_LIFETIME_S, DEFAULT_TLS_SANS, DeviceCA, fingerprint
 from edgefleet.controller.fleet.commands import CommandDispatcher
 from edgefleet.controller.fleet.device_identity import DeviceIdentities
 from edgefleet.controller.fleet.device_measure import DeviceMeasure
@@ -109,6 +109,9 @@ class Controller:
         if not config.insecure:
             self.ca = DeviceCA(config.state_dir, cert_lifetime_s=config.cert_lifetime_s, tls_sans=config.tls_sans)
             self.identities = DeviceIdentities(self.store, self.ca)
+            # What an operator checks a device's copy of ca.pem against (also `edgefleet ca show`).
+            log.info("device CA", extra={"ca": str(config.state_dir / "ca.pem"), "sha256": fingerprint(self.ca.active),
+                                         "tls_san": ",".join(config.tls_sans)})
         self.device_port = 0
         self.commands = CommandDispatcher(self.store, self.presence)
         self.rollouts: RolloutEngine | None = None
