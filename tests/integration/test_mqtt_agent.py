@@ -217,6 +217,7 @@ def test_agent_logs_in_to_the_broker_with_its_device_certificate(tmp_path: Path,
     broker = Broker(tmp_path, client_ca=state_dir / "ca-bundle.pem").start()
     try:
         ctl = mqtt_controller(tmp_path, broker)
+        ctl.args += ["--cert-lifetime", "6s"]  # renewed every few seconds, over the device port
         procs.append(ctl)
         ctl.start()
         agent = _agent(tmp_path, procs, ctl, ctl.create_token()).start()
@@ -226,5 +227,13 @@ def test_agent_logs_in_to_the_broker_with_its_device_certificate(tmp_path: Path,
         assert device_id not in (broker.auth_dir / "passwd").read_text()
         wait_until(lambda: ctl.device(device_id).online, 20, "the device online over MQTT with its certificate")
         wait_until(lambda: len(stored_seqs(ctl.state_dir, device_id)) >= 3, 20, "telemetry over MQTT")
+
+        # Renewed and reloaded: after the first certificate expired, a reconnect presents a newer one.
+        wait_until(lambda: "mqtt client certificate reloaded" in agent.log(), 15, "a renewal the link reloads")
+        time.sleep(7)
+        broker.restart()
+        before = len(stored_seqs(ctl.state_dir, device_id))
+        wait_until(lambda: len(stored_seqs(ctl.state_dir, device_id)) > before + 3, 30,
+                   "telemetry after reconnecting with the renewed certificate")
     finally:
         broker.stop(signal.SIGKILL)
