@@ -161,6 +161,14 @@ def test_revoked_device_loses_its_stream_at_once_and_for_good(
     cert = (agent.state_dir / "device.pem").read_bytes()
     err = refusal(lambda: open_session(controller, key=key, cert=cert))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.details() or "")
+    creds = grpc.ssl_channel_credentials(controller.ca_path.read_bytes(), key, cert)
+    with grpc.secure_channel(controller.device_address, creds) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        err = refusal(lambda: list(stub.FetchArtifact(fleet_pb2.FetchArtifactRequest(sha256="0" * 64), timeout=5)))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        err = refusal(lambda: stub.RenewCertificate(fleet_pb2.RenewCertificateRequest(csr_pem=csr_pem(new_key())),
+                                                    timeout=5))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
     controller.stop()
     controller.close_channel()
