@@ -13,8 +13,10 @@ the server certificate from the active CA and stops accepting client certificate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -22,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -49,6 +51,7 @@ PREVIOUS_CA_KEY_FILE = "ca-previous.key"
 BUNDLE_FILE = "ca-bundle.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server.key"
+LOCK_FILE = "ca.lock"
 
 
 class CertificateError(ValueError):
@@ -101,6 +104,19 @@ class DeviceCA:
         self.generation = 0  # bumped on every change the TLS credentials must pick up
         self.ensure()
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One change at a time: threads here, and replicas that share this state dir (two first
+        starts must not both make a CA)."""
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / LOCK_FILE, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
     # -- files ---------------------------------------------------------------------------------
     def _read_cert(self, name: str) -> x509.Certificate | None:
         path = self.dir / name
@@ -138,8 +154,7 @@ class DeviceCA:
     def ensure(self) -> None:
         """Create the CA on first start; (re)issue the server certificate when it is missing, for
         other names than --tls-san, near its end, or not from the CA that signs server certificates."""
-        with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        with self._changing():
             if not (self.dir / CA_FILE).exists() or not (self.dir / CA_KEY_FILE).exists():
                 self._new_ca(CA_FILE, CA_KEY_FILE)
             for name in (CA_KEY_FILE, PREVIOUS_CA_KEY_FILE, SERVER_KEY_FILE):
@@ -248,7 +263,7 @@ class DeviceCA:
     # -- rotation ------------------------------------------------------------------------------
     def rotate(self) -> None:
         """A new active CA; the old one stays trusted (and signs the server certificate) until retired."""
-        with self._lock:
+        with self._changing():
             if self.previous is not None:
                 raise CertificateError("a rotation is already in progress; finish it with `edgefleet ca retire-old` "
                                        "once every device has renewed")
@@ -260,7 +275,7 @@ class DeviceCA:
         log.info("controller CA rotated", extra={"active": fingerprint(self.active)})
 
     def retire_old(self) -> None:
-        with self._lock:
+        with self._changing():
             if self.previous is None:
                 raise CertificateError("there is no old CA to retire; rotate first with `edgefleet ca rotate`")
             (self.dir / PREVIOUS_CA_FILE).unlink()
