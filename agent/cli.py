@@ -69,12 +69,18 @@ def state_dir_option(fn):
               help="How to reach the controller after enrolling (enrollment itself is one gRPC call).")  # issue 7
 @click.option("--mqtt", "mqtt_url", default=None, metavar="mqtt[s]://HOST:PORT",
               help="Broker URL, when it differs from the one the controller gave at enrollment.")
+@click.option("--ca-cert", type=click.Path(path_type=Path, dir_okay=False), envvar="EDGEFLEET_CA_CERT", default=None,
+              help="The controller's CA (a copy of its STATE_DIR/ca.pem): needed to enroll over TLS, or to move a "
+                   "device enrolled before certificates over to one.")
+@click.option("--insecure", is_flag=True,
+              help="Plaintext with the device secret, against a controller run with --insecure (development only).")
 def run(controller: str | None, token: str, state_dir: Path, labels: str, hardware_class: str | None,
         no_microbench: bool, backoff_max: float, telemetry_interval: str, telemetry_queue: int, local_api: str,
         workload: str | None, power_model: Path | None, model_disk_limit: int | None, transport: str,
-        mqtt_url: str | None) -> None:
+        mqtt_url: str | None, ca_cert: Path | None, insecure: bool) -> None:
     """Enroll (once), then stay connected: heartbeats, serving, telemetry."""
     from edgefleet.agent.daemon import Agent, AgentConfig, ConfigError, parse_workload
+    from edgefleet.agent.renewal import RenewalRefused
     from edgefleet.agent.session import Refused
 
     try:
@@ -92,12 +98,13 @@ def run(controller: str | None, token: str, state_dir: Path, labels: str, hardwa
             telemetry_interval_s=max(0.05, interval), telemetry_queue_cap=telemetry_queue, local_api=local_api,
             workload_rate=parse_workload(workload), power_model=power_model, model_disk_limit=model_disk_limit,
             transport=transport, mqtt_url=mqtt_url,  # issue 7
+            insecure=insecure, ca_cert=ca_cert,
         )
         state_dir.mkdir(parents=True, exist_ok=True)
         profile = collect_profile_for_agent(state_dir, microbench=config.microbench, hardware_class=hardware_class)
         agent = Agent(config, profile)
         _run_until_signal(agent.run())
-    except (ConfigError, IdentityError, Refused) as exc:
+    except (ConfigError, IdentityError, Refused, RenewalRefused) as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:  # e.g. an unreadable power model file
         raise UserError(str(exc)) from None
@@ -156,10 +163,20 @@ def identity_cmd(state_dir: Path, as_json: bool) -> None:
         raise UserError(str(exc)) from None
     if identity is None:
         raise UserError(f"not enrolled: {state_dir}/identity.json is missing; run `edgefleet-agent run --token ...`")
-    data = {"device_id": identity.device_id, "controller": identity.controller, "labels": identity.labels,
-            "enrolled_at_unix_ms": identity.enrolled_at_unix_ms}
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else
-               f"{identity.device_id} enrolled with {identity.controller}")
+    from edgefleet.agent.certificates import CertificateFilesError, describe, load_device_tls
+
+    data: dict[str, object] = {"device_id": identity.device_id, "controller": identity.controller,
+                               "labels": identity.labels, "enrolled_at_unix_ms": identity.enrolled_at_unix_ms}
+    try:
+        tls = load_device_tls(state_dir)
+    except CertificateFilesError as exc:
+        raise UserError(str(exc)) from None
+    data["certificate"] = describe(tls) if tls is not None else None
+    text = f"{identity.device_id} enrolled with {identity.controller}"
+    if tls is not None:
+        cert = describe(tls)
+        text += f"\ncertificate {cert['serial']} from {cert['issuer']}, valid until {cert['not_after']}"
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
 @cli.command("profile")

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from edgefleet.agent.endpoint import ControllerEndpoint, plaintext
 from edgefleet.agent.identity import Identity
 from edgefleet.common.durable_files import atomic_write_json, read_json
 from edgefleet.firmware.installer import Installer
@@ -48,17 +49,18 @@ TRANSFER_CHANNEL_OPTIONS = [
 class GrpcArtifactSource(ControllerArtifact):
     """A bundle in the controller's artifact store, read with FetchArtifact from any offset."""
 
-    def __init__(self, controller: str, identity: Identity, sha256: str, size: int) -> None:
+    def __init__(self, controller: str, identity: Identity, sha256: str, size: int,
+                 endpoint: ControllerEndpoint | None = None) -> None:
         super().__init__(sha256, size)
         self.controller = controller
         self.identity = identity
+        self.endpoint = endpoint or plaintext(controller)  # TLS: the device port, with the device certificate
 
     def read(self, offset: int) -> Iterator[bytes]:
-        channel = grpc.insecure_channel(self.controller, options=TRANSFER_CHANNEL_OPTIONS)
+        channel = self.endpoint.device_channel(TRANSFER_CHANNEL_OPTIONS)
         call: Any = fleet_pb2_grpc.FleetStub(channel).FetchArtifact(
             fleet_pb2.FetchArtifactRequest(sha256=self.sha256, offset=offset, chunk_size=FETCH_CHUNK),
-            metadata=(("edgefleet-device-id", self.identity.device_id),
-                      ("edgefleet-device-secret", self.identity.device_secret)),
+            metadata=self.endpoint.metadata(self.identity.device_id, self.identity.device_secret),
         )
         try:
             position = offset

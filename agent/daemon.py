@@ -13,17 +13,20 @@ from pathlib import Path
 
 import grpc
 
+from edgefleet.agent.certificates import BUNDLE_FILE, CertificateFilesError, load_device_tls
 from edgefleet.agent.commands import CommandRunner, GrpcArtifactSource
 from edgefleet.agent.device_stats import DeviceSampler
+from edgefleet.agent.endpoint import ControllerEndpoint
 from edgefleet.agent.identity import Identity, load_identity, save_identity
 from edgefleet.agent.link import ControllerLink
 from edgefleet.agent.local_api import socket_address, start_local_api
 from edgefleet.agent.mqtt_link import MqttLink, keep_mqtt_login, link_for_agent  # issue 7
 from edgefleet.agent.outbox import DEFAULT_CAP, TelemetryOutbox
 from edgefleet.agent.power import PowerMeter, load_power_models, power_model_for
+from edgefleet.agent.renewal import CertificateRenewer
 from edgefleet.agent.runtime import load_model
 from edgefleet.agent.serving import InferenceService
-from edgefleet.agent.session import AgentSession, enroll
+from edgefleet.agent.session import CHANNEL_OPTIONS, AgentSession, enroll, move_to_certificate
 from edgefleet.agent.telemetry import TelemetryCollector
 from edgefleet.firmware.installer import Installer, InstallPolicy
 from edgefleet.firmware.keys import pin_public_keys, pinned_keys
@@ -69,6 +72,8 @@ class AgentConfig:
     model_disk_limit: int | None = None
     transport: str = "grpc"  # issue 7: grpc | mqtt (enrollment is always one gRPC call)
     mqtt_url: str | None = None  # overrides the broker URL the controller gave at enrollment
+    insecure: bool = False  # plaintext with the device secret; only against a controller run --insecure
+    ca_cert: Path | None = None  # the controller CA, given out of band, for the first TLS connection
 
 
 class Agent:
@@ -144,7 +149,8 @@ class Agent:
         if not self.config.controller:
             raise ConfigError("pass --controller HOST:PORT for the first enrollment")
         identity, reply = await enroll(self.config.controller, self.config.token, self.profile,
-                                       self.config.labels, backoff_max_s=self.config.backoff_max_s)
+                                       self.config.labels, backoff_max_s=self.config.backoff_max_s,
+                                       ca_pem=self._ca_pem("enroll"), state_dir=self.config.state_dir)
         # Pin the signing keys before the identity is saved: an identity on disk means keys are pinned.
         pin_public_keys(self.config.state_dir, reply.trusted_public_keys_pem)
         if self.config.transport == "mqtt":  # issue 7
@@ -152,6 +158,41 @@ class Agent:
         save_identity(self.config.state_dir, identity)
         log.info("enrolled", extra={"device": identity.device_id, "controller": self.config.controller})
         return identity
+
+    def _ca_pem(self, what: str) -> bytes | None:
+        """The CA to verify the controller with before this device has one of its own (None: --insecure)."""
+        if self.config.insecure:
+            return None
+        path = self.config.ca_cert or self.config.state_dir / BUNDLE_FILE
+        try:
+            return path.read_bytes()
+        except OSError:
+            raise ConfigError(
+                f"to {what} over TLS the agent needs the controller's CA: pass --ca-cert with a copy of the "
+                "controller's STATE_DIR/ca.pem (check its fingerprint with `edgefleet ca show`), or --insecure "
+                "against a controller run with --insecure"
+            ) from None
+
+    async def _endpoint(self, controller: str) -> ControllerEndpoint:
+        """Plaintext, or TLS with this device's certificate; a device enrolled before certificates
+        (identity.json with a secret, no device.pem) is moved over once, by its secret."""
+        assert self.identity is not None
+        if self.config.insecure:
+            return ControllerEndpoint(controller, insecure=True)
+        try:
+            tls = load_device_tls(self.config.state_dir)
+        except CertificateFilesError as exc:
+            raise ConfigError(str(exc)) from None
+        if tls is None and self.config.transport == "mqtt":  # issue 7: it logs in to the broker, not to us
+            log.info("no device certificate; MQTT uses the broker login", extra={"device": self.identity.device_id})
+            return ControllerEndpoint(controller, insecure=True)
+        if tls is None:
+            ca_pem = self._ca_pem("move this device from its secret to a certificate")
+            assert ca_pem is not None
+            self.identity = await move_to_certificate(self.identity, controller, ca_pem, self.config.state_dir)
+            tls = load_device_tls(self.config.state_dir)
+        return ControllerEndpoint(controller, insecure=False, state_dir=self.config.state_dir, tls=tls,
+                                  device_port=self.identity.device_port)
 
     async def _telemetry_loop(self) -> None:
         interval = self.config.telemetry_interval_s
@@ -195,13 +236,13 @@ class Agent:
             task.add_done_callback(outstanding.discard)
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    def _installer(self, identity: Identity, controller: str) -> Installer:
+    def _installer(self, identity: Identity, controller: str, endpoint: ControllerEndpoint) -> Installer:
         def reopen(ref: str) -> GrpcArtifactSource | None:
             # After a restart an interrupted download resumes from the controller it came from.
             if not ref.startswith("sha256:"):
                 return None
             state = self.installer_record_size()
-            return GrpcArtifactSource(controller, identity, ref.split(":", 1)[1], state) if state else None
+            return GrpcArtifactSource(controller, identity, ref.split(":", 1)[1], state, endpoint) if state else None
 
         return Installer(
             self.config.state_dir, pinned_keys(self.config.state_dir), hardware_class=self.profile.hardware_class,
@@ -217,7 +258,8 @@ class Agent:
     async def run(self) -> None:
         self.identity = await self._enroll_if_needed()
         controller = self.config.controller or self.identity.controller
-        installer = self._installer(self.identity, controller)
+        endpoint = await self._endpoint(controller)
+        installer = self._installer(self.identity, controller, endpoint)
         outcome = await asyncio.to_thread(installer.resume)
         if outcome.result != "idle":
             log.info("install resumed at start", extra={"result": outcome.result, "reason": outcome.reason})
@@ -234,11 +276,16 @@ class Agent:
             ) from None
         link: ControllerLink = AgentSession(
             controller, self.identity, lambda: self.profile,
-            outbox=self.outbox, backoff_max_s=self.config.backoff_max_s,
+            outbox=self.outbox, backoff_max_s=self.config.backoff_max_s, endpoint=endpoint,
         )
+        renewer: CertificateRenewer | None = None
         if self.config.transport == "mqtt":  # issue 7: after enrollment the device speaks only MQTT
-            link = link_for_agent(self.config.state_dir, self.identity, self.outbox, profile=lambda: self.profile,
-                                  url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+            mqtt_link = link_for_agent(self.config.state_dir, self.identity, self.outbox, profile=lambda: self.profile,
+                                       url=self.config.mqtt_url, backoff_max_s=self.config.backoff_max_s)
+            if not endpoint.insecure:  # its certificate is renewed over the device port all the same
+                renewer = CertificateRenewer(endpoint, self.identity.device_id, channel_options=CHANNEL_OPTIONS)
+                renewer.on_renewed.append(mqtt_link.reload_certificate)
+            link = mqtt_link
         self.session = link
 
         def source_for(spec: fleet_pb2.InstallBundle) -> ControllerArtifact:
@@ -262,6 +309,8 @@ class Agent:
             asyncio.create_task(runner.run()),
             asyncio.create_task(self._telemetry_loop()),
         ]
+        if renewer is not None:
+            tasks.append(asyncio.create_task(renewer.run()))
         if self.config.workload_rate:
             tasks.append(asyncio.create_task(self._workload_loop(self.config.workload_rate)))
         try:

@@ -1,4 +1,6 @@
-"""The device's identity: id and secret from enrollment, persisted 0600 so restarts never re-enroll."""
+"""The device's identity: id (and, before certificates or with --insecure, secret) from enrollment,
+persisted 0600 so restarts never re-enroll. Its TLS key and certificate live beside it
+(agent/certificates.py). Format 2 added `device_port`; format 1 files are still read."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 from edgefleet.common.durable_files import atomic_write_json
 
 IDENTITY_FILE = "identity.json"
-IDENTITY_FORMAT = 1
+IDENTITY_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class IdentityError(Exception):
@@ -24,6 +27,7 @@ class Identity:
     controller: str
     labels: dict[str, str]
     enrolled_at_unix_ms: int
+    device_port: int = 0  # the controller's mutual-TLS port; 0: none known (plaintext, or not moved over yet)
 
 
 def load_identity(state_dir: Path) -> Identity | None:
@@ -32,14 +36,16 @@ def load_identity(state_dir: Path) -> Identity | None:
         return None
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != IDENTITY_FORMAT:
-            raise IdentityError(f"{path} has format {data.get('format')!r}; this agent reads {IDENTITY_FORMAT}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise IdentityError(f"{path} has format {data.get('format')!r}; this agent reads "
+                                f"{', '.join(map(str, READABLE_FORMATS))}")
         return Identity(
             device_id=data["device_id"],
             device_secret=data["device_secret"],
             controller=data.get("controller", ""),
             labels=dict(data.get("labels", {})),
             enrolled_at_unix_ms=int(data.get("enrolled_at_unix_ms", 0)),
+            device_port=int(data.get("device_port", 0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise IdentityError(

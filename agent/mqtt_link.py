@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgefleet.agent import __version__
+from edgefleet.agent.certificates import CERT_FILE, KEY_FILE
 from edgefleet.agent.identity import Identity
 from edgefleet.agent.link import DEFAULT_ACK_TIMEOUT_S, CommandHandler, ControllerDispatch, Serving, TelemetryPump
 from edgefleet.agent.mqtt_artifacts import ChunkRouter, MqttArtifactSource
@@ -43,6 +45,7 @@ from edgefleet.common.mqtt import (
     new_client,
     parse_broker_url,
     session_properties,
+    tls_context,
     topic,
 )
 from edgefleet.protos.capability import CAPABILITY_VERSION
@@ -100,7 +103,10 @@ class MqttLink:
         keepalive_s: int = 30,
         backoff_max_s: float = 30.0,
         on_command: CommandHandler | None = None,
+        client_cert: tuple[Path, Path] | None = None,  # (certificate, key) files: the broker login
     ) -> None:
+        self.client_cert = client_cert
+        self._tls_context: ssl.SSLContext | None = None
         self.identity = identity
         self.device_id = identity.device_id
         self.login = login
@@ -145,9 +151,25 @@ class MqttLink:
             state.profile.CopyFrom(self.profile())
         return state.SerializeToString()
 
+    def _tls(self) -> ssl.SSLContext | None:
+        """With a login that has no password, the device's certificate is its broker login."""
+        if self.client_cert is None:
+            return None
+        context = tls_context(self.login.ca_pem)
+        context.load_cert_chain(*self.client_cert)
+        self._tls_context = context
+        return context
+
+    def reload_certificate(self, _: object = None) -> None:
+        """After a renewal: the next (re)connect presents the new certificate."""
+        if self._tls_context is not None and self.client_cert is not None:
+            self._tls_context.load_cert_chain(*self.client_cert)
+            log.info("mqtt client certificate reloaded", extra={"device": self.device_id})
+
     def _build_client(self) -> mqtt.Client:
         client = new_client(self.device_id, self.address, username=self.login.username,
-                            password=self.login.password, ca_pem=self.login.ca_pem, backoff_max_s=self.backoff_max_s)
+                            password=self.login.password, ca_pem=self.login.ca_pem, backoff_max_s=self.backoff_max_s,
+                            context=self._tls())
         client.will_set(topic(self.device_id, "state"), self._state(False), qos=1, retain=True)
         client.max_inflight_messages_set(max(20, self.telemetry_window))
         client.on_connect = self._on_connect
@@ -297,5 +319,12 @@ def link_for_agent(
     if login is None:
         raise ValueError(f"{state_dir / MQTT_LOGIN_FILE} is missing: this device enrolled without an MQTT login; "
                          "re-enroll with --transport mqtt against a controller started with --mqtt URL")
+    client_cert = None
+    if not login.password:  # the broker takes the device's certificate (require_certificate)
+        cert, key = state_dir / CERT_FILE, state_dir / KEY_FILE
+        if not cert.exists() or not key.exists():
+            raise ValueError(f"the broker login in {state_dir / MQTT_LOGIN_FILE} is the device certificate, but "
+                             f"{cert} is missing; start the agent once with --ca-cert to get one")
+        client_cert = (cert, key)
     return MqttLink(identity, login, url=url, outbox=outbox, backoff_max_s=backoff_max_s, on_command=on_command,
-                    profile=profile)
+                    profile=profile, client_cert=client_cert)

@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from edgefleet.agent import __version__
+from edgefleet.agent.certificates import csr_pem, new_key, save_bundle, save_device_tls
 from edgefleet.agent.commands import GrpcArtifactSource
-from edgefleet.agent.identity import Identity
+from edgefleet.agent.endpoint import DEVICE_ID_HEADER, DEVICE_SECRET_HEADER, ControllerEndpoint, plaintext
+from edgefleet.agent.identity import Identity, save_identity
 from edgefleet.agent.link import DEFAULT_ACK_TIMEOUT_S, CommandHandler, ControllerDispatch, Serving, TelemetryPump
 from edgefleet.agent.outbox import TelemetryOutbox
+from edgefleet.agent.renewal import CertificateRenewer, RenewalRefused
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
 
 log = logging.getLogger("edgefleet.agent.session")
 
-DEVICE_ID_HEADER = "edgefleet-device-id"
-DEVICE_SECRET_HEADER = "edgefleet-device-secret"
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -89,18 +92,29 @@ async def enroll(
     *,
     backoff_base_s: float = 0.5,
     backoff_max_s: float = 30.0,
+    ca_pem: bytes | None = None,
+    state_dir: Path | None = None,
 ) -> tuple[Identity, fleet_pb2.EnrollResponse]:
-    """Trade the token for an identity. Network failures are retried; a refusal is final."""
+    """Trade the token for an identity. Network failures are retried; a refusal is final.
+
+    `ca_pem` (TLS): the controller CA, given out of band, that the channel is verified against;
+    the agent sends a CSR of a key made here and keeps key, certificate and bundle in `state_dir`
+    (before the identity, so an identity on disk means a certificate on disk). None: plaintext."""
+    key = new_key() if ca_pem is not None else None
     request = fleet_pb2.EnrollRequest(
         token=token,
         capability_version=CAPABILITY_VERSION,
         agent_version=__version__,
         profile=profile,
         labels=labels,
+        csr_pem=csr_pem(key, profile.os.hostname) if key is not None else "",
     )
     async for attempt in backoff(backoff_base_s, backoff_max_s):
         with attempt:
-            async with grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS) as channel:
+            channel = (
+                grpc.aio.secure_channel(controller, grpc.ssl_channel_credentials(ca_pem), options=CHANNEL_OPTIONS)
+                if ca_pem is not None else grpc.aio.insecure_channel(controller, options=CHANNEL_OPTIONS))
+            async with channel:
                 try:
                     reply = await fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=15)
                 except grpc.aio.AioRpcError as exc:
@@ -112,8 +126,36 @@ async def enroll(
         controller=controller,
         labels=dict(reply.labels),
         enrolled_at_unix_ms=int(time.time() * 1000),
+        device_port=reply.certificate.device_port,
     )
+    if key is not None:
+        if not reply.certificate.certificate_pem:
+            raise Refused("the controller sent no certificate for the CSR; it predates device certificates: "
+                          "upgrade it, or run both sides with --insecure")
+        assert state_dir is not None
+        save_device_tls(state_dir, key, reply.certificate.certificate_pem, reply.certificate.ca_bundle_pem)
     return identity, reply
+
+
+async def move_to_certificate(identity: Identity, controller: str, ca_pem: bytes, state_dir: Path) -> Identity:
+    """A device enrolled before certificates (a secret only): trade the secret, once, over
+    server-authenticated TLS, for a certificate of a key made here. Mutual TLS from then on."""
+    key = new_key()
+    async with grpc.aio.secure_channel(controller, grpc.ssl_channel_credentials(ca_pem),
+                                       options=CHANNEL_OPTIONS) as channel:
+        try:
+            reply = await fleet_pb2_grpc.FleetStub(channel).RenewCertificate(
+                fleet_pb2.RenewCertificateRequest(csr_pem=csr_pem(key)), timeout=15,
+                metadata=((DEVICE_ID_HEADER, identity.device_id), (DEVICE_SECRET_HEADER, identity.device_secret)))
+        except grpc.aio.AioRpcError as exc:
+            _raise_refused(exc, f"moving {identity.device_id} to a certificate")
+            raise
+    save_device_tls(state_dir, key, reply.certificate_pem, reply.ca_bundle_pem)
+    moved = dataclasses.replace(identity, device_port=reply.device_port)
+    save_identity(state_dir, moved)
+    log.info("device moved from its secret to a certificate",
+             extra={"device": identity.device_id, "device_port": reply.device_port})
+    return moved
 
 
 class AgentSession:
@@ -131,8 +173,12 @@ class AgentSession:
         connect_timeout_s: float = 15.0,
         telemetry_window: int = 64,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        endpoint: ControllerEndpoint | None = None,
     ) -> None:
         self.controller = controller
+        self.endpoint = endpoint or plaintext(controller)
+        self.renewer = CertificateRenewer(self.endpoint, identity.device_id, channel_options=CHANNEL_OPTIONS,
+                                          timeout_s=connect_timeout_s)
         self.identity = identity
         self.device_id = identity.device_id
         self.profile = profile
@@ -158,17 +204,45 @@ class AgentSession:
 
     async def run(self) -> None:
         """Stay connected until cancelled; raises Refused when the controller rejects this identity."""
+        tasks = [asyncio.create_task(self._stay_connected())]
+        if not self.endpoint.insecure:
+            tasks.append(asyncio.create_task(self.renewer.run()))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                try:
+                    task.result()
+                except RenewalRefused as exc:
+                    raise Refused(str(exc)) from None
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _stay_connected(self) -> None:
         while True:
             async for attempt in backoff(self.backoff_base_s, self.backoff_max_s):
                 with attempt:
                     await self._connect_and_serve()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((DEVICE_ID_HEADER, self.identity.device_id), (DEVICE_SECRET_HEADER, self.identity.device_secret))
+        return self.endpoint.metadata(self.identity.device_id, self.identity.device_secret)
+
+    def _accepted(self, accepted: fleet_pb2.SessionAccepted) -> None:
+        """Over TLS the controller hands the CAs to trust now (they change with a rotation)."""
+        if self.endpoint.insecure:
+            return
+        if accepted.ca_bundle_pem and self.endpoint.state_dir is not None:
+            save_bundle(self.endpoint.state_dir, accepted.ca_bundle_pem)
+            self.endpoint.reload()
+        if accepted.renew_certificate:
+            log.info("controller asks for a certificate from its new CA", extra={"device": self.device_id})
+            self.renewer.renew_now.set()
 
     async def _connect_and_serve(self) -> None:
         """Raises on a failure before the session is accepted; returns once an accepted session ends."""
-        async with grpc.aio.insecure_channel(self.controller, options=CHANNEL_OPTIONS) as channel:
+        async with self.endpoint.aio_device_channel(CHANNEL_OPTIONS) as channel:
             call: Any = fleet_pb2_grpc.FleetStub(channel).Session(metadata=self._metadata())
             try:
                 accepted = await self._handshake(call)
@@ -176,6 +250,7 @@ class AgentSession:
                 _raise_refused(exc, f"session for {self.identity.device_id}")
                 raise
             interval_s = max(0.05, accepted.heartbeat_interval_ms / 1000)
+            await asyncio.to_thread(self._accepted, accepted)
             self.connected = True
             self.sessions_opened += 1
             log.info(
@@ -274,4 +349,4 @@ class AgentSession:
 
     def artifact_source(self, sha256: str, size: int) -> GrpcArtifactSource:
         """Bundles come over FetchArtifact, on a channel of their own, resumable from any offset."""
-        return GrpcArtifactSource(self.controller, self.identity, sha256, size)
+        return GrpcArtifactSource(self.controller, self.identity, sha256, size, self.endpoint)

@@ -74,12 +74,16 @@ def new_client(
     ca_pem: str = "",
     ca_file: Path | None = None,
     backoff_max_s: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> mqtt.Client:
-    """An MQTT 5 paho client with credentials, TLS when asked, and bounded reconnect backoff."""
+    """An MQTT 5 paho client with credentials, TLS when asked, and bounded reconnect backoff.
+
+    `context`: a TLS context of the caller's, e.g. one holding a device's client certificate (a
+    broker with `use_identity_as_username` takes the device id from it; no password is sent)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(username, password)
+    client.username_pw_set(username, password or None)
     if address.tls:
-        client.tls_set_context(tls_context(ca_pem, ca_file))
+        client.tls_set_context(context or tls_context(ca_pem, ca_file))
     client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(backoff_max_s)))
     return client
 

@@ -3,6 +3,9 @@
 Address: --controller, else EDGEFLEET_CONTROLLER, else `controller` in the config file, else the
 endpoint a local controller wrote into its state dir, else 127.0.0.1:50051.
 Token: EDGEFLEET_TOKEN, else `token` in the config file, else the state dir's operator-token.
+TLS: the CA to verify the controller with is EDGEFLEET_CA_CERT, else `ca_cert` in the config file,
+else the state dir's ca-bundle.pem; plaintext only when the local endpoint says the controller
+runs --insecure, or with `insecure = true` in the config file.
 The config file is EDGEFLEET_CONFIG or ~/.config/edgefleet/config.toml.
 """
 
@@ -67,6 +70,7 @@ class Connection:
     address: str
     token: str
     token_source: str
+    ca_pem: bytes | None = None  # None: plaintext (the controller runs --insecure)
 
     @classmethod
     def resolve(cls, controller: str | None, state_dir: Path | None) -> Connection:
@@ -89,7 +93,19 @@ class Connection:
                 token, source = token_file.read_text().strip(), str(token_file)
             except OSError:
                 source = "none"
-        return cls(address=str(address), token=token, token_source=source)
+        ca_pem: bytes | None = None
+        insecure = bool(config.get("insecure")) or (endpoint.get("tls") is False and not controller)
+        if not insecure:
+            ca_path = os.environ.get("EDGEFLEET_CA_CERT") or config.get("ca_cert") or ""
+            candidates = [Path(ca_path)] if ca_path else [state_dir / "ca-bundle.pem"]
+            for path in candidates:
+                try:
+                    ca_pem = path.read_bytes()
+                except OSError:
+                    if ca_path:
+                        raise UserError(f"cannot read the controller CA {path}; point EDGEFLEET_CA_CERT at the "
+                                        "controller's STATE_DIR/ca-bundle.pem") from None
+        return cls(address=str(address), token=token, token_source=source, ca_pem=ca_pem)
 
     def control(self) -> ControlClient:
         if not self.token:
@@ -106,7 +122,10 @@ class ControlClient:
     def __init__(self, connection: Connection, timeout_s: float = 10.0) -> None:
         self.connection = connection
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(connection.address)
+        if connection.ca_pem is not None:
+            self._channel = grpc.secure_channel(connection.address, grpc.ssl_channel_credentials(connection.ca_pem))
+        else:
+            self._channel = grpc.insecure_channel(connection.address)
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
     def call(self, method: str, request: Any) -> Any:
@@ -119,8 +138,10 @@ class ControlClient:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
             if code == grpc.StatusCode.UNAVAILABLE:
+                tls = ("over TLS with the CA given" if self.connection.ca_pem is not None else
+                       "over plaintext (no CA found: set EDGEFLEET_CA_CERT if it serves TLS)")
                 raise UserError(
-                    f"cannot reach the controller at {self.connection.address}; start it with "
+                    f"cannot reach the controller at {self.connection.address} {tls}; start it with "
                     "`edgefleet controller serve` or pass --controller HOST:PORT"
                 ) from None
             if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -94,6 +94,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
         grpc_address = f"127.0.0.1:{free_port()}"
+        device_address = f"127.0.0.1:{free_port()}"  # mutual TLS for the agents' sessions
         http_address = f"127.0.0.1:{free_port()}"
         group = ProcessGroup(logs)
         stop = {"now": False}
@@ -107,7 +108,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
             group.start("controller", [
                 py, "-m", "edgefleet.controller.cli", "controller", "serve",
                 "--state-dir", str(controller_dir), "--grpc", grpc_address, "--http", http_address,
-                "--heartbeat-interval", HEARTBEAT,
+                "--heartbeat-interval", HEARTBEAT, "--device-grpc", device_address,
             ])
             wait_for(lambda: (controller_dir / "controller.json").exists(), 30, "the controller to listen", group)
             client = Connection.resolve(None, controller_dir).control()
@@ -115,12 +116,15 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
                 "CreateEnrollmentToken",
                 control_pb2.CreateEnrollmentTokenRequest(uses=agents, ttl_s=3600, labels={"fleet": "demo"}),
             ).token
-            click.echo(f"demo: controller on {grpc_address}, metrics on http://{http_address}/metrics")
+            click.echo(f"demo: controller on {grpc_address} (TLS; devices on {device_address}, mutual TLS), "
+                       f"metrics on http://{http_address}/metrics")
             for i in range(agents):
                 group.start(f"agent-{i + 1}", [
                     py, "-m", "edgefleet.agent.cli", "run", "--controller", grpc_address, "--token", token,
                     "--state-dir", str(root / f"agent-{i + 1}"), "--labels", f"site=demo-{i % 2 + 1}",
                     "--no-microbench", "--telemetry-interval", TELEMETRY_INTERVAL, "--workload", WORKLOAD,
+                    # The CA given out of band, as an operator copies it to a device.
+                    "--ca-cert", str(controller_dir / "ca.pem"),
                 ])
 
             def all_online() -> bool:

@@ -23,7 +23,9 @@ from edgefleet.controller.api.fleet_grpc import FleetServicer, add_fleet_service
 from edgefleet.controller.api.http_server import HttpApi
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
 from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet.certificates import DEFAULT_CERT_LIFETIME_S, DEFAULT_TLS_SANS, DeviceCA, fingerprint
 from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.device_identity import DeviceIdentities
 from edgefleet.controller.fleet.device_measure import DeviceMeasure
 from edgefleet.controller.fleet.enrollment import Enrollment
 from edgefleet.controller.fleet.presence import PresenceTracker
@@ -63,6 +65,19 @@ class ControllerConfig:
     mqtt_url: str | None = None  # MQTT transport (issue 7): mqtt[s]://ADMIN:PASSWORD@HOST:PORT
     mqtt: MqttOptions = dataclasses.field(default_factory=MqttOptions)
     store_url: str | None = None  # postgresql://... for shared-state replicas; None: STATE_DIR/controller.db
+    # Device identity. TLS unless `insecure`: `grpc_address` is server-authenticated TLS (Control,
+    # Enroll, the move of secret-only devices), `device_grpc_address` mutual TLS (Session,
+    # FetchArtifact, renewal); None: the port after --grpc's.
+    insecure: bool = False
+    device_grpc_address: str | None = None
+    tls_sans: tuple[str, ...] = DEFAULT_TLS_SANS
+    cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S
+
+    def device_address(self) -> str:
+        if self.device_grpc_address:
+            return self.device_grpc_address
+        host, port = split_address(self.grpc_address)
+        return f"{host}:{port + 1 if port else 0}"
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -86,8 +101,18 @@ class Controller:
         logins = broker_auth(config.mqtt_url, config.mqtt, config.state_dir) if config.mqtt_url else None  # issue 7
         self.enrollment = Enrollment(self.store, mqtt_logins=logins)
         self.presence = PresenceTracker(self.store, config.heartbeat_interval_s, owner=self.replica)
+        self.presence.revoked.update(d.device_id for d in self.store.list_devices() if d.revoked)
         self.artifacts = ArtifactStore(config.state_dir / "artifacts")
         self.signing_key = ensure_signing_key(config.state_dir)
+        self.ca: DeviceCA | None = None
+        self.identities: DeviceIdentities | None = None
+        if not config.insecure:
+            self.ca = DeviceCA(config.state_dir, cert_lifetime_s=config.cert_lifetime_s, tls_sans=config.tls_sans)
+            self.identities = DeviceIdentities(self.store, self.ca)
+            # What an operator checks a device's copy of ca.pem against (also `edgefleet ca show`).
+            log.info("device CA", extra={"ca": str(config.state_dir / "ca.pem"), "sha256": fingerprint(self.ca.active),
+                                         "tls_san": ",".join(config.tls_sans)})
+        self.device_port = 0
         self.commands = CommandDispatcher(self.store, self.presence)
         self.rollouts: RolloutEngine | None = None
         registry = CollectorRegistry()
@@ -131,25 +156,19 @@ class Controller:
             heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
             started_at_unix_ms=self.started_at_ms,
         )
-        add_fleet_servicer(
-            FleetServicer(self.enrollment, self.sessions,
-                          trusted_public_pems(self.config.state_dir, self.signing_key)),
-            server,
-        )
+        host, _ = split_address(self.config.grpc_address)
+        self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
+        self.device_port = self.grpc_port
+        if self.ca is not None:
+            self.device_port = self._bind(server, self.config.device_address(), "--device-grpc", client_auth=True)
+        fleet = FleetServicer(self.enrollment, self.sessions, trusted_public_pems(self.config.state_dir,
+                                                                                  self.signing_key),
+                              identities=self.identities, device_port=self.device_port)
+        add_fleet_servicer(fleet, server)
         control_pb2_grpc.add_ControlServicer_to_server(
             ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                            self._rollout_engine(), self.device_measure), server
+                            self._rollout_engine(), self.device_measure, identities=self.identities), server
         )
-        host, _ = split_address(self.config.grpc_address)
-        try:
-            self.grpc_port = server.add_insecure_port(self.config.grpc_address)
-        except RuntimeError:
-            self.grpc_port = 0
-        if not self.grpc_port:
-            raise BindError(
-                f"cannot listen for gRPC on {self.config.grpc_address}: address in use or not local; "
-                "pick another with --grpc HOST:PORT"
-            )
         if self.config.http_address:
             http_host, http_port = split_address(self.config.http_address)
             try:
@@ -176,12 +195,29 @@ class Controller:
         ]
         endpoint = {
             "grpc": f"{host}:{self.grpc_port}",
+            "device_grpc": f"{split_address(self.config.device_address())[0]}:{self.device_port}",
+            "tls": self.ca is not None,
             "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}"
             if self.config.http_address and self.http_port else "",
             "pid": os.getpid(),
         }
         atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
         log.info("controller listening", extra=endpoint)
+
+    def _bind(self, server: grpc.aio.Server, address: str, option: str, *, client_auth: bool) -> int:
+        """Listen on `address`: plaintext under --insecure, else TLS with the CA's server certificate,
+        asking for a client certificate of the CA where `client_auth` (the device port)."""
+        try:
+            if self.ca is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, self.ca.server_credentials(require_client_auth=client_auth))
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise BindError(f"cannot listen for gRPC on {address}: address in use or not local; "
+                            f"pick another with {option} HOST:PORT")
+        return port
 
     def _rollout_engine(self) -> RolloutEngine:
         self.device_measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands,

@@ -8,7 +8,7 @@ version is older is never sent what it cannot understand (see `lacks`).
 
 from __future__ import annotations
 
-CAPABILITY_VERSION = 6
+CAPABILITY_VERSION = 7
 
 # version -> (date, what it added). Never edit a past line.
 HISTORY: dict[int, tuple[str, str]] = {
@@ -20,6 +20,9 @@ HISTORY: dict[int, tuple[str, str]] = {
     5: ("2026-12-01", "OpenVINO runtime devices in the hardware profile; OpenVINO builds and candidates "
                       "(Candidate.device, inference_precision, weights)"),
     6: ("2026-12-02", "DeviceState carries the full hardware profile on MQTT connect, as Hello does on gRPC"),
+    7: ("2026-12-02", "Device certificates: Enroll with a CSR, mutual TLS on Session and FetchArtifact, "
+                      "RenewCertificate (by certificate, or by the old secret to move over), the CA bundle "
+                      "and a renew hint in SessionAccepted"),
 }
 
 MQTT_TRANSPORT = 2
@@ -27,6 +30,7 @@ MEASURE_CANDIDATES = 3
 ARTIFACT_ACKS = 4
 OPENVINO_RUNTIME = 5
 PROFILE_ON_MQTT = 6
+DEVICE_CERTIFICATES = 7
 
 
 def negotiate(peer_version: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
+from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 
 HEARTBEAT_S = 0.3
 
@@ -90,18 +90,40 @@ class Proc:
 
 
 class ControllerProc(Proc):
-    def __init__(self, tmp: Path, heartbeat_s: float = HEARTBEAT_S, extra_args: list[str] | None = None) -> None:
+    """TLS by default (Control and Enroll on `grpc_address`, mutual TLS for devices on
+    `device_address`); `insecure=True` runs it with --insecure, plaintext with device secrets."""
+
+    def __init__(self, tmp: Path, heartbeat_s: float = HEARTBEAT_S, extra_args: list[str] | None = None,
+                 insecure: bool = False) -> None:
         self.state_dir = tmp / "controller"
+        self.insecure = insecure
         self.grpc_address = f"127.0.0.1:{free_port()}"
+        self.device_address = self.grpc_address if insecure else f"127.0.0.1:{free_port()}"
         self.http_address = f"127.0.0.1:{free_port()}"
+        transport = ["--insecure"] if insecure else ["--device-grpc", self.device_address]
         super().__init__(
             "controller",
             [sys.executable, "-m", "edgefleet.controller.cli", "controller", "serve",
              "--state-dir", str(self.state_dir), "--grpc", self.grpc_address, "--http", self.http_address,
-             "--heartbeat-interval", f"{heartbeat_s}s", *(extra_args or [])],
+             "--heartbeat-interval", f"{heartbeat_s}s", *transport, *(extra_args or [])],
             tmp / "controller.log",
         )
         self._channel: grpc.Channel | None = None
+
+    @property
+    def ca_path(self) -> Path:
+        """What an operator copies to a device: the CAs it should trust (the bundle)."""
+        return self.state_dir / "ca-bundle.pem"
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to `grpc_address`: TLS verified against the controller's CA, or plaintext."""
+        if self.insecure:
+            return grpc.insecure_channel(self.grpc_address)
+        return grpc.secure_channel(self.grpc_address, grpc.ssl_channel_credentials(self.ca_path.read_bytes()))
+
+    def agent_args(self) -> list[str]:
+        """What an agent needs to reach this controller the first time."""
+        return ["--insecure"] if self.insecure else ["--ca-cert", str(self.ca_path)]
 
     def start(self) -> ControllerProc:
         with contextlib.suppress(FileNotFoundError):
@@ -117,7 +139,7 @@ class ControllerProc(Proc):
 
     def call(self, method: str, request: Any, token: str | None = None) -> Any:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.grpc_address)
+            self._channel = self.channel()
         stub = control_pb2_grpc.ControlStub(self._channel)
         metadata = (("authorization", f"Bearer {self.operator_token if token is None else token}"),)
         return getattr(stub, method)(request, timeout=10, metadata=metadata)
@@ -143,7 +165,8 @@ class AgentProc(Proc):
                  extra_args: list[str] | None = None) -> None:
         self.state_dir = tmp / name
         args = [sys.executable, "-m", "edgefleet.agent.cli", "run", "--controller", controller.grpc_address,
-                "--state-dir", str(self.state_dir), "--no-microbench", "--backoff-max", "1"]
+                "--state-dir", str(self.state_dir), "--no-microbench", "--backoff-max", "1",
+                *controller.agent_args()]
         if token:
             args += ["--token", token]
         super().__init__(name, args + (extra_args or []), tmp / f"{name}.log")
@@ -154,3 +177,15 @@ class AgentProc(Proc):
         if not path.exists():
             return None
         return str(json.loads(path.read_text())["device_id"])
+
+
+def enroll_request(controller: ControllerProc, request: fleet_pb2.EnrollRequest) -> fleet_pb2.EnrollResponse:
+    """One Enroll call as an agent makes it: over TLS with a CSR of a fresh key (so a simulated
+    device gets its certificate, though it may use only its MQTT login), or plaintext."""
+    if not controller.insecure and not request.csr_pem:
+        from edgefleet.agent.certificates import csr_pem, new_key
+
+        request.csr_pem = csr_pem(new_key())
+    with controller.channel() as channel:
+        reply: fleet_pb2.EnrollResponse = fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=10)
+        return reply

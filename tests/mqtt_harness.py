@@ -23,15 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.common.mqtt import new_client, parse_broker_url, session_properties
 from edgefleet.controller.fleet.broker_auth import BrokerAuth
 from edgefleet.protos.capability import CAPABILITY_VERSION
-from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc, profile_pb2
-from fleet_harness import ControllerProc, free_port, wait_until
+from edgefleet.protos.v1 import fleet_pb2, profile_pb2
+from fleet_harness import ControllerProc, enroll_request, free_port, wait_until
 
 ADMIN_USER = "edgefleet-controller"
 ADMIN_PASSWORD = "admin-secret-for-tests"
@@ -99,7 +98,12 @@ def make_tls(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
 class Broker:
     """One mosquitto process with file auth (the controller's files) and optional TLS; restartable."""
 
-    def __init__(self, tmp: Path, *, tls: bool = False) -> None:
+    def __init__(self, tmp: Path, *, tls: bool = False, client_ca: Path | None = None) -> None:
+        """`client_ca`: also a listener (TLS) where devices log in with a certificate of that CA
+        (the controller's ca-bundle.pem), its CN being the username; devices are given that one."""
+        self.client_ca = client_ca
+        tls = tls or client_ca is not None
+        self.cert_port = free_port() if client_ca is not None else 0
         self.binary = mosquitto_binary()
         self.dir = tmp / "broker"
         self.auth_dir = self.dir / "auth"
@@ -150,10 +154,22 @@ class Broker:
                 f"keyfile {self.tls.server_key}",
                 "tls_version tlsv1.2",
             ]
+        if self.client_ca is not None and self.tls is not None:
+            lines += [
+                f"listener {self.cert_port} 127.0.0.1",
+                f"cafile {self.client_ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "tls_version tlsv1.2",
+                "require_certificate true",
+                "use_identity_as_username true",
+            ]
         return "\n".join(lines) + "\n"
 
     @property
     def device_url(self) -> str:
+        if self.client_ca is not None:
+            return f"mqtts://127.0.0.1:{self.cert_port}"
         return f"mqtts://127.0.0.1:{self.tls_port}" if self.tls is not None else f"mqtt://127.0.0.1:{self.port}"
 
     @property
@@ -166,6 +182,8 @@ class Broker:
                 "--mqtt-broker-pid", str(self.pid_file)]
         if self.tls is not None:
             args += ["--mqtt-ca", str(self.tls.ca_cert)]
+        if self.client_ca is not None:
+            args += ["--mqtt-client-certs", "--mqtt-device-url", self.device_url]
         return args
 
     def start(self) -> Broker:
@@ -205,11 +223,11 @@ class Broker:
 
 
 def mqtt_controller(tmp: Path, broker: Broker, *, state_dir: Path | None = None, name: str = "controller",
-                    heartbeat_s: float = 0.3) -> ControllerProc:
+                    heartbeat_s: float = 0.3, insecure: bool = False) -> ControllerProc:
     """A controller process serving `broker` too (its own state dir unless one is shared)."""
     args = broker.controller_args()
     (tmp / name).mkdir(parents=True, exist_ok=True)
-    proc = ControllerProc(tmp / name, heartbeat_s=heartbeat_s, extra_args=args)
+    proc = ControllerProc(tmp / name, heartbeat_s=heartbeat_s, extra_args=args, insecure=insecure)
     if state_dir is not None:
         proc.args += ["--state-dir", str(state_dir)]  # the last --state-dir wins
         proc.state_dir = state_dir
@@ -218,13 +236,11 @@ def mqtt_controller(tmp: Path, broker: Broker, *, state_dir: Path | None = None,
 
 def enroll(controller: ControllerProc, token: str, hostname: str = "sim") -> fleet_pb2.EnrollResponse:
     """One Enroll call, as an agent makes it, returning the reply with its MQTT login."""
-    with grpc.insecure_channel(controller.grpc_address) as channel:
-        request = fleet_pb2.EnrollRequest(
-            token=token, capability_version=CAPABILITY_VERSION, agent_version="sim",
-            profile=profile_pb2.HardwareProfile(hardware_class="x86_64-sim",
-                                                os=profile_pb2.OsInfo(hostname=hostname)),
-        )
-        return fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=10)
+    request = fleet_pb2.EnrollRequest(
+        token=token, capability_version=CAPABILITY_VERSION, agent_version="sim",
+        profile=profile_pb2.HardwareProfile(hardware_class="x86_64-sim", os=profile_pb2.OsInfo(hostname=hostname)),
+    )
+    return enroll_request(controller, request)
 
 
 def telemetry_batch(seq: int, pad: int = 0) -> fleet_pb2.AgentMessage:

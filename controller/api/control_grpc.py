@@ -26,7 +26,9 @@ from edgefleet.controller.errors import (
     NotFound,
 )
 from edgefleet.controller.fleet import credentials as auth
+from edgefleet.controller.fleet.certificates import fingerprint
 from edgefleet.controller.fleet.commands import CommandDispatcher
+from edgefleet.controller.fleet.device_identity import DeviceIdentities, revoke_device
 from edgefleet.controller.fleet.device_measure import DeviceMeasure, DeviceMeasurementFailed
 from edgefleet.controller.fleet.enrollment import Enrollment
 from edgefleet.controller.fleet.presence import PresenceTracker
@@ -361,7 +363,9 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
         commands: CommandDispatcher,
         rollouts: RolloutEngine,
         device_measure: DeviceMeasure,
+        identities: DeviceIdentities | None = None,  # None: the controller runs --insecure
     ) -> None:
+        self.identities = identities
         self.store = store
         self.enrollment = enrollment
         self.presence = presence
@@ -384,7 +388,12 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
             capability_version=record.capability_version,
             hardware_class=record.hardware_class,
             hostname=record.hostname,
+            revoked=record.revoked,
+            revoked_at_unix_ms=record.revoked_at_ms,
+            cert_not_after_unix_ms=record.cert_not_after_ms,
         )
+        if record.revoked:
+            device.presence = "revoked"
         if include_profile and record.profile:
             device.profile.CopyFrom(profile_pb2.HardwareProfile.FromString(record.profile))
         return device
@@ -423,6 +432,48 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
         return control_pb2.ListDevicesResponse(
             devices=[self._device(r, request.include_profile) for r in self.store.list_devices()]
         )
+
+    @maps_errors
+    async def RevokeDevice(
+        self, request: control_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.Device:
+        record = revoke_device(self.store, self.presence, self.enrollment.mqtt_logins, request.device_id,
+                               int(time.time() * 1000))
+        return self._device(record, include_profile=False)
+
+    def _ca_identities(self) -> DeviceIdentities:
+        if self.identities is None:
+            raise FailedPrecondition("this controller runs --insecure: it has no CA; restart it without --insecure")
+        return self.identities
+
+    def _ca_info(self) -> control_pb2.CertificateAuthority:
+        ca = self._ca_identities().ca
+        return control_pb2.CertificateAuthority(
+            cas=[control_pb2.CaCertificate(subject=c.subject.rfc4514_string(), sha256_fingerprint=fingerprint(c),
+                                           not_after_unix_ms=int(c.not_valid_after_utc.timestamp() * 1000),
+                                           active=i == 0) for i, c in enumerate(ca.cas())],
+            bundle_pem=ca.bundle_pem(),
+        )
+
+    @maps_errors
+    async def GetCertificateAuthority(
+        self, request: control_pb2.GetCertificateAuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CertificateAuthority:
+        return self._ca_info()
+
+    @maps_errors
+    async def RotateCertificateAuthority(
+        self, request: control_pb2.RotateCertificateAuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CertificateAuthority:
+        self._ca_identities().rotate()
+        return self._ca_info()
+
+    @maps_errors
+    async def RetireOldCertificateAuthority(
+        self, request: control_pb2.RetireOldCertificateAuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.CertificateAuthority:
+        self._ca_identities().retire_old()
+        return self._ca_info()
 
     @maps_errors
     async def GetDevice(

@@ -65,6 +65,12 @@ CONTROL_METHOD_ACCESS: dict[str, MethodAccess] = {
     "CreateOperatorToken": _changes(ADMIN),
     "ListOperatorTokens": _reads(ADMIN),
     "RevokeOperatorToken": _changes(ADMIN),
+    # Device identity: revocation and CA rotation are admin actions. The CA certificate is public
+    # (whoever enrolls a device hands it to the agent as --ca-cert), so any role may read it.
+    "RevokeDevice": _changes(ADMIN),
+    "GetCertificateAuthority": _reads(VIEWER),
+    "RotateCertificateAuthority": _changes(ADMIN),
+    "RetireOldCertificateAuthority": _changes(ADMIN),
 }
 
 

@@ -16,17 +16,23 @@ from typing import Any
 import grpc
 
 from edgefleet.controller.api.grpc_common import (
+    claimed_device_id,
     device_credentials,
     maps_errors,
+    peer_certificate,
     status_for,
 )
 from edgefleet.controller.errors import (
+    FailedPrecondition,
     FleetError,
     InvalidArgument,
+    Unauthenticated,
 )
+from edgefleet.controller.fleet.device_identity import DeviceCertificateIssued, DeviceIdentities, PeerDevice
 from edgefleet.controller.fleet.enrollment import Enrollment
 from edgefleet.controller.fleet.sessions import DeviceSessions, Replies, SessionHello
-from edgefleet.protos.capability import CAPABILITY_VERSION
+from edgefleet.controller.store.base import DeviceRecord
+from edgefleet.protos.capability import CAPABILITY_VERSION, DEVICE_CERTIFICATES, negotiate
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger("edgefleet.controller.grpc")
@@ -73,20 +79,69 @@ def add_fleet_servicer(servicer: FleetServicer, server: grpc.aio.Server) -> None
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    """`identities` None: the controller runs --insecure and devices authenticate with their secret.
+    Otherwise a device is the CN of its verified client certificate (the device port, `device_port`),
+    never what its metadata or messages say."""
+
     def __init__(
         self,
         enrollment: Enrollment,
         sessions: DeviceSessions,
         trusted_public_keys_pem: list[str],
+        identities: DeviceIdentities | None = None,
+        device_port: int = 0,
     ) -> None:
         self.enrollment = enrollment
         self.sessions = sessions
         self.trusted_public_keys_pem = trusted_public_keys_pem
+        self.identities = identities
+        self.device_port = device_port
+
+    def _peer(self, context: grpc.aio.ServicerContext, what: str) -> PeerDevice | None:
+        """The device calling, from its client certificate; None under --insecure."""
+        if self.identities is None:
+            return None
+        cert = peer_certificate(context)
+        if cert is None:
+            raise Unauthenticated(f"{what} needs a client certificate from this controller's CA; connect to the "
+                                  f"device port {self.device_port} with the certificate the agent got at enrollment")
+        return self.identities.peer_device(cert, claimed_device_id(context))
+
+    def _device(self, context: grpc.aio.ServicerContext, what: str) -> tuple[DeviceRecord, PeerDevice | None]:
+        peer = self._peer(context, what)
+        if peer is not None:
+            return peer.record, peer
+        return self.sessions.authenticate(*device_credentials(context)), None
+
+    def _certificate(self, issued: DeviceCertificateIssued) -> fleet_pb2.DeviceCertificate:
+        return fleet_pb2.DeviceCertificate(certificate_pem=issued.pem, ca_bundle_pem=issued.bundle_pem,
+                                           not_after_unix_ms=issued.not_after_ms, device_port=self.device_port)
+
+    @maps_errors
+    async def RenewCertificate(
+        self, request: fleet_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.DeviceCertificate:
+        if self.identities is None:
+            raise FailedPrecondition("this controller runs --insecure and issues no certificates")
+        if peer_certificate(context) is not None:
+            record = self._peer(context, "RenewCertificate")
+            assert record is not None
+            device = record.record
+        else:  # a device enrolled before certificates: its secret, once, over server-authenticated TLS
+            device = self.sessions.authenticate(*device_credentials(context))
+            if device.cert_serial:
+                raise Unauthenticated(f"device {device.device_id} already has a certificate; renew with it "
+                                      "on the device port (its secret no longer authenticates it)")
+            log.info("device moves from its secret to a certificate", extra={"device": device.device_id})
+        return self._certificate(self.identities.issue(device, request.csr_pem))
 
     @maps_errors
     async def Enroll(
         self, request: fleet_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.EnrollResponse:
+        if self.identities is not None and not request.csr_pem \
+                and negotiate(request.capability_version) >= DEVICE_CERTIFICATES:
+            raise InvalidArgument("this controller serves TLS: send a CSR with the enrollment (csr_pem)")
         enrolled = self.enrollment.enroll(
             request.token,
             capability_version=request.capability_version,
@@ -94,9 +149,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             profile=request.profile,
             labels=dict(request.labels),
         )
+        certificate = None
+        if self.identities is not None and request.csr_pem:
+            certificate = self._certificate(self.identities.issue(enrolled.record, request.csr_pem))
         return fleet_pb2.EnrollResponse(
             device_id=enrolled.record.device_id,
-            device_secret=enrolled.secret,
+            device_secret="" if certificate is not None else enrolled.secret,
+            certificate=certificate,
             heartbeat_interval_ms=self.sessions.heartbeat_interval_ms,
             capability_version=CAPABILITY_VERSION,
             labels=enrolled.record.labels,
@@ -112,11 +171,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         handler = asyncio.current_task()
         assert handler is not None
         try:
-            device = self.sessions.authenticate(*device_credentials(context))
+            device, peer = self._device(context, "Session")
             hello = await self._read_hello(context)
-            # end_silent: called by PresenceTracker.expire_silent; the read below turns it into an abort.
-            session = self.sessions.open(device, SessionHello.from_grpc(hello), replies, greet=True,
-                                         end_silent=handler.cancel)
+            # end_silent: called by PresenceTracker.expire_silent and end_revoked; the read below
+            # turns it into an abort.
+            session = self.sessions.open(
+                device, SessionHello.from_grpc(hello), replies, greet=True, end_silent=handler.cancel,
+                ca_bundle_pem=self.identities.ca.bundle_pem() if self.identities is not None else "",
+                renew_certificate=peer is not None and not peer.from_active_ca,
+            )
         except FleetError as exc:
             await context.abort(status_for(exc), str(exc))
             return
@@ -127,6 +190,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 try:
                     message = await context.read()
                 except asyncio.CancelledError:
+                    if session.live.revoked:
+                        handler.uncancel()
+                        reason = "revoked"
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                            f"device {device.device_id} was revoked by an operator")
                     if not session.silent:
                         raise  # the server is stopping
                     handler.uncancel()  # this cancellation was ours, and it is handled here
@@ -174,7 +242,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> AsyncIterator[bytes]:
         """ArtifactChunk messages, already serialized by the ChunkCache (see `add_fleet_servicer`)."""
         try:
-            self.sessions.authenticate(*device_credentials(context))
+            self._device(context, "FetchArtifact")
             for message in self.sessions.artifact_chunks(request.sha256, request.offset, request.chunk_size):
                 yield message
         except FleetError as exc:

@@ -56,3 +56,13 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 def device_credentials(context: grpc.aio.ServicerContext) -> tuple[str, str]:
     md = _metadata(context)
     return md.get(DEVICE_ID_HEADER, ""), md.get(DEVICE_SECRET_HEADER, "")
+
+
+def peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The client certificate the TLS handshake verified (PEM), or None on a connection without one."""
+    values = (context.auth_context() or {}).get("x509_pem_cert") or []
+    return bytes(values[0]) if values else None
+
+
+def claimed_device_id(context: grpc.aio.ServicerContext) -> str:
+    return _metadata(context).get(DEVICE_ID_HEADER, "")

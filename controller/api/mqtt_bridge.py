@@ -76,6 +76,7 @@ class MqttOptions:
     broker_pid_file: Path | None = None  # SIGHUP target so new logins take effect at once
     client_id: str | None = None         # stable per replica, so its broker session survives restarts
     session_expiry_s: int = 300
+    client_certs: bool = False           # devices log in with their certificate, not a password
 
 
 def public_url(url: str) -> str:
@@ -105,6 +106,7 @@ def broker_auth(url: str, options: MqttOptions, state_dir: Path) -> BrokerAuth:
     return BrokerAuth(
         options.auth_dir or state_dir / "mqtt", admin_username=address.username, admin_password=address.password,
         device_url=options.device_url or public_url(url), ca_pem=ca_pem, broker_pid_file=options.broker_pid_file,
+        client_certs=options.client_certs,
     )
 
 
@@ -238,6 +240,9 @@ class MqttBridge:
         device_id, leaf = where
         if leaf == "state":
             self._on_state(device_id, payload)
+            return
+        if device_id in self.sessions.presence.revoked:
+            log.warning("message of a revoked device dropped", extra={"device": device_id, "topic": leaf})
             return
         try:
             message = fleet_pb2.AgentMessage.FromString(bytes(payload))

@@ -32,6 +32,9 @@ def mqtt_serve_options(fn: Any) -> Any:
         click.option("--mqtt-broker-pid", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="The broker's pid_file: it is sent SIGHUP to load new device logins."),
         click.option("--mqtt-client-id", default=None, help="This replica's MQTT client id (stable across restarts)."),
+        click.option("--mqtt-client-certs", is_flag=True,
+                     help="Devices log in to the broker with their device certificate instead of a password "
+                          "(a listener with require_certificate and use_identity_as_username; see deploy/mosquitto)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -54,6 +57,7 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
     return {"mqtt_url": url, "mqtt": MqttOptions(
         ca_file=values.get("mqtt_ca"), device_url=values.get("mqtt_device_url"), auth_dir=values.get("mqtt_auth_dir"),
         broker_pid_file=values.get("mqtt_broker_pid"), client_id=values.get("mqtt_client_id"),
+        client_certs=bool(values.get("mqtt_client_certs")),
     )}
 
 
@@ -66,21 +70,36 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
               help="How often an otherwise silent agent heartbeats; a stream silent for 3 intervals is ended.")
 @click.option("--store", "store_url", envvar="EDGEFLEET_STORE", metavar="postgresql://USER@HOST:PORT/DB",
               help="Shared PostgreSQL store for several replicas (default: SQLite in the state dir).")
+@click.option("--device-grpc", "device_grpc_address", default=None, metavar="HOST:PORT",
+              help="Mutual-TLS port for agents' sessions and downloads (default: the port after --grpc's).")
+@click.option("--tls-san", "tls_sans", default="localhost,127.0.0.1", show_default=True, metavar="NAME,...",
+              help="Host names and IPs the controller's TLS certificate is valid for (devices connect to one).")
+@click.option("--cert-lifetime", default="90d", show_default=True,
+              help="How long a device certificate is valid; agents renew at about 2/3 of it.")
+@click.option("--insecure", is_flag=True,
+              help="Plaintext gRPC with device secrets instead of TLS and device certificates (development only).")
 @mqtt_serve_options  # issue 7
 @click.pass_obj
 def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
-                     heartbeat_interval: str, store_url: str | None, **mqtt: Any) -> None:
+                     heartbeat_interval: str, store_url: str | None, device_grpc_address: str | None,
+                     tls_sans: str, cert_lifetime: str, insecure: bool, **mqtt: Any) -> None:
     """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
     from edgefleet.common.shutdown import run_until_stopped
     from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
 
-    for name, address in (("--grpc", grpc_address), ("--http", http_address)):
+    for name, address in (("--grpc", grpc_address), ("--http", http_address),
+                          ("--device-grpc", device_grpc_address or "off")):
         if address != "off":
             try:
                 split_address(address)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint=name) from None
     interval = duration_option(heartbeat_interval, "--heartbeat-interval")
+    if insecure and mqtt.get("mqtt_client_certs"):
+        raise click.BadParameter("device certificates need TLS; drop --insecure", param_hint="--mqtt-client-certs")
+    lifetime = duration_option(cert_lifetime, "--cert-lifetime")
+    if lifetime < 3:
+        raise click.BadParameter("must be at least 3s", param_hint="--cert-lifetime")
     if interval < 0.05:
         raise click.BadParameter("must be at least 50ms", param_hint="--heartbeat-interval")
     config = ControllerConfig(
@@ -89,6 +108,10 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
         http_address=None if http_address == "off" else http_address,
         heartbeat_interval_s=interval,
         store_url=store_url or None,
+        insecure=insecure,
+        device_grpc_address=device_grpc_address,
+        tls_sans=tuple(n.strip() for n in tls_sans.split(",") if n.strip()),
+        cert_lifetime_s=lifetime,
         **mqtt_settings(mqtt),  # issue 7
     )
     from edgefleet.controller.api.mqtt_bridge import MqttConfigError  # issue 7

@@ -31,11 +31,26 @@ def devices_list(obj: Context, as_json: bool) -> None:
         emit_json({"devices": [to_dict(d) for d in reply.devices]})
         return
     rows = [
-        [d.device_id, "online" if d.online else "offline", ago(d.last_seen_unix_ms), d.hardware_class or "-",
+        [d.device_id, "revoked" if d.revoked else "online" if d.online else "offline", ago(d.last_seen_unix_ms),
+         d.hardware_class or "-",
          d.hostname or "-", ",".join(f"{k}={v}" for k, v in sorted(d.labels.items())) or "-"]
         for d in reply.devices
     ]
     click.echo(table(rows, ["DEVICE", "STATE", "LAST SEEN", "CLASS", "HOST", "LABELS"]))
+
+
+@devices_group.command("revoke")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@remote_options
+@click.pass_obj
+def devices_revoke(obj: Context, device_id: str, as_json: bool) -> None:
+    """Revoke a device: its stream ends, its certificate and MQTT login stop working, for good."""
+    device = obj.client().call("RevokeDevice", control_pb2.RevokeDeviceRequest(device_id=device_id))
+    if as_json:
+        emit_json(to_dict(device))
+        return
+    click.echo(f"{device.device_id} revoked; to bring it back, enroll it again with a new token")
 
 
 @devices_group.command("show")

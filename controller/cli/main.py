@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgefleet.controller.cli import (  # noqa: F401  (registers the groups)
+    ca,
     controller,
     devices,
     models,

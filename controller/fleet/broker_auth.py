@@ -107,7 +107,12 @@ class BrokerAuth:
         device_url: str,
         ca_pem: str = "",
         broker_pid_file: Path | None = None,
+        client_certs: bool = False,
     ) -> None:
+        # client_certs: devices log in to the broker with their controller-issued certificate (a
+        # listener with require_certificate + use_identity_as_username, so the CN, the device id,
+        # is the username the ACL's %u patterns fence in); no password is issued.
+        self.client_certs = client_certs
         self.auth_dir = auth_dir
         self.passwd_path = auth_dir / PASSWD_FILE
         self.acl_path = auth_dir / ACL_FILE
@@ -168,6 +173,9 @@ class BrokerAuth:
         """
         if not device_id or any(c in device_id for c in "/+#:"):
             raise ValueError(f"device id {device_id!r} cannot be an MQTT username")
+        if self.client_certs:
+            log.info("mqtt login is the device certificate", extra={"device": device_id})
+            return MqttLogin(url=self.device_url, username=device_id, password="", ca_pem=self.ca_pem)
         password = "efm_" + secrets.token_urlsafe(32)
         line = f"{device_id}:{hash_password(password)}\n"
         with self._locked(), open(self.passwd_path, "a") as passwd:

@@ -124,4 +124,8 @@ class Enrollment:
                 "device id/secret pair not recognised; re-enroll the device with a new token "
                 "(remove identity.json from the agent's state dir)"
             )
+        if record.revoked:
+            from edgefleet.controller.fleet.device_identity import revoked_refusal
+
+            raise revoked_refusal(record)
         return record

@@ -33,6 +33,7 @@ class LiveSession:
     # where the transport watches silence itself.
     end_silent: Callable[[], object] | None = None
     silent: bool = False
+    revoked: bool = False  # set before `end_silent` is called to end the stream of a revoked device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ class PresenceTracker:
         self.flush_interval_s = flush_interval_s
         self.clock = clock
         self._live: dict[str, LiveSession] = {}
+        # Devices revoked (loaded at start, added by revocations on this replica). The MQTT bridge
+        # drops their messages: the broker cannot be made to end a connection it already accepted.
+        self.revoked: set[str] = set()
         self._dirty: dict[str, int] = {}
         self._ids = itertools.count(1)
 
@@ -131,6 +135,19 @@ class PresenceTracker:
                 session.end_silent()
                 expired += 1
         return expired
+
+    def end_revoked(self, device_id: str) -> bool:
+        """End the open stream of a revoked device at once (on this replica); True when there was one."""
+        self.revoked.add(device_id)
+        session = self._live.get(device_id)
+        if session is None:
+            return False
+        session.revoked = True
+        if session.end_silent is None:  # MQTT: offline now; the bridge drops what it still sends
+            self.session_closed(session, "revoked")
+        else:
+            session.end_silent()
+        return True
 
     def sender(self, device_id: str) -> Callable[[fleet_pb2.ControllerMessage], None] | None:
         live = self._live.get(device_id)

@@ -33,7 +33,7 @@ from edgefleet.controller.fleet.presence import LiveSession, PresenceTracker
 from edgefleet.controller.store.artifacts import ArtifactStore, ChunkCache
 from edgefleet.controller.store.base import DeviceRecord, Store
 from edgefleet.controller.telemetry.ingest import TelemetryIngest
-from edgefleet.protos.capability import PROFILE_ON_MQTT, negotiate
+from edgefleet.protos.capability import DEVICE_CERTIFICATES, PROFILE_ON_MQTT, negotiate
 from edgefleet.protos.v1 import fleet_pb2, profile_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.sessions")
@@ -136,6 +136,10 @@ class DeviceSessions:
         record = self.store.get_device(device_id)
         if record is None:
             raise NotFound(f"device {device_id!r} is not enrolled; enroll it with a token first")
+        if record.revoked:
+            from edgefleet.controller.fleet.device_identity import revoked_refusal
+
+            raise revoked_refusal(record)
         return record
 
     def check_hello(self, hello: SessionHello) -> None:
@@ -160,12 +164,16 @@ class DeviceSessions:
         *,
         greet: bool,
         end_silent: Callable[[], object] | None = None,
+        ca_bundle_pem: str = "",
+        renew_certificate: bool = False,
     ) -> DeviceSession:
         """Validate the hello, record the session and deliver the device's open commands.
 
         `greet`: answer with SessionAccepted first (the gRPC stream's handshake; on MQTT the
         broker's CONNACK already said yes). `end_silent`: how the transport ends a stream that
-        falls silent; None where the transport watches silence itself (MQTT keepalive)."""
+        falls silent, or of a revoked device; None where the transport watches silence itself (MQTT
+        keepalive). `ca_bundle_pem`, `renew_certificate`: over TLS, the CAs the device should trust
+        now and whether its certificate is from a CA being retired (capability 7)."""
         self.check_hello(hello)
         version = negotiate(hello.capability_version)
         if hello.profile is not None:
@@ -187,10 +195,13 @@ class DeviceSessions:
         live.end_silent = end_silent
         session = DeviceSession(device.device_id, version, live, replies)
         if greet:
-            replies.send(fleet_pb2.ControllerMessage(accepted=fleet_pb2.SessionAccepted(
+            accepted = fleet_pb2.SessionAccepted(
                 capability_version=version, heartbeat_interval_ms=self.heartbeat_interval_ms,
                 device_id=device.device_id,
-            )))
+            )
+            if version >= DEVICE_CERTIFICATES:
+                accepted.ca_bundle_pem, accepted.renew_certificate = ca_bundle_pem, renew_certificate
+            replies.send(fleet_pb2.ControllerMessage(accepted=accepted))
         self.commands.deliver_open(device.device_id)
         return session
 

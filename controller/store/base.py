@@ -78,6 +78,16 @@ class DeviceRecord:
     connected: bool = False       # a Session stream is open on some controller
     token_id: str = ""
     connected_by: str = ""        # which controller replica holds that stream
+    # Device identity (TLS): the serials of its current and previous certificate (both accepted,
+    # so a renewal whose answer was lost does not lock the device out) and when it was revoked.
+    cert_serial: str = ""
+    previous_cert_serial: str = ""
+    cert_not_after_ms: int = 0
+    revoked_at_ms: int = 0        # 0: not revoked
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_ms > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +370,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def set_device_model(self, device_id: str, model: str, version: int) -> None: ...
+
+    @abc.abstractmethod
+    def set_device_certificate(self, device_id: str, serial: str, not_after_ms: int) -> None:
+        """A new certificate was issued: it becomes current, the one before it previous."""
+
+    @abc.abstractmethod
+    def revoke_device(self, device_id: str, now_ms: int) -> DeviceRecord | None:
+        """Mark a device revoked (kept: the first revocation time stays); None when it is unknown."""
 
     @abc.abstractmethod
     def put_build(self, record: BuildRecord) -> None: ...

@@ -263,6 +263,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_log_by_time ON audit_log (at_ms);
     """,
+    """
+    ALTER TABLE devices ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN previous_cert_serial TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN cert_not_after_ms BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN revoked_at_ms BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -605,6 +611,17 @@ class PostgresStore(Store):
         with self._statement() as cur:
             cur.execute("UPDATE devices SET model = %s, model_version = %s WHERE device_id = %s",
                         (model, version, device_id))
+
+    def set_device_certificate(self, device_id: str, serial: str, not_after_ms: int) -> None:
+        with self._statement() as cur:
+            cur.execute("UPDATE devices SET previous_cert_serial = cert_serial, cert_serial = %s, "
+                        "cert_not_after_ms = %s WHERE device_id = %s", (serial, not_after_ms, device_id))
+
+    def revoke_device(self, device_id: str, now_ms: int) -> DeviceRecord | None:
+        with self._statement() as cur:
+            cur.execute("UPDATE devices SET revoked_at_ms = %s WHERE device_id = %s AND revoked_at_ms = 0",
+                        (now_ms, device_id))
+        return self.get_device(device_id)
 
     def put_build(self, record: BuildRecord) -> None:
         self._upsert("builds", record, ("model", "version", "hardware_class"))

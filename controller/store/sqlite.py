@@ -242,6 +242,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_log_by_time ON audit_log (at_ms);
     """,
+    """
+    ALTER TABLE devices ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN previous_cert_serial TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN cert_not_after_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE devices ADD COLUMN revoked_at_ms INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -529,6 +535,18 @@ class SQLiteStore(Store):
             db.execute("UPDATE devices SET model = ?, model_version = ? WHERE device_id = ?",
                        (model, version, device_id))
 
+    def set_device_certificate(self, device_id: str, serial: str, not_after_ms: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE devices SET previous_cert_serial = cert_serial, cert_serial = ?, cert_not_after_ms = ? "
+                       "WHERE device_id = ?", (serial, not_after_ms, device_id))
+
+    def revoke_device(self, device_id: str, now_ms: int) -> DeviceRecord | None:
+        with self._tx() as db:
+            db.execute("UPDATE devices SET revoked_at_ms = ? WHERE device_id = ? AND revoked_at_ms = 0",
+                       (now_ms, device_id))
+            row = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return _device(row) if row else None
+
     def put_build(self, record: BuildRecord) -> None:
         with self._tx() as db:
             _insert(db, "builds", record, replace=True)
@@ -715,6 +733,10 @@ def _device(row: sqlite3.Row) -> DeviceRecord:
         model=row["model"],
         model_version=row["model_version"],
         connected_by=row["connected_by"],
+        cert_serial=row["cert_serial"],
+        previous_cert_serial=row["previous_cert_serial"],
+        cert_not_after_ms=row["cert_not_after_ms"],
+        revoked_at_ms=row["revoked_at_ms"],
     )
 
 

@@ -94,7 +94,7 @@ class RevokeEnrollmentTokenRequest(_message.Message):
     def __init__(self, token_id: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "labels", "online", "last_seen_unix_ms", "enrolled_at_unix_ms", "agent_version", "capability_version", "hardware_class", "hostname", "profile", "presence")
+    __slots__ = ("device_id", "labels", "online", "last_seen_unix_ms", "enrolled_at_unix_ms", "agent_version", "capability_version", "hardware_class", "hostname", "profile", "presence", "revoked", "revoked_at_unix_ms", "cert_not_after_unix_ms")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,9 @@ class Device(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CERT_NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     labels: _containers.ScalarMap[str, str]
     online: bool
@@ -124,7 +127,48 @@ class Device(_message.Message):
     hostname: str
     profile: _profile_pb2.HardwareProfile
     presence: str
-    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., online: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., enrolled_at_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., capability_version: _Optional[int] = ..., hardware_class: _Optional[str] = ..., hostname: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., presence: _Optional[str] = ...) -> None: ...
+    revoked: bool
+    revoked_at_unix_ms: int
+    cert_not_after_unix_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., online: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., enrolled_at_unix_ms: _Optional[int] = ..., agent_version: _Optional[str] = ..., capability_version: _Optional[int] = ..., hardware_class: _Optional[str] = ..., hostname: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., presence: _Optional[str] = ..., revoked: _Optional[bool] = ..., revoked_at_unix_ms: _Optional[int] = ..., cert_not_after_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RevokeDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class GetCertificateAuthorityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateCertificateAuthorityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RetireOldCertificateAuthorityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CaCertificate(_message.Message):
+    __slots__ = ("subject", "sha256_fingerprint", "not_after_unix_ms", "active")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    sha256_fingerprint: str
+    not_after_unix_ms: int
+    active: bool
+    def __init__(self, subject: _Optional[str] = ..., sha256_fingerprint: _Optional[str] = ..., not_after_unix_ms: _Optional[int] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class CertificateAuthority(_message.Message):
+    __slots__ = ("cas", "bundle_pem")
+    CAS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    cas: _containers.RepeatedCompositeFieldContainer[CaCertificate]
+    bundle_pem: str
+    def __init__(self, cas: _Optional[_Iterable[_Union[CaCertificate, _Mapping]]] = ..., bundle_pem: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("include_profile",)

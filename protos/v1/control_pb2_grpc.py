@@ -150,6 +150,26 @@ class ControlStub:
                 request_serializer=edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/edgefleet.v1.Control/RevokeDevice',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.Device.FromString,
+                _registered_method=True)
+        self.GetCertificateAuthority = channel.unary_unary(
+                '/edgefleet.v1.Control/GetCertificateAuthority',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.GetCertificateAuthorityRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
+                _registered_method=True)
+        self.RotateCertificateAuthority = channel.unary_unary(
+                '/edgefleet.v1.Control/RotateCertificateAuthority',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.RotateCertificateAuthorityRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
+                _registered_method=True)
+        self.RetireOldCertificateAuthority = channel.unary_unary(
+                '/edgefleet.v1.Control/RetireOldCertificateAuthority',
+                request_serializer=edgefleet_dot_v1_dot_control__pb2.RetireOldCertificateAuthorityRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -298,6 +318,32 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDevice(self, request, context):
+        """Device identity (admin): revoke a device (its stream ends, its certificate and MQTT login
+        stop working), and rotate the controller CA in two steps (rotate, then retire the old one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCertificateAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateCertificateAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireOldCertificateAuthority(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -415,6 +461,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.Device.SerializeToString,
+            ),
+            'GetCertificateAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCertificateAuthority,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.GetCertificateAuthorityRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.SerializeToString,
+            ),
+            'RotateCertificateAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCertificateAuthority,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.RotateCertificateAuthorityRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.SerializeToString,
+            ),
+            'RetireOldCertificateAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireOldCertificateAuthority,
+                    request_deserializer=edgefleet_dot_v1_dot_control__pb2.RetireOldCertificateAuthorityRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1038,6 +1104,114 @@ class Control:
             '/edgefleet.v1.Control/ListAudit',
             edgefleet_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
             edgefleet_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/RevokeDevice',
+            edgefleet_dot_v1_dot_control__pb2.RevokeDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.Device.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCertificateAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/GetCertificateAuthority',
+            edgefleet_dot_v1_dot_control__pb2.GetCertificateAuthorityRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCertificateAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/RotateCertificateAuthority',
+            edgefleet_dot_v1_dot_control__pb2.RotateCertificateAuthorityRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireOldCertificateAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Control/RetireOldCertificateAuthority',
+            edgefleet_dot_v1_dot_control__pb2.RetireOldCertificateAuthorityRequest.SerializeToString,
+            edgefleet_dot_v1_dot_control__pb2.CertificateAuthority.FromString,
             options,
             channel_credentials,
             insecure,

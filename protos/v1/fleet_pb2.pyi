@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "capability_version", "agent_version", "profile", "labels")
+    __slots__ = ("token", "capability_version", "agent_version", "profile", "labels", "csr_pem")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,15 +22,17 @@ class EnrollRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     token: str
     capability_version: int
     agent_version: str
     profile: _profile_pb2.HardwareProfile
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, token: _Optional[str] = ..., capability_version: _Optional[int] = ..., agent_version: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    csr_pem: str
+    def __init__(self, token: _Optional[str] = ..., capability_version: _Optional[int] = ..., agent_version: _Optional[str] = ..., profile: _Optional[_Union[_profile_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., csr_pem: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "device_secret", "heartbeat_interval_ms", "capability_version", "labels", "trusted_public_keys_pem", "mqtt")
+    __slots__ = ("device_id", "device_secret", "heartbeat_interval_ms", "capability_version", "labels", "trusted_public_keys_pem", "mqtt", "certificate")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class EnrollResponse(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TRUSTED_PUBLIC_KEYS_PEM_FIELD_NUMBER: _ClassVar[int]
     MQTT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_secret: str
     heartbeat_interval_ms: int
@@ -52,7 +55,26 @@ class EnrollResponse(_message.Message):
     labels: _containers.ScalarMap[str, str]
     trusted_public_keys_pem: _containers.RepeatedScalarFieldContainer[str]
     mqtt: MqttCredentials
-    def __init__(self, device_id: _Optional[str] = ..., device_secret: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., capability_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., trusted_public_keys_pem: _Optional[_Iterable[str]] = ..., mqtt: _Optional[_Union[MqttCredentials, _Mapping]] = ...) -> None: ...
+    certificate: DeviceCertificate
+    def __init__(self, device_id: _Optional[str] = ..., device_secret: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., capability_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., trusted_public_keys_pem: _Optional[_Iterable[str]] = ..., mqtt: _Optional[_Union[MqttCredentials, _Mapping]] = ..., certificate: _Optional[_Union[DeviceCertificate, _Mapping]] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    def __init__(self, csr_pem: _Optional[str] = ...) -> None: ...
+
+class DeviceCertificate(_message.Message):
+    __slots__ = ("certificate_pem", "ca_bundle_pem", "not_after_unix_ms", "device_port")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PORT_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: str
+    ca_bundle_pem: str
+    not_after_unix_ms: int
+    device_port: int
+    def __init__(self, certificate_pem: _Optional[str] = ..., ca_bundle_pem: _Optional[str] = ..., not_after_unix_ms: _Optional[int] = ..., device_port: _Optional[int] = ...) -> None: ...
 
 class MqttCredentials(_message.Message):
     __slots__ = ("url", "username", "password", "ca_pem")
@@ -103,14 +125,18 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., command_ack: _Optional[_Union[CommandAck, _Mapping]] = ..., artifact_ack: _Optional[_Union[ArtifactAck, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
-    __slots__ = ("capability_version", "heartbeat_interval_ms", "device_id")
+    __slots__ = ("capability_version", "heartbeat_interval_ms", "device_id", "ca_bundle_pem", "renew_certificate")
     CAPABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    RENEW_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     capability_version: int
     heartbeat_interval_ms: int
     device_id: str
-    def __init__(self, capability_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., device_id: _Optional[str] = ...) -> None: ...
+    ca_bundle_pem: str
+    renew_certificate: bool
+    def __init__(self, capability_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., device_id: _Optional[str] = ..., ca_bundle_pem: _Optional[str] = ..., renew_certificate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatAck(_message.Message):
     __slots__ = ("sent_at_unix_ms", "controller_time_unix_ms")

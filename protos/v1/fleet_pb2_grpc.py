@@ -50,13 +50,19 @@ class FleetStub:
                 request_serializer=edgefleet_dot_v1_dot_fleet__pb2.FetchArtifactRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_fleet__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/edgefleet.v1.Fleet/RenewCertificate',
+                request_serializer=edgefleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Trade a one-time enrollment token for a device identity (id + secret).
+        """Trade a one-time enrollment token (and, from capability 7, a CSR) for a device identity.
+        Over TLS it is served on the server-authenticated port (no client certificate yet).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,7 +70,8 @@ class FleetServicer:
 
     def Session(self, request_iterator, context):
         """Long-lived bidirectional stream: heartbeats, telemetry and acks up; commands down.
-        Authenticated by metadata `edgefleet-device-id` and `edgefleet-device-secret`.
+        TLS: on the mutual-TLS device port; the device is the CN of its client certificate.
+        --insecure: authenticated by metadata `edgefleet-device-id` and `edgefleet-device-secret`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +79,15 @@ class FleetServicer:
 
     def FetchArtifact(self, request, context):
         """Server-streamed chunks of a content-addressed artifact, starting at `offset` (for resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """A certificate for a CSR (capability 7). On the device port, authenticated by the device's
+        current certificate (renewal). On the server-authenticated port, by the device secret in
+        metadata: how a device enrolled before certificates moves over without re-enrolling.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +110,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.FetchArtifact,
                     request_deserializer=edgefleet_dot_v1_dot_fleet__pb2.FetchArtifactRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_fleet__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=edgefleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_fleet__pb2.DeviceCertificate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +198,33 @@ class Fleet:
             '/edgefleet.v1.Fleet/FetchArtifact',
             edgefleet_dot_v1_dot_fleet__pb2.FetchArtifactRequest.SerializeToString,
             edgefleet_dot_v1_dot_fleet__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.Fleet/RenewCertificate',
+            edgefleet_dot_v1_dot_fleet__pb2.RenewCertificateRequest.SerializeToString,
+            edgefleet_dot_v1_dot_fleet__pb2.DeviceCertificate.FromString,
             options,
             channel_credentials,
             insecure,

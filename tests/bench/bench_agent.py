@@ -88,7 +88,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
     model = mlp_onnx(tmp / "small.onnx")
     bundle, key = signed_bundle(tmp, model)
     install_offline(tmp / "a1", bundle, key)
-    controller = ControllerProc(tmp, heartbeat_s=1.0).start()
+    controller = ControllerProc(tmp, heartbeat_s=1.0, insecure=True).start()  # device secrets, plaintext
     agent = AgentProc(tmp, "a1", controller, controller.create_token(), ["--telemetry-interval", "5s"]).start()
     try:
         socket = agent.state_dir / "agent.sock"

@@ -154,7 +154,7 @@ def stored(state_dir: Path) -> tuple[int, int]:
 
 def run_bare(tmp: Path, devices: int, messages: int) -> dict[str, Any]:
     broker = Broker(tmp / "bare").start()
-    controller = mqtt_controller(tmp / "bare", broker).start()  # only to enroll the simulated devices
+    controller = mqtt_controller(tmp / "bare", broker, insecure=True).start()  # only to enroll the simulated devices
     try:
         logins = enroll_devices(controller, devices)
         controller.stop()
@@ -181,7 +181,7 @@ def run_bare(tmp: Path, devices: int, messages: int) -> dict[str, Any]:
 
 def run_controller(tmp: Path, devices: int, messages: int) -> dict[str, Any]:
     broker = Broker(tmp / "ctl").start()
-    controller = mqtt_controller(tmp / "ctl", broker)
+    controller = mqtt_controller(tmp / "ctl", broker, insecure=True)
     controller.args += ["--mqtt-client-id", "bench-controller"]  # the same session across its restart
     controller.start()
     try:

@@ -381,7 +381,7 @@ def test_rollout_of_10mb_to_200_devices(tmp_path: Path) -> None:
     model = mlp_onnx(tmp_path / "mlp.onnx", hidden=HIDDEN, extra_matmuls=LAYERS)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
-    controller = ControllerProc(tmp_path, heartbeat_s=HEARTBEAT_S).start()
+    controller = ControllerProc(tmp_path, heartbeat_s=HEARTBEAT_S, insecure=True).start()  # device secrets
     results: dict[str, dict[str, Any]] = {}
     try:
         profile = collect_profile(microbench=False)

@@ -85,7 +85,7 @@ def raw_fetch(address: str, identity: Identity, sha: str, chunk: int, controller
 
 def test_fetch_artifact_against_a_plain_copy(tmp_path: Path) -> None:
     key = generate_signing_key()
-    controller = ControllerProc(tmp_path).start()
+    controller = ControllerProc(tmp_path, insecure=True).start()  # device secrets, plaintext
     try:
         identity: Identity = asyncio.run(enroll_many(controller.grpc_address, controller.create_token(), 1))[0]
         client = Connection.resolve(controller.grpc_address, controller.state_dir).control()

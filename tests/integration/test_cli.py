@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def run(controller, monkeypatch, tmp_path):  # type: ignore[no-untyped-def]
-    for var in ("EDGEFLEET_CONTROLLER", "EDGEFLEET_TOKEN", "EDGEFLEET_STATE_DIR"):
+    for var in ("EDGEFLEET_CONTROLLER", "EDGEFLEET_TOKEN", "EDGEFLEET_STATE_DIR", "EDGEFLEET_CA_CERT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("EDGEFLEET_CONFIG", str(tmp_path / "no-config.toml"))
 
@@ -61,17 +61,22 @@ def test_token_and_devices_commands(run, controller, start_agent):
 
 
 def test_address_and_token_resolution(run, controller, tmp_path):
-    # --controller plus EDGEFLEET_TOKEN, without the state dir.
-    env = {"EDGEFLEET_TOKEN": controller.operator_token}
+    # --controller plus EDGEFLEET_TOKEN, without the state dir: the CA is needed too (TLS).
+    plain = run("devices", "list", "--controller", controller.grpc_address,
+                env={"EDGEFLEET_TOKEN": controller.operator_token})
+    assert plain.exit_code == 2 and "EDGEFLEET_CA_CERT" in plain.output
+    env = {"EDGEFLEET_TOKEN": controller.operator_token, "EDGEFLEET_CA_CERT": str(controller.ca_path)}
     ok = run("devices", "list", "--json", "--controller", controller.grpc_address, env=env)
     assert ok.exit_code == 0 and json.loads(ok.output) == {"devices": []}
     # A config file.
     config = tmp_path / "config.toml"
-    config.write_text(f'controller = "{controller.grpc_address}"\ntoken = "{controller.operator_token}"\n')
+    config.write_text(f'controller = "{controller.grpc_address}"\ntoken = "{controller.operator_token}"\n'
+                      f'ca_cert = "{controller.ca_path}"\n')
     ok = run("token", "list", "--json", env={"EDGEFLEET_CONFIG": str(config)})
     assert ok.exit_code == 0, ok.output
     # Wrong token: one line, exit 2.
-    bad = run("devices", "list", "--controller", controller.grpc_address, env={"EDGEFLEET_TOKEN": "efo_nope"})
+    bad = run("devices", "list", "--controller", controller.grpc_address,
+              env={**env, "EDGEFLEET_TOKEN": "efo_nope"})
     assert bad.exit_code == 2 and "refused the operator token" in bad.output
     # Nothing listening there.
     down = run("devices", "list", "--controller", "127.0.0.1:1", env=env)

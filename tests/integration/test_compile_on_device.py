@@ -34,6 +34,7 @@ def test_candidates_are_timed_on_a_device_of_the_class(tmp_path, controller, sta
     agent = start_agent("a1", controller.create_token(), ["--hardware-class", "x86_64-avx2"])
     wait_until(lambda: any(d.online for d in controller.devices()), 30, "online")
     env = {"EDGEFLEET_CONTROLLER": controller.grpc_address, "EDGEFLEET_TOKEN": controller.operator_token,
+           "EDGEFLEET_CA_CERT": str(controller.ca_path),
            "EDGEFLEET_CACHE_DIR": str(tmp_path / "cache")}
     report = compile_json(tmp_path, "x86_64-avx2", env)
     assert report["latency"]["measured_on"] == f"device:{agent.device_id}"
@@ -59,6 +60,7 @@ def test_openvino_candidates_are_timed_on_the_device_with_their_runtime(tmp_path
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
     env = {"EDGEFLEET_CONTROLLER": controller.grpc_address, "EDGEFLEET_TOKEN": controller.operator_token,
+           "EDGEFLEET_CA_CERT": str(controller.ca_path),
            "EDGEFLEET_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet.controller.cli", "compile", str(model), "--target", str(profile_json),

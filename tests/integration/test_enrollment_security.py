@@ -11,9 +11,18 @@ import pytest
 
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc
-from fleet_harness import ControllerProc, wait_until
+from fleet_harness import ControllerProc, Proc, wait_until
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def controller(tmp_path, procs: list[Proc]) -> ControllerProc:  # type: ignore[no-untyped-def]
+    """A controller run with --insecure: this module checks tokens and device secrets, which TLS
+    replaces by certificates (tests/integration/test_device_identity.py checks those)."""
+    proc = ControllerProc(tmp_path, insecure=True)
+    procs.append(proc)
+    return proc.start()
 
 
 def enroll(controller, token: str, **labels: str) -> fleet_pb2.EnrollResponse:  # type: ignore[no-untyped-def]

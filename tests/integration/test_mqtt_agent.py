@@ -205,3 +205,35 @@ def test_a_device_converges_on_the_retained_desired_model_without_a_command(
 
     wait_until(lambda: version() == "3", 60, "the device to install the desired model by itself")
     assert "installing the desired model" in agent.log()
+
+
+def test_agent_logs_in_to_the_broker_with_its_device_certificate(tmp_path: Path, procs: list[Proc]) -> None:
+    """--mqtt-client-certs: a listener with require_certificate and use_identity_as_username takes
+    the device certificate (CN = device id = the ACL's %u); no password is issued at all."""
+    from edgefleet.controller.fleet.certificates import DeviceCA
+
+    state_dir = tmp_path / "controller" / "controller"
+    DeviceCA(state_dir)  # the broker trusts the controller's CA, so it must exist before the broker starts
+    broker = Broker(tmp_path, client_ca=state_dir / "ca-bundle.pem").start()
+    try:
+        ctl = mqtt_controller(tmp_path, broker)
+        ctl.args += ["--cert-lifetime", "6s"]  # renewed every few seconds, over the device port
+        procs.append(ctl)
+        ctl.start()
+        agent = _agent(tmp_path, procs, ctl, ctl.create_token()).start()
+        device_id = wait_until(lambda: agent.device_id, 30, "enrollment")
+        login = json.loads((agent.state_dir / "mqtt.json").read_text())
+        assert login["password"] == "" and login["url"] == f"mqtts://127.0.0.1:{broker.cert_port}"
+        assert device_id not in (broker.auth_dir / "passwd").read_text()
+        wait_until(lambda: ctl.device(device_id).online, 20, "the device online over MQTT with its certificate")
+        wait_until(lambda: len(stored_seqs(ctl.state_dir, device_id)) >= 3, 20, "telemetry over MQTT")
+
+        # Renewed and reloaded: after the first certificate expired, a reconnect presents a newer one.
+        wait_until(lambda: "mqtt client certificate reloaded" in agent.log(), 15, "a renewal the link reloads")
+        time.sleep(7)
+        broker.restart()
+        before = len(stored_seqs(ctl.state_dir, device_id))
+        wait_until(lambda: len(stored_seqs(ctl.state_dir, device_id)) > before + 3, 30,
+                   "telemetry after reconnecting with the renewed certificate")
+    finally:
+        broker.stop(signal.SIGKILL)

@@ -98,3 +98,25 @@ def test_controller_refuses_to_start_with_a_bad_admin_login(tmp_path: Path, brok
         proc.stop()
     lines = [line for line in proc.log().splitlines() if "refused the controller's login" in line]
     assert lines and "check the user:password in --mqtt" in lines[-1], proc.log()
+
+
+def test_revoked_device_loses_its_broker_login_and_its_messages_are_dropped(
+        broker: Broker, mqtt_ctl: ControllerProc) -> None:
+    from edgefleet.protos.v1 import control_pb2
+
+    a = enroll(mqtt_ctl, mqtt_ctl.create_token())
+    device = TestClient(broker.device_url, a.device_id, a.mqtt.password)
+    assert not device.connect().is_failure
+    assert not device.publish(f"edgefleet/v1/{a.device_id}/telemetry", telemetry_batch(1).SerializeToString()).value
+    wait_until(lambda: stored_seqs(mqtt_ctl.state_dir, a.device_id), 10, "the device's batch to be stored")
+
+    revoked = mqtt_ctl.call("RevokeDevice", control_pb2.RevokeDeviceRequest(device_id=a.device_id))
+    assert revoked.revoked and revoked.presence == "revoked"
+    # Mosquitto keeps a connection it already accepted; the controller drops what it still sends.
+    device.publish(f"edgefleet/v1/{a.device_id}/telemetry", telemetry_batch(2).SerializeToString())
+    time.sleep(1.0)
+    assert [seq for _, seq in stored_seqs(mqtt_ctl.state_dir, a.device_id)] == [1]
+    device.close()
+    # Its login is gone from the password file and the broker was told to reload it.
+    wait_until(lambda: TestClient(broker.device_url, a.device_id, a.mqtt.password).connect().is_failure, 10,
+               "the revoked login to be refused")

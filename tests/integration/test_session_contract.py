@@ -243,7 +243,9 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture
 def ctl(tmp_path: Path, broker: Broker, procs: list[Proc]) -> ControllerProc:
-    proc = mqtt_controller(tmp_path, broker, heartbeat_s=1.0)
+    # --insecure: the simulated gRPC device authenticates with its secret, so the conversation is
+    # the same bytes as before certificates; mutual TLS is tests/integration/test_device_identity.py's.
+    proc = mqtt_controller(tmp_path, broker, heartbeat_s=1.0, insecure=True)
     procs.append(proc)
     return proc.start()
 

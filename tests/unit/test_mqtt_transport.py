@@ -93,6 +93,7 @@ class FakePresence:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
         self.current: set[int] = set()
+        self.revoked: set[str] = set()
 
     def session_opened(self, device_id: str, **_: Any) -> Any:
         session = type("S", (), {"device_id": device_id})()
