@@ -33,7 +33,8 @@ def test_the_table_is_what_the_readme_documents() -> None:
     def named(role: OperatorRole, mutates: bool) -> set[str]:
         return {m for m, a in CONTROL_METHOD_ACCESS.items() if a.role is role and a.mutates is mutates}
 
-    assert named(OperatorRole.ADMIN, True) == {"CreateOperatorToken", "RevokeOperatorToken"}
+    assert named(OperatorRole.ADMIN, True) == {"CreateOperatorToken", "RevokeOperatorToken", "RevokeDevice",
+                                               "RotateCertificateAuthority", "RetireOldCertificateAuthority"}
     assert named(OperatorRole.ADMIN, False) == {"ListOperatorTokens"}
     assert named(OperatorRole.OPERATOR, False) == {"ListAudit"}
     assert {"CreateRollout", "ChangeRollout", "AddModel", "UploadArtifact", "InstallOnDevice", "MeasureOnDevice",
