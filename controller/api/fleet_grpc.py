@@ -133,7 +133,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 raise Unauthenticated(f"device {device.device_id} already has a certificate; renew with it "
                                       "on the device port (its secret no longer authenticates it)")
             log.info("device moves from its secret to a certificate", extra={"device": device.device_id})
-        return self._certificate(self.identities.issue(device, request.csr_pem))
+        return self._certificate(self.identities.issue(device, request.csr_pem, known_device=True))
 
     @maps_errors
     async def Enroll(
@@ -142,6 +142,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if self.identities is not None and not request.csr_pem \
                 and negotiate(request.capability_version) >= DEVICE_CERTIFICATES:
             raise InvalidArgument("this controller serves TLS: send a CSR with the enrollment (csr_pem)")
+        if self.identities is not None and request.csr_pem:
+            self.identities.check_csr(request.csr_pem)  # before the token is spent on a device record
         enrolled = self.enrollment.enroll(
             request.token,
             capability_version=request.capability_version,

@@ -43,6 +43,11 @@ CA_LIFETIME_S = 10 * 365 * 24 * 3600
 CLOCK_SKEW_S = 300  # certificates are valid from a little before they are issued
 DEFAULT_TLS_SANS = ("localhost", "127.0.0.1")
 DEVICE_URI_PREFIX = "edgefleet://device/"
+# A P-256 CSR is under 1 KiB and an RSA-4096 one under 2 KiB: anything near this is not a CSR.
+MAX_CSR_BYTES = 16 * 1024
+# The CN an agent puts in its CSR before it has an id (enrollment); once it has one, its CSRs may
+# name that id or this, and nothing else: a renewal that asks for another name is refused.
+PLACEHOLDER_CN = "edgefleet-device"
 
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -91,6 +96,26 @@ def _san(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
+
+
+def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+    """A CSR a device certificate may be made from, or CertificateError with the one-line reason:
+    bounded in size, parseable, self-signed by its key, and the key EC or RSA-2048 or more."""
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CertificateError(f"the CSR is {len(csr_pem)} bytes; a CSR is at most {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError:
+        raise CertificateError("the CSR is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise CertificateError("the CSR's signature does not match its public key")
+    public_key = csr.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise CertificateError(f"the CSR's RSA key has {public_key.key_size} bits; use 2048 or more")
+    elif not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CertificateError("the CSR's key must be EC (P-256) or RSA")
+    return csr
 
 
 class DeviceCA:
@@ -222,21 +247,19 @@ class DeviceCA:
         log.info("server certificate issued", extra={"names": ",".join(self.tls_sans), "sha256": fingerprint(cert)})
 
     # -- device certificates -------------------------------------------------------------------
-    def sign_device_csr(self, device_id: str, csr_pem: str) -> IssuedCertificate:
-        """A client certificate for `device_id` whatever the CSR's subject says: the CSR only
-        proves the device holds the private key; its identity is the controller's to give."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
-        except ValueError:
-            raise CertificateError("the CSR is not a PEM certificate signing request") from None
-        if not csr.is_signature_valid:
-            raise CertificateError("the CSR's signature does not match its public key")
+    def sign_device_csr(self, device_id: str, csr_pem: str, *, known_device: bool = False) -> IssuedCertificate:
+        """A client certificate for `device_id`: the CSR proves the device holds the private key, and
+        the identity is the controller's to give. At enrollment the agent has no id yet, so any CN
+        goes (it is replaced); for a `known_device` (renewal, the move from a secret) a CSR naming
+        another CN than the device's own (or the placeholder) is refused."""
+        csr = load_csr(csr_pem)
+        if known_device:
+            names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = str(names[0].value) if names else ""
+            if cn not in ("", PLACEHOLDER_CN, device_id):
+                raise CertificateError(f"the CSR names CN={cn!r} but this is device {device_id}; make the CSR "
+                                       f"for CN={device_id}")
         public_key = csr.public_key()
-        if isinstance(public_key, rsa.RSAPublicKey):
-            if public_key.key_size < 2048:
-                raise CertificateError(f"the CSR's RSA key has {public_key.key_size} bits; use 2048 or more")
-        elif not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise CertificateError("the CSR's key must be EC (P-256) or RSA")
         with self._lock:
             ca, ca_key = self.active, self._read_key(CA_KEY_FILE)
             now = self._now()

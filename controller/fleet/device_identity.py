@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from edgefleet.controller.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from edgefleet.controller.fleet.certificates import DEVICE_URI_PREFIX, CertificateError, DeviceCA, serial_of
+from edgefleet.controller.fleet.certificates import DEVICE_URI_PREFIX, CertificateError, DeviceCA, load_csr, serial_of
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.base import DeviceRecord, Store
 
@@ -86,14 +86,22 @@ class DeviceIdentities:
                                   "use the newest certificate in the agent's state dir")
         return PeerDevice(record, self.ca.from_active(cert))
 
-    def issue(self, record: DeviceRecord, csr_pem: str) -> DeviceCertificateIssued:
-        """Sign a device's CSR (enrollment, renewal, or the move of a secret-only device)."""
+    def check_csr(self, csr_pem: str) -> None:
+        """Refuse a CSR that cannot be signed before anything is spent on it (an enrollment token)."""
+        try:
+            load_csr(csr_pem)
+        except CertificateError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    def issue(self, record: DeviceRecord, csr_pem: str, *, known_device: bool = False) -> DeviceCertificateIssued:
+        """Sign a device's CSR: at enrollment, or for a `known_device` (renewal, the move of a
+        secret-only device), whose CSR may name no other device."""
         if record.revoked:
             raise revoked_refusal(record)
         if not csr_pem:
             raise InvalidArgument("no CSR given; the agent makes one from its own key pair")
         try:
-            issued = self.ca.sign_device_csr(record.device_id, csr_pem)
+            issued = self.ca.sign_device_csr(record.device_id, csr_pem, known_device=known_device)
         except CertificateError as exc:
             raise InvalidArgument(str(exc)) from None
         self.store.set_device_certificate(record.device_id, issued.serial, issued.not_after_ms)

@@ -274,3 +274,26 @@ def test_ca_show_prints_the_fingerprint_devices_can_check(controller: Controller
     info = controller.call("GetCertificateAuthority", control_pb2.GetCertificateAuthorityRequest())
     assert len(info.cas) == 1 and info.cas[0].active
     assert info.cas[0].sha256_fingerprint in cli(controller, "ca", "show").stdout
+
+
+def test_bad_csrs_are_refused_with_their_reason_and_spend_nothing(controller: ControllerProc) -> None:
+    """A malformed, oversized or wrongly named CSR: refused with its reason; an enrollment token
+    offered with a bad CSR is not spent, and renewing may not ask for another device's name."""
+    token = controller.create_token()
+
+    def enroll(csr: str) -> Any:
+        return enroll_request(controller, fleet_pb2.EnrollRequest(
+            token=token, capability_version=CAPABILITY_VERSION, agent_version="sim", profile=PROFILE, csr_pem=csr))
+
+    for csr, reason in [("not a csr", "not a PEM certificate signing request"),
+                        ("-----BEGIN CERTIFICATE REQUEST-----\n" + "A" * 40_000, "a CSR is at most")]:
+        err = refusal(lambda csr=csr: enroll(csr))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in err.details(), err.details()
+    assert enroll(csr_pem(new_key())).device_id, "the token was not spent by the refused attempts"
+    _, key, cert = device_cert(controller)
+    creds = grpc.ssl_channel_credentials(controller.ca_path.read_bytes(), key, cert)
+    with grpc.secure_channel(controller.device_address, creds) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        err = refusal(lambda: stub.RenewCertificate(
+            fleet_pb2.RenewCertificateRequest(csr_pem=csr_pem(new_key(), "dev-someone-else")), timeout=5))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "names CN='dev-someone-else'" in err.details()

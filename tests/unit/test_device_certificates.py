@@ -50,6 +50,13 @@ def test_device_certificate_names_the_device_whatever_the_csr_says(tmp_path: Pat
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() == pytest.approx(3600 + 300)
     with pytest.raises(CertificateError, match="not a PEM"):
         ca.sign_device_csr("dev-abc", "hello")
+    with pytest.raises(CertificateError, match="a CSR is at most"):
+        ca.sign_device_csr("dev-abc", "-----BEGIN CERTIFICATE REQUEST-----\n" + "A" * 20_000)
+    # A device that has its id may not ask for another name; its own id or the placeholder are fine.
+    with pytest.raises(CertificateError, match="names CN='dev-xyz' but this is device dev-abc"):
+        ca.sign_device_csr("dev-abc", csr_pem(new_key(), "dev-xyz"), known_device=True)
+    assert ca.sign_device_csr("dev-abc", csr_pem(new_key(), "dev-abc"), known_device=True).pem
+    assert ca.sign_device_csr("dev-abc", csr_pem(new_key()), known_device=True).pem
 
 
 def test_rotation_keeps_the_old_ca_trusted_until_retired(tmp_path: Path) -> None:
