@@ -150,6 +150,9 @@ class Controller:
                 f"cannot listen for gRPC on {self.config.grpc_address}: address in use or not local; "
                 "pick another with --grpc HOST:PORT"
             )
+        assert self.rollouts is not None  # made with the servicers, on this loop
+        self.http.dashboard.bind_rollouts(self.rollouts.set_state, asyncio.get_running_loop(),
+                                          self.rollouts.device_metrics)
         if self.config.http_address:
             http_host, http_port = split_address(self.config.http_address)
             try:
