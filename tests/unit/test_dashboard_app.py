@@ -123,3 +123,33 @@ def test_the_device_list_pages_10000_devices_fast() -> None:
     started = time.monotonic()
     app.data.devices({"q": "dev-0999"})
     assert time.monotonic() - started < 0.2  # the joined list is cached for the next second
+
+
+def test_a_closed_tab_ends_its_stream_thread_within_a_few_seconds() -> None:
+    import http.client
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from edgefleet.controller.api.http_server import _QuietHandler, _ThreadingWSGIServer
+
+    app, _ = dashboard()
+    session = app.sessions.login(ADMIN)
+    server = make_server("127.0.0.1", 0, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        before = threading.active_count()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5)
+        conn.request("GET", "/events?path=/", headers={"Cookie": f"edgefleet_session={session.session_id}"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.readline().startswith(b"data: ")
+        assert threading.active_count() == before + 1  # the stream's request thread
+        reply.close()
+        conn.close()  # the tab goes away
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() == before, "the stream's thread outlived its closed connection"
+    finally:
+        app.stop()
+        server.shutdown()
+        server.server_close()
