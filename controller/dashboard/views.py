@@ -399,6 +399,8 @@ class DashboardData:
         html.append(_table(["gate", "device", "live", "baseline", "limit", ""], gate_rows))
         breached = [r for r in rows if r.reason]
         html.append("<h2>Breaches and failures</h2>")
+        if record.reason and record.state != RolloutState.RUNNING.value:
+            html.append(f'<p class="error" id="rollout-reason">{escape(record.reason)}</p>')
         html.append(_table(["device", "class", "state", "why"], [
             [_device_link(r.device_id), escape(r.hardware_class), r.state, escape(r.reason)] for r in breached]))
         html.append("<h2>Devices</h2>")

@@ -157,7 +157,7 @@ def test_every_page_renders_with_a_live_fleet(fleet: Fleet, browser: Any) -> Non
     shot(page, "device")
     page.goto(fleet.base + "/models")
     assert "mlp:1" in page.inner_text("main")
-    shot(page, "models")
+    shot(page, "models-compiling")
     page.goto(fleet.base + f"/rollouts/{fleet.rollout_id}")
     assert "Waves" in page.inner_text("main")
     shot(page, "rollout")
@@ -176,6 +176,13 @@ def test_a_device_p95_changes_on_screen_without_a_reload(fleet: Fleet, browser: 
     first = page.wait_for_selector(p95, timeout=90_000).inner_text()
     wait_until(lambda: page.inner_text(p95) != first, 20, "the p95 on screen to change")
     assert page.evaluate("() => window.__noReload") == 1, "the page was not reloaded"
+    # The build served is ready by now, with its compile report behind a collapsible.
+    page.goto(fleet.base + "/models")
+    page.click("details summary")
+    report = page.inner_text("details pre")
+    assert '"chosen"' in report and '"speedup"' in report
+    assert "ready" in page.inner_text("main")
+    shot(page, "models")
     page.context.close()
 
 
