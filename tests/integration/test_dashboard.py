@@ -221,6 +221,12 @@ def test_the_pause_button_pauses_the_rollout_and_a_viewer_cannot_press_it(fleet:
     assert operator.inner_text("#rollout-state") == "paused"
     assert operator.is_enabled("#btn-resume") and operator.is_disabled("#btn-pause")
     shot(operator, "rollout-paused")
+    operator.click("#btn-resume")
+    operator.wait_for_selector("#flash")
+    assert fleet.rollout_state() == "running"
+    # Both presses and the viewer's refusal are in the audit log, as Control API calls are.
+    audit = fleet.cli("audit", "list")
+    assert audit.count("ChangeRollout") >= 3 and "PERMISSION_DENIED" in audit
     operator.context.close()
 
 
