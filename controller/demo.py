@@ -117,7 +117,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
                 control_pb2.CreateEnrollmentTokenRequest(uses=agents, ttl_s=3600, labels={"fleet": "demo"}),
             ).token
             click.echo(f"demo: controller on {grpc_address} (TLS; devices on {device_address}, mutual TLS), "
-                       f"metrics on http://{http_address}/metrics")
+                       f"metrics on http://{http_address}/metrics, dashboard on http://{http_address}/")
             for i in range(agents):
                 group.start(f"agent-{i + 1}", [
                     py, "-m", "edgefleet.agent.cli", "run", "--controller", grpc_address, "--token", token,
@@ -149,6 +149,7 @@ def run_demo(agents: int, duration_s: float | None, state_dir: Path | None) -> i
                 f"  {env_hint} edgefleet telemetry watch\n"
                 f"  {env_hint} edgefleet rollout status {rollout_id}\n"
                 f"  curl http://{http_address}/metrics\n"
+                f"  dashboard: http://{http_address}/ (log in with the token in {controller_dir / 'operator-token'})\n"
                 f"  logs: {logs}\n"
             )
             deadline = time.monotonic() + duration_s if duration_s is not None else None

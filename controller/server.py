@@ -169,6 +169,9 @@ class Controller:
             ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
                             self._rollout_engine(), self.device_measure, identities=self.identities), server
         )
+        assert self.rollouts is not None  # made with the servicers, on this loop
+        self.http.dashboard.bind_rollouts(self.rollouts.set_state, asyncio.get_running_loop(),
+                                          self.rollouts.device_metrics)
         if self.config.http_address:
             http_host, http_port = split_address(self.config.http_address)
             try:

@@ -1,4 +1,4 @@
-"""The controller's HTTP side: /healthz for load balancers and Prometheus /metrics.
+"""The controller's HTTP side: /healthz for load balancers, Prometheus /metrics and the dashboard.
 
 Served by the standard library's WSGI server on a thread, so the gRPC event loop never waits on it.
 """
@@ -14,6 +14,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from edgefleet.controller.dashboard.app import Dashboard
+from edgefleet.controller.dashboard.sessions import LoginSessions
+from edgefleet.controller.dashboard.views import DashboardData
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry.ingest import LiveTelemetry
@@ -38,6 +41,8 @@ class HttpApi:
         self.registry.register(TelemetryCollector(live))
         self._metrics = make_wsgi_app(self.registry)
         self.presence = presence
+        # Everything but /metrics and /healthz: those stay open to scrapers and load balancers.
+        self.dashboard = Dashboard(DashboardData(store, presence, live), LoginSessions(store))
         self._server: WSGIServer | None = None
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -48,8 +53,7 @@ class HttpApi:
             body = json.dumps({"status": "ok", "sessions": self.presence.online_count()}).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found; try /metrics or /healthz\n"]
+        return self.dashboard(environ, start_response)
 
     def start(self, host: str, port: int) -> int:
         """Bind and serve on a daemon thread; returns the bound port (0 picks a free one)."""
@@ -59,6 +63,7 @@ class HttpApi:
         return self._server.server_port
 
     def stop(self) -> None:
+        self.dashboard.stop()  # open /events streams end now instead of holding their threads
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -28,5 +28,6 @@ def test_demo_runs_and_cleans_up(tmp_path):
     rows = [line for line in watch.splitlines() if line.startswith("dev-")]
     assert len(rows) == 3 and all("digits:1" in row for row in rows)  # live latency of the new model
     assert "where to look next" in out
+    assert "dashboard: http://" in out and "operator-token" in out  # where to log in, and with what
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(state) in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
