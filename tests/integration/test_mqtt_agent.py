@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -227,6 +228,29 @@ def test_agent_logs_in_to_the_broker_with_its_device_certificate(tmp_path: Path,
         assert device_id not in (broker.auth_dir / "passwd").read_text()
         wait_until(lambda: ctl.device(device_id).online, 20, "the device online over MQTT with its certificate")
         wait_until(lambda: len(stored_seqs(ctl.state_dir, device_id)) >= 3, 20, "telemetry over MQTT")
+
+        # The same ACL fences a certificate login: with this device's certificate, another device's
+        # topics are refused (PUBACK 0x87), whatever the client says its name is.
+        import ssl
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        context = ssl.create_default_context(cafile=str(broker.tls.ca_cert))
+        context.load_cert_chain(str(agent.state_dir / "device.pem"), str(agent.state_dir / "device.key"))
+        intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-someone-else", protocol=mqtt.MQTTv5)
+        intruder.tls_set_context(context)
+        acks: dict[int, Any] = {}
+        intruder.on_publish = lambda c, u, mid, reason, props: acks.__setitem__(mid, reason)
+        intruder.connect("127.0.0.1", broker.cert_port)
+        intruder.loop_start()
+        try:
+            info = intruder.publish("edgefleet/v1/dev-someone-else/telemetry", b"forged", qos=1)
+            wait_until(lambda: info.mid in acks, 10, "the broker's PUBACK")
+            assert acks[info.mid].value == 0x87, f"another device's topic was not refused: {acks[info.mid]}"
+        finally:
+            intruder.loop_stop()
+            intruder.disconnect()
 
         # Renewed and reloaded: after the first certificate expired, a reconnect presents a newer one.
         wait_until(lambda: "mqtt client certificate reloaded" in agent.log(), 15, "a renewal the link reloads")
