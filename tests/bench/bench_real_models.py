@@ -13,7 +13,8 @@ then checks the shipped build itself, independently of the compiler's report:
 - score: the task metric of shipped vs original outputs on the evaluation set;
 - speedup: the shipped build on its runtime against the ORIGINAL file on its original runtime
   (onnxruntime CPU / LiteRT with XNNPACK, one thread per physical core), interleaved in shuffled
-  rounds in this process, median of per-round ratios;
+  rounds in this process, median of per-round ratios; a second session of the original, timed in the
+  same rounds ("control"), shows what no change measures as, i.e. the noise to read a speedup against;
 - size ratio: original bytes / every shipped payload file's bytes.
 
 Targets (reported, never asserted: benchmarks fail only on errors): geomean speedup >= 1.8x, no model
@@ -279,15 +280,19 @@ def bench_one(model: RealModel, work: Path) -> Row:
     row.runtime = shipped.runtime
     row.size_ratio = row.original_bytes / max(sum(p.stat().st_size for p in shipped.payload), 1)
     original, built = open_runner(path), open_runner(shipped.path, **shipped.runner_kwargs)
+    control = open_runner(path)  # a second session of the original: what "no change" measures as
     ref, got = run_samples(original, evals, model), run_samples(built, evals, model)
     row.score = score(model.metric, ref, got)  # the task metric decides the budget target
     row.gate_score = score(row.gate_metric, ref, got)  # what the compiler gated on, for comparison
     feed = sample_feed(evals, 0, model)
     feeds = {key: {k: v.astype(r.input_dtypes.get(k, v.dtype), copy=False) for k, v in feed.items()}
-             for key, r in (("original", original), ("shipped", built))}
-    stats = paired_timing({"original": original, "shipped": built}, feeds)
+             for key, r in (("original", original), ("shipped", built), ("control", control))}
+    stats = paired_timing({"original": original, "shipped": built, "control": control}, feeds)
     row.original_ms, row.shipped_ms = stats["original"].median_ms, stats["shipped"].median_ms
     row.speedup = paired_speedup(stats["original"], stats["shipped"])
+    # The original against a second session of itself, timed in the same rounds: how far from 1.0x
+    # "no change" lands here, i.e. the noise a speedup of this model should be read against.
+    row.extra["control_speedup"] = paired_speedup(stats["original"], stats["control"])
     row.extra["candidates"] = {c["recipe"]: {"ms": c["latency_ms"], "fid": c["fidelity"], "gate": c["passed_gate"],
                                              "error": c["error"]} for c in report.candidates}
     return row
@@ -346,10 +351,11 @@ def test_real_models(tmp_path: Path) -> None:
     print_table(
         "compile of public pretrained models (--target local, budget 0.99)",
         ["model", "package", "MB", "recipe", "runtime", "metric", "score", "gated on", "size x", "speedup",
-         "orig ms", "built ms", "compile s"],
+         "control", "orig ms", "built ms", "compile s"],
         [[r.model.name, r.model.package, f"{r.original_bytes / 1e6:.2f}", r.recipe, r.runtime, r.model.metric,
           _fmt(r.score, ".4f"), f"{r.gate_metric} {_fmt(r.gate_score, '.4f')}",
-          f"{r.size_ratio:.3f}", f"{r.speedup:.3f}", _fmt(r.original_ms, ".3f"), _fmt(r.shipped_ms, ".3f"),
+          f"{r.size_ratio:.3f}", f"{r.speedup:.3f}", _fmt(r.extra.get("control_speedup"), ".3f"),
+          _fmt(r.original_ms, ".3f"), _fmt(r.shipped_ms, ".3f"),
           _fmt(r.compile_s, ".0f")] for r in rows],
     )
     for r in rows:
@@ -360,5 +366,10 @@ def test_real_models(tmp_path: Path) -> None:
     if os.environ.get("EDGEFLEET_BENCH_REPORT"):
         Path(os.environ["EDGEFLEET_BENCH_REPORT"]).write_text(
             json.dumps({r.model.name: r.as_dict() for r in rows}, indent=1, default=str))
+    controls = [r.extra["control_speedup"] for r in rows if r.extra.get("control_speedup")]
+    if controls:
+        spread = max(abs(math.log(c)) for c in controls)
+        print(f"  control (each original against a second session of itself): "
+              f"{', '.join(f'{c:.3f}x' for c in controls)}; read speedups within x{math.exp(spread):.2f} as noise")
     line, _ = targets_line(rows)
     print(line)
