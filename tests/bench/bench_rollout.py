@@ -324,17 +324,7 @@ async def run_rollout(controller: ControllerProc, identities: list[Identity], wo
         def state() -> control_pb2.RolloutInfo:
             return controller.call("GetRollout", control_pb2.GetRolloutRequest(rollout_id=rollout_id))
 
-        running_at = None
-        while True:
-            current = await asyncio.to_thread(state)
-            if running_at is None and current.state == "running":
-                running_at = time.perf_counter()
-            if current.state not in ("planning", "running"):
-                break
-            if time.perf_counter() - created > 600:
-                raise AssertionError(f"rollout still {current.state} after 600 s")
-            await asyncio.sleep(0.05)
-        completed = time.perf_counter()
+        current, running_at, completed = await wait_for_rollout(state, created, f"rollout {rollout_id}")
         cpu_at_completion = (cpu_seconds(log.controller_pid), time.process_time())
         assert current.state == "completed", current.reason
         assert [d.state for d in current.devices] == ["committed"] * len(agents)
@@ -348,6 +338,22 @@ async def run_rollout(controller: ControllerProc, identities: list[Identity], wo
         for channel in channels:
             with contextlib.suppress(Exception):
                 await channel.close()
+
+
+async def wait_for_rollout(state: Any, created: float, what: str,
+                           limit_s: float = 600.0) -> tuple[control_pb2.RolloutInfo, float | None, float]:
+    """Poll ``state()`` until the rollout leaves planning/running: (its last state, when it started
+    running, when it stopped), on perf_counter; an AssertionError after ``limit_s``."""
+    running_at = None
+    while True:
+        current = await asyncio.to_thread(state)
+        if running_at is None and current.state == "running":
+            running_at = time.perf_counter()
+        if current.state not in ("planning", "running"):
+            return current, running_at, time.perf_counter()
+        if time.perf_counter() - created > limit_s:
+            raise AssertionError(f"{what} still {current.state} after {limit_s:g} s; see the controller log")
+        await asyncio.sleep(0.05)
 
 
 def phases(result: dict[str, Any]) -> dict[str, Any]:

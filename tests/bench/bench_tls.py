@@ -49,7 +49,7 @@ import grpc
 import numpy as np
 import pytest
 from bench_ingest import Fleet, SimulatedDevice, lag_p99, scrape, template_batch
-from bench_rollout import FleetLog, SimulatedAgent, operator, phases
+from bench_rollout import FleetLog, SimulatedAgent, operator, phases, wait_for_rollout
 from bench_support import bench_profile, cpu_seconds, enroll_many, env_flag, print_table, report_targets
 
 from edgefleet.agent.certificates import csr_pem, key_pem, new_key
@@ -230,18 +230,8 @@ async def rollout(transport: Transport, enrolled: list[BenchDevice], hello: flee
         def state() -> control_pb2.RolloutInfo:
             return controller.call("GetRollout", control_pb2.GetRolloutRequest(rollout_id=info["rollout_id"]))
 
-        running_at = None
-        while True:
-            current = await asyncio.to_thread(state)
-            if running_at is None and current.state == "running":
-                running_at = time.perf_counter()
-            if current.state not in ("planning", "running"):
-                break
-            if time.perf_counter() - created > 600:
-                raise AssertionError(f"{transport.name} rollout {info['rollout_id']} still {current.state} "
-                                     "after 600 s; see the controller log for the stuck wave")
-            await asyncio.sleep(0.05)
-        completed = time.perf_counter()
+        current, running_at, completed = await wait_for_rollout(
+            state, created, f"{transport.name} rollout {info['rollout_id']}")
         cpu_at_completion = (cpu_seconds(log.controller_pid), time.process_time())
         assert current.state == "completed", f"{transport.name} rollout: {current.state} ({current.reason})"
         assert [d.state for d in current.devices] == ["committed"] * len(agents)
