@@ -10,6 +10,12 @@ import pytest
 from fleet_harness import AgentProc, ControllerProc, Proc
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` (minutes of mostly waiting) start first, so that with several workers
+    (`pytest -n`) they overlap the rest of the suite instead of running alone at its end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     """Every process a test registers here is stopped at teardown, whatever happened."""

@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.long
 def test_demo_runs_and_cleans_up(tmp_path):
     state = tmp_path / "demo"
     result = subprocess.run(

@@ -98,6 +98,7 @@ def serving(agent) -> str:  # type: ignore[no-untyped-def]
         return client.status().version
 
 
+@pytest.mark.long
 def test_a_slower_model_trips_the_p95_gate_after_the_canary_and_rolls_back(
         tmp_path, controller, start_agent, run_cli):
     agents = start_fleet(controller, start_agent, 3)

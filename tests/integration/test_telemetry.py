@@ -164,6 +164,7 @@ def test_live_percentiles_power_and_prometheus(served_agent, controller, monkeyp
     assert stored and stored[0].value >= 3
 
 
+@pytest.mark.long
 def test_controller_outage_loses_and_duplicates_nothing(tmp_path, controller, start_agent):
     """Cut the controller for the whole of OUTAGE_S under load; every seq then arrives exactly once."""
     outage_s = 120
