@@ -13,6 +13,7 @@ from typing import get_args
 
 import click
 
+from edgefleet.controller.cli.output import ratio_phrase
 from edgefleet.controller.compiler.api import CompileReport, CompileSpec, MeasureMode, compile_model
 from edgefleet.controller.compiler.controller_measure import controller_device_measurers
 from edgefleet.controller.compiler.errors import CompileError
@@ -157,7 +158,8 @@ def compile_command(
     click.echo(
         f"latency ({kind}): {base['latency_ms']:.3f} ms -> {res['latency_ms']:.3f} ms  speedup {report.speedup:.2f}x"
     )
-    click.echo(f"size: {base['size_bytes']} -> {res['size_bytes']} bytes  ({report.size_ratio:.2f}x smaller)")
+    size = ratio_phrase(report.size_ratio, "smaller", "bigger")
+    click.echo(f"size: {base['size_bytes']} -> {res['size_bytes']} bytes  ({size})")
     click.echo(
         f"fidelity: {res['fidelity']}   artifact: {report.artifact}" + ("   (from cache)" if report.cached else "")
     )

@@ -26,6 +26,15 @@ def ago(unix_ms: int) -> str:
     return format_duration(max(0.0, time.time() - unix_ms / 1000)) + " ago"
 
 
+def ratio_phrase(ratio: float, more: str, less: str) -> str:
+    """'1.62x faster' for 1.62, '1.12x slower' for 0.89: a ratio under 1 never reads '0.89x faster'."""
+    return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / max(ratio, 1e-9):.2f}x {less}"
+
+
+def speed_and_size(speedup: float, size_ratio: float) -> str:
+    return f"{ratio_phrase(speedup, 'faster', 'slower')}, {ratio_phrase(size_ratio, 'smaller', 'bigger')}"
+
+
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]

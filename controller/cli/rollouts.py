@@ -9,7 +9,7 @@ import time
 import click
 
 from edgefleet.controller.cli.base import Context, cli, remote_options
-from edgefleet.controller.cli.output import ago, duration_option, emit_json, table, to_dict
+from edgefleet.controller.cli.output import ago, duration_option, emit_json, speed_and_size, table, to_dict
 from edgefleet.controller.client import ControlClient
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES, SETTLED_DEVICE_STATES, RolloutEvent
 from edgefleet.protos.v1 import control_pb2
@@ -79,8 +79,8 @@ def render_rollout(info: control_pb2.RolloutInfo) -> str:
         lines.append(f"reason: {info.reason}")
     for build in info.builds:
         detail = build.error or (
-            f"{build.chosen} on {build.runtime or 'onnxruntime'}, {build.speedup:.2f}x faster, "
-            f"{build.size_ratio:.2f}x smaller, measured on {build.measured_on or '-'}"
+            f"{build.chosen} on {build.runtime or 'onnxruntime'}, {speed_and_size(build.speedup, build.size_ratio)}, "
+            f"measured on {build.measured_on or '-'}"
             + (" (cached)" if build.cached else "") if build.state == "ready" else "")
         lines.append(f"  build {build.hardware_class:<20} {build.state:<9} {detail}")
     for wave in sorted({d.wave for d in info.devices}):

@@ -694,6 +694,9 @@ def _select(
     gain = gain_of(fastest)
     if fastest is baseline or fastest.recipe.name == "fp32-source" or (baseline.passed and gain < spec.min_speedup):
         chosen, why = _plain_fp32(spec, baseline, passed, fastest, gain)
+        smaller = _smaller_at_par(spec, chosen, passed)
+        if smaller is not None:
+            chosen, why = smaller
     elif not baseline.passed:
         chosen = fastest
         why = (
@@ -715,6 +718,48 @@ def _select(
     assert reference.stats is not None and chosen.stats is not None
     gain = 1.0 if chosen is reference else paired_speedup(reference.stats, chosen.stats)
     return chosen, reference, gain, why
+
+
+# A build this much smaller than the fp32 one that would ship is worth shipping at the same speed:
+# less to download to every device, less flash, less memory. Smaller differences are not.
+SMALLER_AT_PAR = 0.8
+# "The same speed" for that: within the tie tolerance, or within this many milliseconds per
+# inference, below a runtime's own per-call overhead and below anything a serving loop can see.
+PAR_FLOOR_MS = 0.005
+
+
+def _smaller_at_par(
+    spec: CompileSpec, plain: _Candidate, passed: list[_Candidate]
+) -> tuple[_Candidate, str] | None:
+    """When nothing is faster than fp32 by enough, a compressed build within the gate that is as
+    fast as the fp32 build (paired round by round, within the tie tolerance) and at most
+    SMALLER_AT_PAR of its size ships instead: the smallest such one."""
+    if plain.path is None or plain.stats is None:
+        return None
+    plain_stats, plain_size = plain.stats, build_size(plain.path)
+    allowed_ms = max(spec.tie_tolerance * plain_stats.median_ms, PAR_FLOOR_MS)
+
+    def extra_ms(c: _Candidate) -> float:
+        assert c.stats is not None
+        return plain_stats.median_ms * (1 / paired_speedup(plain_stats, c.stats) - 1)
+
+    at_par = [
+        c for c in passed
+        if c is not plain and c.path is not None and c.stats is not None
+        and c.recipe.name != "fp32-source"
+        and build_size(c.path) <= SMALLER_AT_PAR * plain_size
+        and extra_ms(c) <= allowed_ms
+    ]
+    if not at_par:
+        return None
+    best = min(at_par, key=lambda c: build_size(c.path) if c.path else 0)
+    assert best.stats is not None and best.path is not None
+    ratio = build_size(best.path) / plain_size
+    return best, (
+        f"no candidate was faster than fp32 by enough; {best.recipe.name} is as fast as {plain.recipe.name} "
+        f"within noise (speed x{paired_speedup(plain_stats, best.stats):.2f}, at most {spec.tie_tolerance:.0%} or "
+        f"{PAR_FLOOR_MS * 1000:g} us per inference slower) at {ratio:.2f}x its size, so the smaller build ships"
+    )
 
 
 def _plain_fp32(

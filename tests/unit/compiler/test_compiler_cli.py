@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 
 from edgefleet.controller.cli.compile import compile_command
@@ -141,7 +142,13 @@ def test_device_in_the_loop_measurer_is_used(tmp_path: Path, mlp: dict[str, Path
     assert report.latency == {**report.latency, "measured_on": "device:dev-17", "estimated": False}
 
 
-def test_fp32_stays_when_nothing_beats_it(tmp_path: Path, mlp: dict[str, Path]) -> None:
+@pytest.mark.parametrize("int8_ms, chosen, why", [
+    (0.98, "int8-qdq-perchannel-minmax", "so the smaller build ships"),  # as fast, a quarter of the size
+    (1.10, "fp32-optimized", "no candidate within the gate was faster"),  # smaller, but really slower
+])
+def test_fp32_stays_unless_something_beats_it_or_is_as_fast_and_smaller(
+    tmp_path: Path, mlp: dict[str, Path], int8_ms: float, chosen: str, why: str
+) -> None:
     from edgefleet.controller.compiler import LatencyStats
 
     class FlatMeasurer:
@@ -154,7 +161,8 @@ def test_fp32_stays_when_nothing_beats_it(tmp_path: Path, mlp: dict[str, Path]) 
             self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: object = None
         ) -> dict[Path, LatencyStats]:
             return {
-                Path(p): LatencyStats(1.0 if "fp32" in Path(p).name else 0.98, 1.0, 1.0, 9, "fake") for p in candidates
+                Path(p): LatencyStats(1.0 if "fp32" in Path(p).name else int8_ms, 1.0, 1.0, 9, "fake")
+                for p in candidates
             }
 
     spec = CompileSpec(
@@ -165,8 +173,7 @@ def test_fp32_stays_when_nothing_beats_it(tmp_path: Path, mlp: dict[str, Path]) 
         recipes=("int8-qdq-perchannel-minmax",),
     )
     report = compile_model(spec, measurer=FlatMeasurer())
-    assert report.chosen == "fp32-optimized" and report.speedup == 1.0
-    assert "only 1.02x faster" in report.why
+    assert report.chosen == chosen and why in report.why, report.why
 
 
 def test_task_eval_gate_reports_scores(tmp_path: Path, mlp: dict[str, Path]) -> None:
@@ -290,3 +297,32 @@ def test_plain_fp32_ships_the_source_when_the_optimized_graph_is_no_faster_and_b
     slow_source = timed("src.onnx", 200, tuple(1.2 * r for r in same))
     assert _plain_fp32(spec, optimized, [optimized, slow_source], optimized, 1.0)[0] is optimized, \
         "the optimized graph is really faster: it ships, whatever its size"
+
+
+def test_a_markedly_smaller_build_as_fast_as_fp32_ships_instead(tmp_path: Path) -> None:
+    from edgefleet.controller.compiler.api import CompileSpec, _Candidate, _smaller_at_par
+    from edgefleet.controller.compiler.measure import LatencyStats
+    from edgefleet.controller.compiler.recipes import BASELINE, CPU_INT8
+
+    dynamic = next(r for r in CPU_INT8 if r.name == "int8-dynamic-matmul")
+
+    def timed(recipe_name: str, size: int, rounds: tuple[float, ...]) -> _Candidate:
+        path = tmp_path / f"{recipe_name}-{size}-{rounds[0]}.onnx"
+        path.write_bytes(b"\0" * size)
+        stats = LatencyStats(sorted(rounds)[len(rounds) // 2], 0, 0, len(rounds), "local", rounds_ms=rounds)
+        return _Candidate(BASELINE if recipe_name == BASELINE.name else dynamic, path=path, passed=True, stats=stats)
+
+    spec = CompileSpec(model=tmp_path / "m.onnx")
+    same = (1.0, 1.01, 0.99, 1.0, 1.0)
+    plain = timed(BASELINE.name, 1000, same)
+    int8 = timed("int8-dynamic", 300, same)
+    chosen = _smaller_at_par(spec, plain, [plain, int8])
+    assert chosen is not None and chosen[0] is int8 and "0.30x its size" in chosen[1]
+    assert _smaller_at_par(spec, plain, [plain, timed("int8-dynamic", 900, same)]) is None, \
+        "only markedly smaller builds are worth it"
+    slower = timed("int8-dynamic", 300, tuple(1.1 * r for r in same))
+    assert _smaller_at_par(spec, plain, [plain, slower]) is None, "a slower build never ships for its size"
+    tiny = timed(BASELINE.name, 1000, tuple(0.008 * r for r in same))
+    one_us_slower = timed("int8-dynamic", 300, tuple(0.009 * r for r in same))
+    assert _smaller_at_par(spec, tiny, [tiny, one_us_slower]) is not None, \
+        "1 us on an 8 us model is below any runtime's call overhead: as fast"
