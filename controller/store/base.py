@@ -327,6 +327,13 @@ class Store(abc.ABC):
         changes nothing when another replica has taken the device over meanwhile."""
 
     @abc.abstractmethod
+    def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
+        """Mark many devices' streams closed in one write: (device_id, last_seen_ms) pairs. As
+        `update_device_session(connected=False)` per device, and like it a no-op for a device that
+        another replica took over meanwhile; last_seen never moves backwards. When thousands of
+        streams end together (a controller stopping) one write per device took seconds."""
+
+    @abc.abstractmethod
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         """Advance last_seen for many devices in one write (heartbeats are flushed in batches)."""
 

@@ -500,6 +500,21 @@ class PostgresStore(Store):
         with self._statement() as cur:
             cur.execute(query, args)
 
+    def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
+        newest: dict[str, int] = {}
+        for device_id, ms in closed:
+            newest[device_id] = max(ms, newest.get(device_id, ms))
+        if not newest:
+            return
+        ids = sorted(newest)  # one lock order for every replica's batch
+        with self._statement() as cur:
+            cur.execute(
+                "UPDATE devices AS d SET connected = FALSE, last_seen_ms = GREATEST(d.last_seen_ms, t.ms) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS t(device_id, ms) "
+                "WHERE d.device_id = t.device_id AND d.connected_by = %s",
+                (ids, [newest[i] for i in ids], owner),
+            )
+
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         newest: dict[str, int] = {}
         for device_id, ms in last_seen:
