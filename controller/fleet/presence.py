@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from edgefleet.common.units import format_duration
-from edgefleet.controller.store.base import DeviceRecord, Store
+from edgefleet.controller.store.base import DeviceBrief, DeviceRecord, Store
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.presence")
@@ -202,7 +202,7 @@ class PresenceTracker:
         dirty, self._dirty = self._dirty, {}
         return list(dirty.items())
 
-    def presence(self, record: DeviceRecord) -> Presence:
+    def presence(self, record: DeviceRecord | DeviceBrief) -> Presence:
         """Online/offline for one device, with the reason an operator would want to see."""
         now = self._now_ms()
         live = self._live.get(record.device_id)

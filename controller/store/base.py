@@ -91,6 +91,17 @@ class DeviceRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeviceBrief:
+    """The few device columns a /metrics scrape needs: at 10,000 devices reading whole records
+    (labels, profiles) took ~0.3 s of every scrape."""
+
+    device_id: str
+    hardware_class: str
+    connected: bool
+    last_seen_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelPoint:
     model: str
     version: str
@@ -306,6 +317,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_devices(self) -> list[DeviceRecord]: ...
+
+    @abc.abstractmethod
+    def device_briefs(self) -> list[DeviceBrief]:
+        """Every device's id, hardware class and presence columns, ordered by device id."""
 
     @abc.abstractmethod
     def update_device_session(

@@ -35,6 +35,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -474,6 +475,10 @@ class PostgresStore(Store):
 
     def list_devices(self) -> list[DeviceRecord]:
         return [_device(r) for r in self._all("SELECT * FROM devices ORDER BY enrolled_at_ms, device_id")]
+
+    def device_briefs(self) -> list[DeviceBrief]:
+        return [DeviceBrief(**r) for r in self._all(
+            "SELECT device_id, hardware_class, connected, last_seen_ms FROM devices ORDER BY device_id")]
 
     def update_device_session(
         self,

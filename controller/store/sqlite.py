@@ -26,6 +26,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -434,6 +435,12 @@ class SQLiteStore(Store):
         with self._reading() as db:
             rows = db.execute("SELECT * FROM devices ORDER BY enrolled_at_ms, device_id").fetchall()
         return [_device(r) for r in rows]
+
+    def device_briefs(self) -> list[DeviceBrief]:
+        with self._reading() as db:
+            # A table scan sorted here: ORDER BY walked the key index into the table, twice as slow.
+            rows = db.execute("SELECT device_id, hardware_class, connected, last_seen_ms FROM devices").fetchall()
+        return sorted((DeviceBrief(r[0], r[1], bool(r[2]), r[3]) for r in rows), key=lambda d: d.device_id)
 
     def update_device_session(
         self,

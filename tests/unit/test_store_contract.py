@@ -22,6 +22,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -262,6 +263,12 @@ class TestStoreContract:
         assert devices["dev-2"].last_seen_ms == NOW + 10  # never backwards
         assert devices["dev-3"].last_seen_ms == NOW + 10  # replica-b's stream: untouched
         store.close_device_sessions([], "replica-a")  # nothing to write is no write
+
+    def test_device_briefs_are_the_presence_columns_by_device_id(self, store: Store) -> None:
+        enroll(store, "dev-b", "dev-a")
+        store.update_device_session("dev-b", connected=True, last_seen_ms=NOW + 7, owner="r")
+        assert store.device_briefs() == [DeviceBrief("dev-a", "x86_64-avx2", False, 0),
+                                         DeviceBrief("dev-b", "x86_64-avx2", True, NOW + 7)]
 
     def test_reads_do_not_wait_for_an_open_write_transaction(self, store: Store) -> None:
         store.put_rollout(rollout("r-1"))
