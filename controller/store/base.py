@@ -417,6 +417,11 @@ class Store(abc.ABC):
     def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]: ...
 
     @abc.abstractmethod
+    def rollout_wave_counts(self) -> dict[str, int]:
+        """How many distinct waves each rollout's devices are in, for every rollout that has devices:
+        what ListRollouts shows, in one read instead of one per rollout."""
+
+    @abc.abstractmethod
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None: ...
 
     @abc.abstractmethod

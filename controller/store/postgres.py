@@ -669,6 +669,10 @@ class PostgresStore(Store):
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
         self._upsert("rollout_devices", record, ("rollout_id", "device_id"))
 
+    def rollout_wave_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT rollout_id, COUNT(DISTINCT wave) AS waves FROM rollout_devices GROUP BY rollout_id")
+        return {r["rollout_id"]: int(r["waves"]) for r in rows}
+
     def rollout_devices(self, rollout_id: str, *, states: Collection[str] | None = None) -> list[RolloutDeviceRecord]:
         where = "rollout_id = %s"
         args: tuple[Any, ...] = (rollout_id,)

@@ -281,8 +281,10 @@ class SQLiteStore(Store):
         self._closed = False
 
     @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction on this thread's connection: the statements in it see one snapshot."""
+    def _reading(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
+        """This thread's read connection. `snapshot`: the statements in the block see one state (a
+        read transaction); a single statement is one by itself, and each extra statement releases
+        and retakes the GIL, which under load costs a thread switch interval."""
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
             if self._closed:
@@ -290,6 +292,9 @@ class SQLiteStore(Store):
             reader = self._local.reader = _Reader(self.path)
             self._readers.add(reader)
         db = reader.db
+        if not snapshot:
+            yield db
+            return
         db.execute("BEGIN DEFERRED")
         try:
             yield db
@@ -622,6 +627,11 @@ class SQLiteStore(Store):
                                     active).fetchall()
         return [_rollout(r) for r in rows]
 
+    def rollout_wave_counts(self) -> dict[str, int]:
+        with self._reading() as db:
+            rows = db.execute("SELECT rollout_id, COUNT(DISTINCT wave) FROM rollout_devices GROUP BY rollout_id")
+            return {r[0]: r[1] for r in rows.fetchall()}
+
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
         with self._tx() as db:
             _insert(db, "rollout_devices", record, replace=True)
@@ -672,7 +682,7 @@ class SQLiteStore(Store):
 
     def telemetry_window(self, device_id: str, start_ms: int, end_ms: int | None = None) -> list[TelemetryPoint]:
         end_ms = end_ms if end_ms is not None else 2**62
-        with self._reading() as db:
+        with self._reading(snapshot=True) as db:
             rows = db.execute(
                 "SELECT * FROM telemetry_batches WHERE device_id = ? AND end_ms >= ? AND end_ms < ? "
                 "ORDER BY end_ms, seq",
@@ -686,7 +696,7 @@ class SQLiteStore(Store):
         return _points(rows, models)
 
     def latest_telemetry(self) -> dict[str, TelemetryPoint]:
-        with self._reading() as db:
+        with self._reading(snapshot=True) as db:
             rows = db.execute(
                 "SELECT b.* FROM telemetry_batches b JOIN (SELECT device_id, MAX(seq) AS seq "
                 "FROM telemetry_batches GROUP BY device_id) latest USING (device_id, seq)"

@@ -422,6 +422,11 @@ class TestStoreContract:
         assert [r.rollout_id for r in store.list_rollouts()] == ["r-0", "r-1", "r-2"]
         assert [r.rollout_id for r in store.list_rollouts(active_only=True)] == ["r-1"]
 
+    def test_rollout_wave_counts_are_distinct_waves_per_rollout(self, store: Store) -> None:
+        for rollout_id, device_id, wave in (("r-1", "a", 0), ("r-1", "b", 1), ("r-1", "c", 1), ("r-2", "a", 0)):
+            store.put_rollout_device(RolloutDeviceRecord(rollout_id, device_id, "x86_64-avx2", wave))
+        assert store.rollout_wave_counts() == {"r-1": 2, "r-2": 1}
+
     def test_rollout_devices_replace_and_order_by_wave_class_device(self, store: Store) -> None:
         rows = [
             RolloutDeviceRecord("r-1", "dev-b", "x86_64-avx2", 1),
