@@ -207,8 +207,9 @@ class RolloutControl:
     async def ListRollouts(
         self, request: control_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListRolloutsResponse:
-        return control_pb2.ListRolloutsResponse(
-            rollouts=[rollout_to_proto(self.store, r, with_devices=False) for r in self.store.list_rollouts()])
+        rollouts = self.store.list_rollouts()
+        waves = self.store.rollout_wave_counts()  # two reads, not one per rollout
+        return control_pb2.ListRolloutsResponse(rollouts=[rollout_summary(r, waves) for r in rollouts])
 
     @maps_errors
     async def ChangeRollout(
@@ -224,16 +225,22 @@ def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:
                                  eval_labels_sha256=record.eval_labels_sha256, metric=record.metric)
 
 
-def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = True) -> control_pb2.RolloutInfo:
-    rows = store.rollout_devices(record.rollout_id)
-    info = control_pb2.RolloutInfo(
+def rollout_summary(record: RolloutRecord, wave_counts: dict[str, int]) -> control_pb2.RolloutInfo:
+    """A rollout without its devices and builds (ListRollouts): no read per rollout."""
+    return control_pb2.RolloutInfo(
         rollout_id=record.rollout_id, model=record.model, version=record.version, selector=record.selector,
         waves=record.waves, soak_s=record.soak_s, max_failures=record.max_failures,
         gates=json.loads(record.gates), device_timeout_s=record.device_timeout_s,
         auto_rollback=record.auto_rollback, state=record.state, wave=record.wave,
-        waves_total=len({r.wave for r in rows}), reason=record.reason, created_at_unix_ms=record.created_at_ms,
-        updated_at_unix_ms=record.updated_at_ms, soak_until_unix_ms=record.soak_until_ms,
+        waves_total=wave_counts.get(record.rollout_id, 0), reason=record.reason,
+        created_at_unix_ms=record.created_at_ms, updated_at_unix_ms=record.updated_at_ms,
+        soak_until_unix_ms=record.soak_until_ms,
     )
+
+
+def rollout_to_proto(store: Store, record: RolloutRecord, with_devices: bool = True) -> control_pb2.RolloutInfo:
+    rows = store.rollout_devices(record.rollout_id)
+    info = rollout_summary(record, {record.rollout_id: len({r.wave for r in rows})})
     if with_devices:
         for r in rows:
             info.devices.add(device_id=r.device_id, hardware_class=r.hardware_class, wave=r.wave, state=r.state,

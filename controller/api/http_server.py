@@ -20,7 +20,7 @@ from edgefleet.controller.dashboard.views import DashboardData
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry.ingest import LiveTelemetry
-from edgefleet.controller.telemetry.metrics import FleetCollector, TelemetryCollector
+from edgefleet.controller.telemetry.metrics import DEFAULT_PER_DEVICE_CAP, FleetCollector, TelemetryCollector
 
 
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -35,10 +35,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 class HttpApi:
     def __init__(self, store: Store, presence: PresenceTracker, live: LiveTelemetry,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, *, metrics_per_device: int | None = DEFAULT_PER_DEVICE_CAP) -> None:
+        """`metrics_per_device`: how many devices /metrics gives per-device series (None: all, 0: none)."""
         self.registry = registry
-        self.registry.register(FleetCollector(store, presence))
-        self.registry.register(TelemetryCollector(live))
+        fleet = FleetCollector(store, presence)
+        self.registry.register(fleet)  # first: its read of the devices gives the telemetry their classes
+        self.registry.register(TelemetryCollector(live, metrics_per_device, fleet.classes))
         self._metrics = make_wsgi_app(self.registry)
         self.presence = presence
         # Everything but /metrics and /healthz: those stay open to scrapers and load balancers.

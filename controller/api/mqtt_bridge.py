@@ -19,6 +19,14 @@ login publish only under its own id, so a device cannot speak for another one.
 paho's network loop runs on its own thread. Messages are queued there and handed to the
 asyncio loop in batches (one `call_soon_threadsafe` per burst, not per message), so ingest,
 presence and the store are only ever touched from the controller's loop.
+
+Losing the broker does not close the device sessions at once: they are suspended (no longer
+vouched for, so presence sees them fall silent) for `silence_limit_s`. On reconnect the broker
+re-delivers every retained state, 10,000 at once for a large fleet; a device whose state says
+what its suspended session said is restored with no store write, and only changed devices are
+reopened or closed. The states are handled REOPEN_BATCH at a time per turn of the event loop, so
+gRPC sessions, the ingest and the Control API keep being served during the burst. Suspended
+sessions nobody re-announced within the grace are closed (in one batched write, by presence).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +69,21 @@ STATE_FILTER = "edgefleet/v1/+/state"
 DEFAULT_ADMIN = "edgefleet-controller"
 # Which AgentMessage kinds each device topic carries; anything else there is dropped.
 TOPIC_KINDS = {"telemetry": {"telemetry"}, "ack": {"command_ack", "artifact_ack"}}
+# Device states (session opens) handled per turn of the event loop; the rest wait for the next turn.
+REOPEN_BATCH = 200
+
+
+@dataclasses.dataclass
+class ReconnectReport:
+    """What the last loss of the broker cost, for the log and tests: sessions suspended when it went,
+    and of those, restored unchanged (no write), reopened (state changed), closed (offline or never
+    re-announced); `batches`: event-loop turns the state burst was split into."""
+
+    suspended: int = 0
+    restored: int = 0
+    reopened: int = 0
+    closed: int = 0
+    batches: int = 0
 
 
 class MqttConfigError(ValueError):
@@ -128,10 +152,18 @@ class MqttBridge:
         self.client_id = options.client_id or default_client_id or f"edgefleet-controller-{socket.gethostname()}"
         self.connected = False
         self._sessions: dict[str, DeviceSession] = {}
+        self._hellos: dict[str, SessionHello] = {}  # what each open session's state said
+        # Sessions held when the broker went, awaiting their device's retained state; when to give up.
+        self._suspended: dict[str, DeviceSession] = {}
+        self._suspended_until = 0.0
+        self.reconnect = ReconnectReport()
+        self.reopen_batch = REOPEN_BATCH
         self._replies: dict[str, Replies] = {}
         self._inbox: collections.deque[tuple[str, bytes | bytearray]] = collections.deque()
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
+        self._backlog: collections.deque[tuple[str, bytes | bytearray]] = collections.deque()  # loop side
+        self._backlog_scheduled = False
         self._first_connack: asyncio.Future[str | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._vouch: asyncio.Task[None] | None = None
@@ -174,6 +206,7 @@ class MqttBridge:
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
         self._close_sessions("controller stopping")
+        self._close_suspended("controller stopping")
 
     # -- outbound helpers (also what the command path uses) ------------------------------------
     def publish(self, device_id: str, message: fleet_pb2.ControllerMessage, *, leaf: str = "cmd",
@@ -214,24 +247,49 @@ class MqttBridge:
             log.error("broker refused the controller's login", extra={"broker": self.url, "reason": refused})
             return
         self.connected = True
-        log.info("mqtt connected", extra={"broker": self.url, "client_id": self.client_id})
+        if self._suspended:  # the retained states about to arrive decide; give them the grace again
+            self._suspended_until = max(self._suspended_until, time.monotonic() + self.sessions.silence_limit_s)
+        log.info("mqtt connected", extra={"broker": self.url, "client_id": self.client_id,
+                                          "suspended_sessions": len(self._suspended)})
 
     def _disconnected(self, reason: str) -> None:
         if self.connected:
             log.warning("mqtt connection lost; reconnecting", extra={"broker": self.url, "reason": reason})
         self.connected = False
-        # We can no longer vouch for anyone; the retained states re-open them on reconnect.
-        self._close_sessions("controller lost the broker")
+        # We can no longer vouch for anyone: suspended, the sessions fall silent in presence. The
+        # retained states re-delivered on reconnect restore them (unchanged: no write) or reopen them.
+        if self._sessions:
+            self.reconnect = ReconnectReport(suspended=len(self._sessions) + len(self._suspended))
+            self._suspended.update(self._sessions)
+            self._sessions = {}
+        self._suspended_until = time.monotonic() + self.sessions.silence_limit_s
 
     def _drain(self) -> None:
         with self._inbox_lock:
             batch, self._inbox = self._inbox, collections.deque()
             self._drain_scheduled = False
-        for name, payload in batch:
+        self._backlog.extend(batch)
+        if not self._backlog_scheduled:
+            self._work_backlog()
+
+    def _work_backlog(self) -> None:
+        """Handle queued messages in order, at most `reopen_batch` device states in this turn."""
+        self._backlog_scheduled = False
+        states = 0
+        while self._backlog:
+            if states >= self.reopen_batch and self._loop is not None:
+                self._backlog_scheduled = True
+                self.reconnect.batches += 1
+                self._loop.call_soon(self._work_backlog)  # the rest after whatever else is ready
+                return
+            name, payload = self._backlog.popleft()
+            states += name.endswith("/state")
             try:
                 self._dispatch(name, payload)
             except Exception:
                 log.exception("mqtt message handling failed", extra={"topic": name})
+        if states:
+            self.reconnect.batches += 1
 
     def _dispatch(self, name: str, payload: bytes | bytearray) -> None:
         where = split_topic(name)
@@ -289,34 +347,74 @@ class MqttBridge:
             log.warning("undecodable device state dropped", extra={"device": device_id})
             return
         session = self._sessions.get(device_id)
+        suspended = self._suspended.pop(device_id, None)
+        if suspended is not None and not self._suspended:
+            self._loop_call_soon(self._log_settled)  # after this state is handled
         if not state.online:
-            if session is not None:
-                del self._sessions[device_id]
-                self.sessions.close(session, "mqtt: offline (last will or clean exit)")
+            for gone in (session, suspended):
+                if gone is not None:
+                    self._sessions.pop(device_id, None)
+                    self._hellos.pop(device_id, None)
+                    self.reconnect.closed += gone is suspended
+                    self.sessions.close(gone, "mqtt: offline (last will or clean exit)")
             return
         hello = SessionHello(state.agent_version, state.capability_version,
                              state.profile if state.HasField("profile") else None, state.model,
                              int(state.model_version))
         try:
+            if suspended is not None and self.sessions.is_current(suspended) and self._hellos.get(device_id) == hello:
+                # Re-announced after a broker reconnect, saying what it said before: nothing to write.
+                self._sessions[device_id] = suspended
+                self.sessions.seen(suspended)
+                self.reconnect.restored += 1
+                return
             if session is not None and self.sessions.is_current(session):
-                # Already online through us; a state published again says the model changed.
-                self.sessions.update(session, hello)
+                # Already online through us; a state published again may say the model changed.
+                if self._hellos.get(device_id) != hello:
+                    self.sessions.update(session, hello)
+                    self._hellos[device_id] = hello
                 return
             record = self.sessions.enrolled_device(device_id)
             self._sessions[device_id] = self.sessions.open(record, hello, self._replies_for(device_id), greet=False)
+            self._hellos[device_id] = hello
+            self.reconnect.reopened += suspended is not None
         except FleetError as exc:
             log.warning("device state refused; the device stays offline until it sends a valid one",
                         extra={"device": device_id, "reason": str(exc)})
 
+    def _loop_call_soon(self, fn: Callable[[], None]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon(fn)
+        else:
+            fn()
+
+    def _log_settled(self) -> None:
+        log.info("mqtt sessions re-announced after the broker came back",
+                 extra={"broker": self.url, **dataclasses.asdict(self.reconnect)})
+
     def _close_sessions(self, reason: str) -> None:
         sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
+        for device_id, session in sessions.items():
+            self._hellos.pop(device_id, None)
             self.sessions.close(session, reason)
+
+    def _close_suspended(self, reason: str) -> None:
+        suspended, self._suspended = self._suspended, {}
+        for device_id, session in suspended.items():
+            self._hellos.pop(device_id, None)
+            self.sessions.close(session, reason)
+        if suspended:
+            self.reconnect.closed += len(suspended)
+            log.info("mqtt sessions not re-announced after the broker came back; closed",
+                     extra={"broker": self.url, "sessions": len(suspended), "reason": reason})
+            self._log_settled()
 
     async def _vouch_loop(self) -> None:
         """The broker's keepalive and Last Will watch the device's link; while it says online, so do we."""
         while True:
             await asyncio.sleep(max(0.05, self.sessions.heartbeat_interval_ms / 1000))
+            if self._suspended and time.monotonic() > self._suspended_until:
+                self._close_suspended("controller lost the broker")
             for device_id, session in list(self._sessions.items()):
                 if self.sessions.is_current(session):
                     self.sessions.seen(session)

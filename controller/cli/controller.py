@@ -78,14 +78,25 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
               help="How long a device certificate is valid; agents renew at about 2/3 of it.")
 @click.option("--insecure", is_flag=True,
               help="Plaintext gRPC with device secrets instead of TLS and device certificates (development only).")
+@click.option("--metrics-per-device", "metrics_per_device", default="500", show_default=True, metavar="N|off|all",
+              help="How many devices get per-device series on /metrics (the first N by id); fleet and per-class "
+                   "series always cover every device, and edgefleet_metrics_per_device_omitted_devices counts "
+                   "the devices left out.")
 @mqtt_serve_options  # issue 7
 @click.pass_obj
 def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
                      heartbeat_interval: str, store_url: str | None, device_grpc_address: str | None,
-                     tls_sans: str, cert_lifetime: str, insecure: bool, **mqtt: Any) -> None:
+                     tls_sans: str, cert_lifetime: str, insecure: bool, metrics_per_device: str,
+                     **mqtt: Any) -> None:
     """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
     from edgefleet.common.shutdown import run_until_stopped
     from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
+    from edgefleet.controller.telemetry.metrics import parse_per_device_cap
+
+    try:
+        per_device_cap = parse_per_device_cap(metrics_per_device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-per-device") from None
 
     for name, address in (("--grpc", grpc_address), ("--http", http_address),
                           ("--device-grpc", device_grpc_address or "off")):
@@ -112,6 +123,7 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
         device_grpc_address=device_grpc_address,
         tls_sans=tuple(n.strip() for n in tls_sans.split(",") if n.strip()),
         cert_lifetime_s=lifetime,
+        metrics_per_device=per_device_cap,
         **mqtt_settings(mqtt),  # issue 7
     )
     from edgefleet.controller.api.mqtt_bridge import MqttConfigError  # issue 7

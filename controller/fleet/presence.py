@@ -3,10 +3,15 @@
 A device is online while its stream is open and it has spoken within 3 heartbeat intervals.
 Heartbeats update memory only; last_seen is flushed to the store in batches (every
 `flush_interval_s`), so a large fleet's 1 Hz heartbeats do not turn into 1 write each.
+Closed streams are written offline in batches too: a close is queued and, on the event loop,
+written `close_delay_s` later together with every close queued meanwhile (one transaction). When
+a controller stops at 10,000 streams they all end at once; one write each took ~2.5 s, past the
+2 s a supervisor is promised. Until its close is written a device already reads offline here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -14,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from edgefleet.common.units import format_duration
-from edgefleet.controller.store.base import DeviceRecord, Store
+from edgefleet.controller.store.base import DeviceBrief, DeviceRecord, Store
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.presence")
@@ -62,6 +67,10 @@ class PresenceTracker:
         # drops their messages: the broker cannot be made to end a connection it already accepted.
         self.revoked: set[str] = set()
         self._dirty: dict[str, int] = {}
+        # Closed streams whose offline is not written yet: device -> last_seen_ms.
+        self._closed: dict[str, int] = {}
+        self._close_write_scheduled = False
+        self.close_delay_s = 0.02
         self._ids = itertools.count(1)
 
     @property
@@ -88,6 +97,7 @@ class PresenceTracker:
         replaced = self._live.get(device_id)
         self._live[device_id] = session
         self._dirty.pop(device_id, None)
+        self._closed.pop(device_id, None)  # the open below supersedes a close not yet written
         self.store.update_device_session(
             device_id,
             connected=True,
@@ -118,9 +128,36 @@ class PresenceTracker:
             return  # superseded by a newer stream; that one owns the device's presence
         del self._live[session.device_id]
         self._dirty.pop(session.device_id, None)
-        self.store.update_device_session(session.device_id, connected=False, last_seen_ms=session.last_seen_ms,
-                                         owner=self.owner)
+        self._closed[session.device_id] = session.last_seen_ms
         log.info("device offline", extra={"device": session.device_id, "reason": reason})
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a synchronous caller): write it now
+            self.write_closed()
+            return
+        if not self._close_write_scheduled:
+            self._close_write_scheduled = True
+            loop.call_later(self.close_delay_s, self._write_closed_later)
+
+    def _write_closed_later(self) -> None:
+        self._close_write_scheduled = False
+        try:
+            self.write_closed()
+        except Exception:
+            log.exception("writing closed sessions failed; retried with the next close or flush")
+
+    def write_closed(self) -> int:
+        """Write the queued closes in one store write; returns how many. On the event loop, like
+        the opens, so a close is never written after a newer open of the same device."""
+        closed, self._closed = self._closed, {}
+        if not closed:
+            return 0
+        try:
+            self.store.close_device_sessions(closed.items(), self.owner)
+        except Exception:
+            self._closed = {**closed, **self._closed}
+            raise
+        return len(closed)
 
     def expire_silent(self) -> int:
         """End the streams silent for longer than the limit; returns how many.
@@ -157,6 +194,7 @@ class PresenceTracker:
         return self._live.get(session.device_id) is session
 
     def flush(self) -> None:
+        self.write_closed()
         self.store.touch_devices(self.take_dirty())
 
     def take_dirty(self) -> list[tuple[str, int]]:
@@ -164,13 +202,13 @@ class PresenceTracker:
         dirty, self._dirty = self._dirty, {}
         return list(dirty.items())
 
-    def presence(self, record: DeviceRecord) -> Presence:
+    def presence(self, record: DeviceRecord | DeviceBrief) -> Presence:
         """Online/offline for one device, with the reason an operator would want to see."""
         now = self._now_ms()
         live = self._live.get(record.device_id)
-        last_seen = max(record.last_seen_ms, live.last_seen_ms if live else 0)
+        last_seen = max(record.last_seen_ms, live.last_seen_ms if live else self._closed.get(record.device_id, 0))
         silent_s = max(0.0, (now - last_seen) / 1000)
-        if live is None and not record.connected:
+        if live is None and (not record.connected or record.device_id in self._closed):
             if last_seen == 0:
                 return Presence(False, "offline: never connected", 0)
             return Presence(False, f"offline: stream closed {format_duration(silent_s)} ago", last_seen)

@@ -35,6 +35,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -475,6 +476,10 @@ class PostgresStore(Store):
     def list_devices(self) -> list[DeviceRecord]:
         return [_device(r) for r in self._all("SELECT * FROM devices ORDER BY enrolled_at_ms, device_id")]
 
+    def device_briefs(self) -> list[DeviceBrief]:
+        return [DeviceBrief(**r) for r in self._all(
+            "SELECT device_id, hardware_class, connected, last_seen_ms FROM devices ORDER BY device_id")]
+
     def update_device_session(
         self,
         device_id: str,
@@ -499,6 +504,21 @@ class PostgresStore(Store):
         args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._statement() as cur:
             cur.execute(query, args)
+
+    def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
+        newest: dict[str, int] = {}
+        for device_id, ms in closed:
+            newest[device_id] = max(ms, newest.get(device_id, ms))
+        if not newest:
+            return
+        ids = sorted(newest)  # one lock order for every replica's batch
+        with self._statement() as cur:
+            cur.execute(
+                "UPDATE devices AS d SET connected = FALSE, last_seen_ms = GREATEST(d.last_seen_ms, t.ms) "
+                "FROM unnest(%s::text[], %s::bigint[]) AS t(device_id, ms) "
+                "WHERE d.device_id = t.device_id AND d.connected_by = %s",
+                (ids, [newest[i] for i in ids], owner),
+            )
 
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         newest: dict[str, int] = {}
@@ -648,6 +668,10 @@ class PostgresStore(Store):
 
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
         self._upsert("rollout_devices", record, ("rollout_id", "device_id"))
+
+    def rollout_wave_counts(self) -> dict[str, int]:
+        rows = self._all("SELECT rollout_id, COUNT(DISTINCT wave) AS waves FROM rollout_devices GROUP BY rollout_id")
+        return {r["rollout_id"]: int(r["waves"]) for r in rows}
 
     def rollout_devices(self, rollout_id: str, *, states: Collection[str] | None = None) -> list[RolloutDeviceRecord]:
         where = "rollout_id = %s"

@@ -1,4 +1,11 @@
-"""The embedded store: one SQLite file in WAL mode under the controller's state directory."""
+"""The embedded store: one SQLite file in WAL mode under the controller's state directory.
+
+Writes go through one connection, one IMMEDIATE transaction at a time (a lock queues them). Reads
+do not take that lock: each thread reads on a connection of its own, and under WAL a reader sees
+the last committed state without waiting for an open write transaction. A Control call such as
+ListRollouts used to queue behind the ingest's group write (tens of ms under load); now it waits
+for nothing but its own query.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import weakref
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +26,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -265,6 +274,32 @@ class SQLiteStore(Store):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # One read connection per thread, made on first use. A thread's connection goes when the
+        # thread does (its thread-local slot is dropped); `close` closes the ones still alive.
+        self._local = threading.local()
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
+        self._closed = False
+
+    @contextmanager
+    def _reading(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
+        """This thread's read connection. `snapshot`: the statements in the block see one state (a
+        read transaction); a single statement is one by itself, and each extra statement releases
+        and retakes the GIL, which under load costs a thread switch interval."""
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            reader = self._local.reader = _Reader(self.path)
+            self._readers.add(reader)
+        db = reader.db
+        if not snapshot:
+            yield db
+            return
+        db.execute("BEGIN DEFERRED")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -306,13 +341,13 @@ class SQLiteStore(Store):
             ).rowcount == 1
 
     def get_operator_token(self, token_hash: str) -> OperatorTokenRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM operator_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM operator_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         return OperatorTokenRecord(**dict(row)) if row else None
 
     def list_operator_tokens(self) -> list[OperatorTokenRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM operator_tokens ORDER BY created_at_ms, token_id").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM operator_tokens ORDER BY created_at_ms, token_id").fetchall()
         return [OperatorTokenRecord(**dict(r)) for r in rows]
 
     def revoke_operator_token(self, token_id: str, now_ms: int) -> OperatorTokenRecord | None:
@@ -333,8 +368,8 @@ class SQLiteStore(Store):
             )
 
     def list_audit(self, *, since_ms: int = 0, limit: int = 100) -> list[AuditRecord]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT * FROM audit_log WHERE at_ms >= ? ORDER BY at_ms DESC, audit_id DESC LIMIT ?",
                 (since_ms, limit),
             ).fetchall()
@@ -358,8 +393,8 @@ class SQLiteStore(Store):
             )
 
     def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM enrollment_tokens ORDER BY created_at_ms").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM enrollment_tokens ORDER BY created_at_ms").fetchall()
         return [_token(r) for r in rows]
 
     def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenRecord | None:
@@ -397,14 +432,20 @@ class SQLiteStore(Store):
 
     # -- devices ---------------------------------------------------------------------------
     def get_device(self, device_id: str) -> DeviceRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return _device(row) if row else None
 
     def list_devices(self) -> list[DeviceRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM devices ORDER BY enrolled_at_ms, device_id").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM devices ORDER BY enrolled_at_ms, device_id").fetchall()
         return [_device(r) for r in rows]
+
+    def device_briefs(self) -> list[DeviceBrief]:
+        with self._reading() as db:
+            # A table scan sorted here: ORDER BY walked the key index into the table, twice as slow.
+            rows = db.execute("SELECT device_id, hardware_class, connected, last_seen_ms FROM devices").fetchall()
+        return sorted((DeviceBrief(r[0], r[1], bool(r[2]), r[3]) for r in rows), key=lambda d: d.device_id)
 
     def update_device_session(
         self,
@@ -428,6 +469,16 @@ class SQLiteStore(Store):
         args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._tx() as db:
             db.execute(f"UPDATE devices SET {assignments} WHERE device_id = ?{guard}", args)
+
+    def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
+        rows = [(ms, device_id, owner) for device_id, ms in closed]
+        if not rows:
+            return
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE devices SET connected = 0, last_seen_ms = MAX(last_seen_ms, ?) "
+                "WHERE device_id = ? AND connected_by = ?", rows
+            )
 
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
         pairs = [(ms, device_id, ms) for device_id, ms in last_seen]
@@ -455,8 +506,8 @@ class SQLiteStore(Store):
             )
 
     def get_command(self, command_id: str) -> CommandRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM commands WHERE command_id = ?", (command_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM commands WHERE command_id = ?", (command_id,)).fetchone()
         return _command(row) if row else None
 
     def open_commands(self, device_id: str, now_ms: int) -> list[CommandRecord]:
@@ -502,8 +553,8 @@ class SQLiteStore(Store):
             clauses.append("rollout_id = ?")
             args.append(rollout_id)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM commands {where} ORDER BY created_at_ms, command_id", args)
+        with self._reading() as db:
+            rows = db.execute(f"SELECT * FROM commands {where} ORDER BY created_at_ms, command_id", args)
             return [_command(r) for r in rows.fetchall()]
 
     # -- models, builds, rollouts ------------------------------------------------------------
@@ -521,13 +572,13 @@ class SQLiteStore(Store):
             _insert(db, "models", record)
 
     def get_model(self, name: str, version: int) -> ModelRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM models WHERE name = ? AND version = ?", (name, version)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM models WHERE name = ? AND version = ?", (name, version)).fetchone()
         return ModelRecord(**dict(row)) if row else None
 
     def list_models(self) -> list[ModelRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM models ORDER BY name, version").fetchall()
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM models ORDER BY name, version").fetchall()
         return [ModelRecord(**dict(r)) for r in rows]
 
     def set_device_model(self, device_id: str, model: str, version: int) -> None:
@@ -552,8 +603,8 @@ class SQLiteStore(Store):
             _insert(db, "builds", record, replace=True)
 
     def get_build(self, model: str, version: int, hardware_class: str) -> BuildRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT * FROM builds WHERE model = ? AND version = ? AND hardware_class = ?",
                 (model, version, hardware_class),
             ).fetchone()
@@ -564,17 +615,22 @@ class SQLiteStore(Store):
             _insert(db, "rollouts", record, replace=True)
 
     def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,)).fetchone()
         return _rollout(row) if row else None
 
     def list_rollouts(self, *, active_only: bool = False) -> list[RolloutRecord]:
         active = sorted(s.value for s in ACTIVE_ROLLOUT_STATES) if active_only else []
         where = f"WHERE state IN ({', '.join('?' * len(active))})" if active_only else ""
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM rollouts {where} ORDER BY created_at_ms, rollout_id",
+        with self._reading() as db:
+            rows = db.execute(f"SELECT * FROM rollouts {where} ORDER BY created_at_ms, rollout_id",
                                     active).fetchall()
         return [_rollout(r) for r in rows]
+
+    def rollout_wave_counts(self) -> dict[str, int]:
+        with self._reading() as db:
+            rows = db.execute("SELECT rollout_id, COUNT(DISTINCT wave) FROM rollout_devices GROUP BY rollout_id")
+            return {r[0]: r[1] for r in rows.fetchall()}
 
     def put_rollout_device(self, record: RolloutDeviceRecord) -> None:
         with self._tx() as db:
@@ -585,8 +641,8 @@ class SQLiteStore(Store):
         if states is not None:
             where += f" AND state IN ({', '.join('?' * len(states))})" if states else " AND 0"
             args.extend(states)
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 f"SELECT * FROM rollout_devices WHERE {where} ORDER BY wave, hardware_class, device_id", args,
             ).fetchall()
         return [RolloutDeviceRecord(**dict(r)) for r in rows]
@@ -626,13 +682,13 @@ class SQLiteStore(Store):
 
     def telemetry_window(self, device_id: str, start_ms: int, end_ms: int | None = None) -> list[TelemetryPoint]:
         end_ms = end_ms if end_ms is not None else 2**62
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading(snapshot=True) as db:
+            rows = db.execute(
                 "SELECT * FROM telemetry_batches WHERE device_id = ? AND end_ms >= ? AND end_ms < ? "
                 "ORDER BY end_ms, seq",
                 (device_id, start_ms, end_ms),
             ).fetchall()
-            models = self._db.execute(
+            models = db.execute(
                 "SELECT m.* FROM telemetry_models m JOIN telemetry_batches b USING (device_id, seq) "
                 "WHERE b.device_id = ? AND b.end_ms >= ? AND b.end_ms < ?",
                 (device_id, start_ms, end_ms),
@@ -640,20 +696,20 @@ class SQLiteStore(Store):
         return _points(rows, models)
 
     def latest_telemetry(self) -> dict[str, TelemetryPoint]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading(snapshot=True) as db:
+            rows = db.execute(
                 "SELECT b.* FROM telemetry_batches b JOIN (SELECT device_id, MAX(seq) AS seq "
                 "FROM telemetry_batches GROUP BY device_id) latest USING (device_id, seq)"
             ).fetchall()
-            models = self._db.execute(
+            models = db.execute(
                 "SELECT m.* FROM telemetry_models m JOIN (SELECT device_id, MAX(seq) AS seq "
                 "FROM telemetry_batches GROUP BY device_id) latest USING (device_id, seq)"
             ).fetchall()
         return {p.device_id: p for p in _points(rows, models)}
 
     def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id "
                 "LIMIT ?", (limit,)
             ).fetchall()
@@ -674,8 +730,8 @@ class SQLiteStore(Store):
             )
 
     def rollups(self, device_id: str, since_ms: int) -> list[Rollup]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT * FROM telemetry_rollups WHERE device_id = ? AND minute_ms >= ? ORDER BY minute_ms, model",
                 (device_id, since_ms),
             ).fetchall()
@@ -700,7 +756,20 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for reader in list(self._readers):
+                reader.db.close()
             self._db.close()
+
+
+class _Reader:
+    """A thread's read connection (a holder, since sqlite3 connections take no weak references)."""
+
+    def __init__(self, path: str) -> None:
+        # check_same_thread off only so that `close` may close it from another thread.
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA query_only=ON")
 
 
 def _token(row: sqlite3.Row) -> EnrollmentTokenRecord:

@@ -193,3 +193,85 @@ def test_bridge_batches_hops_onto_the_loop(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == 1
     assert [seq for _, seq in ingest.submitted] == list(range(1, 101))
+
+
+def test_a_lost_broker_suspends_sessions_and_only_changed_devices_are_written(tmp_path: Path) -> None:
+    """After a reconnect: unchanged -> restored (no write), changed -> reopened, offline or never
+    re-announced -> closed once the grace (the silence limit) is over."""
+    from edgefleet.controller.fleet.presence import PresenceTracker
+    from edgefleet.protos.capability import CAPABILITY_VERSION
+    from edgefleet.protos.v1 import profile_pb2
+
+    store = SQLiteStore(tmp_path / "store.db")
+    store.create_enrollment_token(EnrollmentTokenRecord("tok", "hash", 4, 4, 0, 2**62, {}))
+    for name in ("same", "changed", "offline", "silent"):
+        store.enroll_device("hash", 1, DeviceRecord(name, "secret", {}, 0, hardware_class="x"))
+    presence = PresenceTracker(store, heartbeat_interval_s=0.1, owner="ctrl")
+    commands = FakeCommands()
+    sessions = DeviceSessions(store, Enrollment(store), presence, FakeIngest(), commands,
+                              ArtifactStore(tmp_path / "artifacts"), heartbeat_interval_s=0.1)
+    auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), sessions=sessions, auth=auth)
+    bridge.publish = lambda *a, **k: True  # type: ignore[method-assign]
+    profile = profile_pb2.HardwareProfile(hardware_class="x")
+
+    def state(version: int = 1, online: bool = True) -> bytes:
+        return mqtt_pb2.DeviceState(online=online, agent_version="1", capability_version=CAPABILITY_VERSION,
+                                    profile=profile, model="det", model_version=version).SerializeToString()
+
+    async def main() -> None:
+        bridge._loop = asyncio.get_running_loop()
+        bridge._vouch = asyncio.create_task(bridge._vouch_loop())
+        bridge._connected(None)
+        for name in ("same", "changed", "offline", "silent"):
+            bridge._dispatch(f"edgefleet/v1/{name}/state", state())
+        assert presence.online_count() == 4 and len(commands.delivered) == 4
+        bridge._disconnected("broker restarted")
+        assert bridge.reconnect.suspended == 4 and presence.online_count() == 4  # suspended, not closed
+        bridge._connected(None)
+        bridge._dispatch("edgefleet/v1/same/state", state())
+        bridge._dispatch("edgefleet/v1/changed/state", state(version=2))
+        bridge._dispatch("edgefleet/v1/offline/state", state(online=False))
+        assert commands.delivered == ["same", "changed", "offline", "silent", "changed"]  # only the reopened
+        await asyncio.sleep(0.6)  # past the grace: "silent" never re-announced itself
+        bridge._vouch.cancel()
+
+    asyncio.run(main())
+    assert (bridge.reconnect.restored, bridge.reconnect.reopened, bridge.reconnect.closed) == (1, 1, 2)
+    assert {d.device_id for d in store.list_devices() if d.connected} == {"same", "changed"}
+    changed = store.get_device("changed")
+    assert changed is not None and changed.model_version == 2
+
+
+def test_a_burst_of_states_is_handled_in_bounded_batches(tmp_path: Path) -> None:
+    """Re-delivered retained states, REOPEN_BATCH per event-loop turn; other callbacks run between."""
+    presence = FakePresence()
+    sessions = device_sessions(tmp_path, presence, FakeIngest())
+    auth = BrokerAuth(tmp_path, admin_username="a", admin_password="p", device_url="mqtt://h:1")
+    bridge = MqttBridge("mqtt://a:p@127.0.0.1:1", MqttOptions(), sessions=sessions, auth=auth)
+    bridge.publish = lambda *a, **k: True  # type: ignore[method-assign]
+    bridge.reopen_batch = 10
+    handled_when: list[int] = []
+
+    async def main() -> None:
+        bridge._loop = asyncio.get_running_loop()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tick_task = asyncio.create_task(ticker())
+        bridge._on_state = lambda device_id, payload: handled_when.append(ticks)  # type: ignore[method-assign]
+        for i in range(35):
+            message = type("M", (), {"topic": f"edgefleet/v1/d{i}/state", "payload": b""})()
+            bridge._on_message(None, None, message)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        tick_task.cancel()
+
+    asyncio.run(main())
+    assert len(handled_when) == 35
+    turns = [handled_when.count(t) for t in sorted(set(handled_when))]
+    assert turns == [10, 10, 10, 5] and bridge.reconnect.batches == 4

@@ -22,6 +22,7 @@ from edgefleet.controller.store.base import (
     AuditRecord,
     BuildRecord,
     CommandRecord,
+    DeviceBrief,
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
@@ -251,6 +252,35 @@ class TestStoreContract:
         assert [d.connected for d in store.list_devices()] == [False, True, True]
         assert store.reset_connections() == 2  # no owner: everything
 
+    def test_closing_many_sessions_in_one_write_leaves_other_replicas_devices(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        for name, owner in (("dev-1", "replica-a"), ("dev-2", "replica-a"), ("dev-3", "replica-b")):
+            store.update_device_session(name, connected=True, last_seen_ms=NOW + 10, owner=owner)
+        store.close_device_sessions([("dev-1", NOW + 20), ("dev-2", NOW + 5), ("dev-3", NOW + 30)], "replica-a")
+        devices = {d.device_id: d for d in store.list_devices()}
+        assert [devices[d].connected for d in ("dev-1", "dev-2", "dev-3")] == [False, False, True]
+        assert devices["dev-1"].last_seen_ms == NOW + 20
+        assert devices["dev-2"].last_seen_ms == NOW + 10  # never backwards
+        assert devices["dev-3"].last_seen_ms == NOW + 10  # replica-b's stream: untouched
+        store.close_device_sessions([], "replica-a")  # nothing to write is no write
+
+    def test_device_briefs_are_the_presence_columns_by_device_id(self, store: Store) -> None:
+        enroll(store, "dev-b", "dev-a")
+        store.update_device_session("dev-b", connected=True, last_seen_ms=NOW + 7, owner="r")
+        assert store.device_briefs() == [DeviceBrief("dev-a", "x86_64-avx2", False, 0),
+                                         DeviceBrief("dev-b", "x86_64-avx2", True, NOW + 7)]
+
+    def test_reads_do_not_wait_for_an_open_write_transaction(self, store: Store) -> None:
+        store.put_rollout(rollout("r-1"))
+        read: list[list[RolloutRecord]] = []
+        with store._tx() as tx:  # type: ignore[attr-defined]  # both backends' write transaction
+            tx.execute("UPDATE rollouts SET reason = 'uncommitted'")
+            reader = threading.Thread(target=lambda: read.append(store.list_rollouts()))
+            reader.start()
+            reader.join(5)
+            assert read, "list_rollouts waited for another thread's write transaction"
+        assert [r.reason for r in read[0]] == [""]  # the last committed state, not the open write
+
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))
         store.enroll_device("hash-tok-1", NOW, device("dev-1"))
@@ -391,6 +421,11 @@ class TestStoreContract:
         assert store.get_rollout("r-9") is None
         assert [r.rollout_id for r in store.list_rollouts()] == ["r-0", "r-1", "r-2"]
         assert [r.rollout_id for r in store.list_rollouts(active_only=True)] == ["r-1"]
+
+    def test_rollout_wave_counts_are_distinct_waves_per_rollout(self, store: Store) -> None:
+        for rollout_id, device_id, wave in (("r-1", "a", 0), ("r-1", "b", 1), ("r-1", "c", 1), ("r-2", "a", 0)):
+            store.put_rollout_device(RolloutDeviceRecord(rollout_id, device_id, "x86_64-avx2", wave))
+        assert store.rollout_wave_counts() == {"r-1": 2, "r-2": 1}
 
     def test_rollout_devices_replace_and_order_by_wave_class_device(self, store: Store) -> None:
         rows = [
