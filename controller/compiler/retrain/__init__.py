@@ -55,7 +55,7 @@ class RetrainSpec:
         return "--student" if self.student is not None and not self.ratios else "--retrain"
 
     def describe(self, train: Dataset) -> dict[str, Any]:
-        versions = {}
+        versions: dict[str, str | None] = {}
         for dist in ("torch", "onnx2torch", "torch-pruning"):
             try:
                 versions[dist] = importlib.metadata.version(dist)

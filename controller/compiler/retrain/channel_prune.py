@@ -31,8 +31,9 @@ def footprint(module: Any, example: Sequence[Any]) -> Footprint:
     torch, _, tp = load_torch()
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(module, tuple(example))
-    batch = int(example[0].shape[0]) if example and getattr(example[0], "ndim", 0) else 1
-    return Footprint(int(params), int(round(float(macs) / max(batch, 1))))
+    first: Any = example[0] if example else None
+    batch = int(first.shape[0]) if first is not None and len(getattr(first, "shape", ())) else 1
+    return Footprint(int(params), round(float(macs) / max(batch, 1)))
 
 
 def output_layers(module: Any) -> list[Any]:

@@ -24,7 +24,7 @@ def to_torch(model: Path) -> Any:
     """The ONNX graph as a trainable torch.fx GraphModule (float32, train-ready)."""
     import onnx
 
-    torch, onnx2torch, _ = load_torch()
+    _, onnx2torch, _ = load_torch()
     try:
         module = onnx2torch.convert(onnx.load(str(model)))
     except Exception as exc:  # onnx2torch raises NotImplementedError (or worse) for an op it lacks

@@ -72,7 +72,7 @@ def distill(
     rng = np.random.default_rng(settings.seed)
     n = int(inputs[0].shape[0])
     order = rng.permutation(n)
-    n_val = max(1, int(round(n * settings.val_fraction)))
+    n_val = max(1, round(n * settings.val_fraction))
     val_idx, train_idx = order[:n_val], order[n_val:]
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     ts = [torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)) for t in targets]
@@ -116,7 +116,7 @@ def distill(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running += float(loss)
+            running += float(loss.detach())
             done += 1
             if time.monotonic() >= deadline:
                 result.stopped = "budget"
@@ -144,6 +144,6 @@ def _bar(name: str, epoch: int, epochs: int, elapsed: float, left_s: float, loss
     budget, whichever ends first)."""
     eta = min(elapsed / epoch * (epochs - epoch), max(left_s, 0.0))
     width = 20
-    filled = int(round(width * epoch / epochs))
+    filled = round(width * epoch / epochs)
     return (f"    retrain {name} [{'#' * filled}{'.' * (width - filled)}] epoch {epoch}/{epochs} "
             f"loss {loss:.5f} (best {best:.5f}) {elapsed:.0f}s, eta {eta:.0f}s")

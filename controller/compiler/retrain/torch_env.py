@@ -40,7 +40,7 @@ def _torchvision_stand_in() -> None:
     try:
         importlib.import_module("torchvision")
         return
-    except Exception:  # noqa: BLE001 - a broken torchvision raises RuntimeError, not ImportError
+    except Exception:  # a broken torchvision raises RuntimeError, not ImportError
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
 
