@@ -146,7 +146,13 @@ def retrain(
 ) -> list[RetrainedModel]:
     """Prune and distill (and train the student); a network that fails is returned with its reason."""
     from edgefleet.controller.compiler.retrain.channel_prune import Footprint, footprint, prune_channels
-    from edgefleet.controller.compiler.retrain.convert import ConversionError, check_runs, export_onnx, to_torch
+    from edgefleet.controller.compiler.retrain.convert import (
+        ConversionError,
+        check_agrees,
+        check_runs,
+        export_onnx,
+        to_torch,
+    )
     from edgefleet.controller.compiler.retrain.curve import plot_loss_curve
     from edgefleet.controller.compiler.retrain.distill import TrainSettings, distill
     from edgefleet.controller.compiler.retrain.torch_env import load_torch
@@ -173,6 +179,7 @@ def retrain(
     try:
         reference = to_torch(source.path)
         check_runs(reference, example, expected, "the converted model")
+        check_agrees(reference, example, [t[:2] for t in targets], "the converted model")
         original = footprint(reference, example)
     except ConversionError as exc:
         reason = f"skipped: {exc}"
