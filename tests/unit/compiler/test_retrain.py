@@ -183,3 +183,17 @@ def test_retrain_recipes_combine_with_int8_and_openvino() -> None:
     assert "pruned25+ov-bf16" in names and "pruned25+ov-int8" in names
     assert not any("accuracy" in n or "fp16w" in n or "mixed" in n for n in names)
     assert all(r.start_from == Path("/x.onnx") for r in made)
+
+
+def test_cli_retrain_prints_what_each_network_removed(tmp_path: Path, teacher: dict[str, Path]) -> None:
+    result = CliRunner().invoke(compile_command, [
+        str(teacher["model"]), "--calib", str(teacher["calib"]), "--retrain", "--retrain-ratios", "0.5",
+        "--retrain-budget", "3s", "--recipes", "int8-qdq-perchannel-minmax", "--out", str(tmp_path / "out"),
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "retrain pruned50 [" in result.output and "eta" in result.output  # the per-epoch progress bar
+    summary = [line for line in result.output.splitlines()
+               if line.startswith("retrain pruned50: MACs") and "removed" in line]
+    assert len(summary) == 1 and "removed" in summary[0] and "retrain-pruned50.png" in summary[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["retrain"]["models"][0]["train_s"] <= 3.5
