@@ -46,7 +46,7 @@ class RetrainSpec:
     student: Path | None = None
     budget_s: float = 600.0
     data: Path | None = None  # unlabeled samples beside --calib
-    max_epochs: int = 30
+    max_epochs: int = 60
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -176,12 +176,14 @@ def retrain(
     _say(progress, f"retrain: {len(jobs)} network(s) on {train.count} samples, {spec.budget_s:.0f}s budget")
 
     original: Footprint | None = None
+    reference = None
     try:
         reference = to_torch(source.path)
         check_runs(reference, example, expected, "the converted model")
         check_agrees(reference, example, [t[:2] for t in targets], "the converted model")
         original = footprint(reference, example)
     except ConversionError as exc:
+        reference = None
         reason = f"skipped: {exc}"
         _say(progress, f"retrain: {reason}")
         if not any(kind == "student" for _, kind, _ in jobs):
@@ -208,7 +210,8 @@ def retrain(
             budget = min(left, max(share, left / (len(jobs) - i)))  # time a skipped job left over goes on
             settings = TrainSettings(budget_s=budget, max_epochs=spec.max_epochs, batch_size=spec.batch_size,
                                      lr=spec.lr, seed=spec.seed)
-            result = distill(net, inputs, targets, settings, labels=labels, name=tag, progress=progress)
+            result = distill(net, inputs, targets, settings, labels=labels, name=tag, progress=progress,
+                             teacher=reference)
             model.path = export_onnx(net, example, source, folder / f"{tag}.onnx")
         except ConversionError as exc:
             model.error = f"skipped: {exc}"

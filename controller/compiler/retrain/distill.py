@@ -4,8 +4,17 @@ No labels: the targets are the fp32 source's own outputs on the user's data (cal
 plus any --retrain-data), so the student learns the function the gate will compare it with. When
 labels came with the data (--eval-labels), a cross-entropy term on them joins the loss.
 
+With the source converted to PyTorch (``teacher``), each batch is also mixed (mixup: a random
+blend of two samples, the same blend for every input) and the teacher labels the blend on the
+spot: a few hundred unlabeled samples then teach far more than their own outputs, which is what
+lets a pruned network recover on the little data a user has. Without it (a --student for a model
+the converter cannot read), the targets are the source's outputs, computed once by onnxruntime.
+
 The loss is the mean squared error of each output, divided by that output's variance over the
-teacher's outputs: scale-free, so logits, probability maps and CTC frames weigh alike.
+teacher's outputs: scale-free, so logits, probability maps and CTC frames weigh alike. An output
+that is a probability distribution (a softmax: non-negative, summing to one along an axis) is
+compared as one instead, by KL divergence: squared errors of saturated probabilities have almost
+no gradient, and a pruned classifier would not learn back.
 
 Training is seeded (weights' shuffles, batch order) and stops at the time budget or at
 ``max_epochs``, whichever comes first; the weights kept are those with the lowest loss on a held-out
@@ -35,6 +44,7 @@ class TrainSettings:
     budget_s: float
     max_epochs: int = 30
     batch_size: int = 32
+    mixup: float = 0.4  # Beta(a, a) blend weights; 0 turns mixing off
     lr: float = 1e-3
     seed: int = 0
     val_fraction: float = 0.15
@@ -63,6 +73,7 @@ def distill(
     settings: TrainSettings,
     *,
     labels: np.ndarray | None = None,
+    teacher: Any = None,
     name: str = "student",
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -77,13 +88,34 @@ def distill(
     xs = [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs]
     ts = [torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)) for t in targets]
     scale = [float(t[train_idx].var()) + 1e-8 for t in ts]
-    ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    simplex = [_distribution_axis(t.numpy()) for t in ts]
 
-    def loss_of(idx: np.ndarray) -> Any:
+    def term(out: Any, want: Any, s: float, axis: int | None) -> Any:
+        if axis is None:
+            return ((out - want) ** 2).mean() / s
+        eps = 1e-7
+        kl = want * (torch.log(want.clamp_min(eps)) - torch.log(out.clamp_min(eps)))
+        return kl.sum(dim=axis).mean()
+    ys = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    mixing = teacher is not None and settings.mixup > 0 and all(x.dtype.is_floating_point for x in xs)
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def loss_of(idx: np.ndarray, mix: bool = False) -> Any:
         index = torch.from_numpy(idx)
-        outs = as_tuple(module(*[x[index] for x in xs]))
-        loss = sum(((o - t[index]) ** 2).mean() / s for o, t, s in zip(outs, ts, scale, strict=True))
-        if ys is not None and outs[0].ndim == 2 and ys.ndim == 1:
+        batch = [x[index] for x in xs]
+        wanted = [t[index] for t in ts]
+        if mix:
+            lam = float(rng.beta(settings.mixup, settings.mixup))
+            other = torch.from_numpy(rng.permutation(len(idx)))
+            batch = [lam * b + (1 - lam) * b[other] for b in batch]
+            with torch.no_grad():
+                wanted = list(as_tuple(teacher(*batch)))
+        outs = as_tuple(module(*batch))
+        loss = sum(term(o, t, s, a) for o, t, s, a in zip(outs, wanted, scale, simplex, strict=True))
+        if ys is not None and not mix and outs[0].ndim == 2 and ys.ndim == 1:
             loss = loss + settings.label_weight * torch.nn.functional.cross_entropy(outs[0], ys[index])
         return loss
 
@@ -112,7 +144,8 @@ def distill(
             if len(idx) < 2:  # BatchNorm cannot train on one sample
                 continue
             optimizer.zero_grad()
-            loss = loss_of(idx)
+            # Half the batches are mixed, half are the samples as they are (their labels, if any, count).
+            loss = loss_of(idx, mix=mixing and b % 2 == 1)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -137,6 +170,16 @@ def distill(
     module.eval()
     result.train_s = round(time.monotonic() - started, 2)
     return result
+
+
+def _distribution_axis(values: np.ndarray) -> int | None:
+    """The axis along which every sample's output is a probability distribution, if one is."""
+    if values.ndim < 2 or values.size == 0 or float(values.min()) < 0:
+        return None
+    for axis in (1, values.ndim - 1):
+        if values.shape[axis] > 1 and np.allclose(values.sum(axis=axis), 1.0, atol=1e-3):
+            return axis
+    return None
 
 
 def _bar(name: str, epoch: int, epochs: int, elapsed: float, left_s: float, loss: float, best: float) -> str:
