@@ -139,6 +139,16 @@ def test_bad_input_is_one_line(tmp_path: Path, teacher: dict[str, Path], monkeyp
     budget = _cli(teacher["model"], "--calib", teacher["calib"], "--retrain", "--retrain-budget", "soon")
     assert budget.exit_code == 2 and "--retrain-budget" in budget.output  # type: ignore[attr-defined]
 
+    other = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["images"], ["logits"])], "other",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    student = _cli(teacher["model"], "--calib", teacher["calib"], "--student", tmp_path / "other.onnx")
+    assert student.exit_code == 2 and "export the student with the same I/O" in student.output  # type: ignore[attr-defined]
+    _one_error_line(student.output)  # type: ignore[attr-defined]
+
     import importlib.util
 
     real = importlib.util.find_spec
