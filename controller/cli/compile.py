@@ -13,12 +13,14 @@ from typing import get_args
 
 import click
 
+from edgefleet.common.units import parse_duration
 from edgefleet.controller.cli.output import ratio_phrase
 from edgefleet.controller.compiler.api import CompileReport, CompileSpec, MeasureMode, compile_model
 from edgefleet.controller.compiler.controller_measure import controller_device_measurers
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import METRICS
 from edgefleet.controller.compiler.model_io import parse_input_shapes
+from edgefleet.controller.compiler.retrain import DEFAULT_RATIOS, RetrainSpec
 
 
 class CompileUsageError(click.ClickException):
@@ -102,6 +104,37 @@ class CompileUsageError(click.ClickException):
     help="Where latencies come from: auto = this machine for --target local, an online device "
     "of the class when the controller has one, else estimated.",
 )
+@click.option(
+    "--retrain",
+    is_flag=True,
+    help="Also try structurally pruned networks, distilled against the model on your --calib (and "
+    "--retrain-data) samples, through the usual candidates. Controller only: needs the train extra.",
+)
+@click.option(
+    "--retrain-budget",
+    default="10m",
+    show_default=True,
+    metavar="DURATION",
+    help="Training time for all retrained networks together, e.g. 90s, 10m; the best weights so far are kept.",
+)
+@click.option(
+    "--retrain-ratios",
+    default=",".join(str(r) for r in DEFAULT_RATIOS),
+    show_default=True,
+    metavar="R1,R2",
+    help="Share of channels --retrain removes, one pruned network per ratio.",
+)
+@click.option(
+    "--student",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A smaller ONNX model with the same inputs and outputs (random or pre-trained weights), "
+    "distilled to match MODEL, then compiled like the others.",
+)
+@click.option(
+    "--retrain-data",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="NPZ of extra unlabeled samples (one array per model input) to distill on, beside --calib.",
+)
 @click.option("--no-cache", is_flag=True, help="Compile again even if this exact compile is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the only stdout).")
 def compile_command(
@@ -118,6 +151,11 @@ def compile_command(
     out: Path | None,
     recipes: str | None,
     measure: MeasureMode,
+    retrain: bool,
+    retrain_budget: str,
+    retrain_ratios: str,
+    student: Path | None,
+    retrain_data: Path | None,
     no_cache: bool,
     as_json: bool,
 ) -> None:
@@ -128,6 +166,7 @@ def compile_command(
         click.echo(message, err=True)
 
     try:
+        retrain_spec = _retrain_spec(retrain, retrain_budget, retrain_ratios, student, retrain_data)
         spec = CompileSpec(
             model=model,
             target=target,
@@ -143,6 +182,7 @@ def compile_command(
             recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else None,
             use_cache=not no_cache,
             measure=measure,
+            retrain=retrain_spec,
         )
         report = compile_model(spec, progress=progress, device_measurers=controller_device_measurers(progress))
     except CompileError as exc:
@@ -163,6 +203,46 @@ def compile_command(
     click.echo(
         f"fidelity: {res['fidelity']}   artifact: {report.artifact}" + ("   (from cache)" if report.cached else "")
     )
+    for line in retrain_lines(report):
+        click.echo(line)
+
+
+def _retrain_spec(
+    retrain: bool, budget: str, ratios: str, student: Path | None, data: Path | None
+) -> RetrainSpec | None:
+    if not retrain and student is None:
+        if data is not None:
+            raise CompileError("--retrain-data is read by --retrain or --student; pass one of them")
+        return None
+    try:
+        budget_s = parse_duration(budget)
+    except ValueError as exc:
+        raise CompileError(f"--retrain-budget: {exc}") from exc
+    try:
+        parsed = tuple(float(r) for r in ratios.split(",") if r.strip()) if retrain else ()
+    except ValueError as exc:
+        raise CompileError(f"--retrain-ratios {ratios!r} is not a list of numbers; pass e.g. 0.25,0.5") from exc
+    return RetrainSpec(ratios=parsed, student=student, budget_s=budget_s, data=data)
+
+
+def retrain_lines(report: CompileReport) -> list[str]:
+    """One line per retrained network: what it removed, how long it trained, its best candidate."""
+    lines = []
+    for model in report.retrain.get("models", []):
+        if model.get("error"):
+            lines.append(f"retrain {model['tag']}: {model['error']}")
+            continue
+        passed = [c for c in model.get("candidates", []) if c.get("passed_gate") and c.get("latency_ms") is not None]
+        best = min(passed, key=lambda c: c["latency_ms"]) if passed else None
+        removed = model.get("macs_removed")
+        lines.append(
+            f"retrain {model['tag']}: MACs {model.get('macs_before')} -> {model.get('macs_after')}"
+            + (f" ({removed:.0%} removed)" if removed is not None else "")
+            + f", {model.get('epochs')} epochs in {model.get('train_s')}s; "
+            + (f"best {best['recipe']} {best['latency_ms']:.3f} ms" if best else "no candidate passed the gate")
+            + (f"; loss curve {model['loss_curve_png']}" if model.get("loss_curve_png") else "")
+        )
+    return lines
 
 
 def candidate_table(report: CompileReport) -> str:

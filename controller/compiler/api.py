@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgefleet.controller.compiler import cache as cache_mod
+from edgefleet.controller.compiler import retrain as retrain_mod
 from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, split_holdout, synthetic
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
@@ -41,6 +42,7 @@ from edgefleet.controller.compiler.measure import (
 from edgefleet.controller.compiler.model_io import SourceModel, load_source, sha256_file
 from edgefleet.controller.compiler.passes import GateProbe, GateResult, PassContext, PassError, check_pass, load_pass
 from edgefleet.controller.compiler.recipes import Recipe, recipes_for
+from edgefleet.controller.compiler.retrain import RetrainedModel, RetrainSpec
 from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, build_files, build_size, move_build
 from edgefleet.controller.compiler.target import TargetSpec
 
@@ -76,6 +78,8 @@ class CompileSpec:
     measure_round_ms: float = 40.0
     max_gate_samples: int = 512
     holdout_fraction: float = 0.25
+    # --retrain / --student: pruned and distilled candidates join the search (needs the train extra).
+    retrain: RetrainSpec | None = None
 
 
 @dataclass
@@ -101,6 +105,8 @@ class CompileReport:
     runtime: dict[str, Any] = field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA
     elapsed_s: float = 0.0
+    # Per retrained network: params and MACs before/after, epochs, time, loss curve, its candidates.
+    retrain: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,9 +331,12 @@ def compile_model(
     for recipe in recipes:  # fail before any work: a missing extra or a misfiled pass is an input problem
         for pass_name, _ in recipe.steps:
             check_pass(pass_name, target, source.format)
+    if spec.retrain is not None:
+        retrain_mod.check_retrain(spec.retrain, source)
     out = Path(spec.out) if spec.out else Path.cwd() / f"{source.path.stem}-{target.hardware_class}"
     _check_out(out)
     calib, gate_set = _gate_data(spec, source, shapes, progress)
+    train_set = retrain_mod.training_data(spec.retrain, source, calib, shapes) if spec.retrain else None
     chosen_measurer = _resolve_measurer(spec, target, measurer, device_measurers)
 
     cache_dir = Path(spec.cache_dir) if spec.cache_dir else cache_mod.default_cache_dir()
@@ -346,6 +355,8 @@ def compile_model(
             "measured_on": chosen_measurer.measured_on.split(":")[0],
             "min_speedup": spec.min_speedup,
             "tie_tolerance": spec.tie_tolerance,
+            # Only with --retrain, so every other compile keeps the key it had.
+            **({"retrain": spec.retrain.describe(train_set)} if spec.retrain and train_set else {}),
         }
     )
     if spec.use_cache:
@@ -362,11 +373,15 @@ def compile_model(
     with tempfile.TemporaryDirectory(prefix="edgefleet-compile-") as work_str, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="compressed-size") as sizes:
         work = Path(work_str)
+        retrained: list[RetrainedModel] = []
+        if spec.retrain is not None and train_set is not None:
+            retrained = retrain_mod.retrain(spec.retrain, source, train_set, work, threads=target.threads,
+                                            progress=progress)
         report, artifact, chosen_recipe = _run_candidates(
             spec,
             source,
             target,
-            recipes,
+            [*recipes, *retrain_mod.retrained_recipes(recipes, retrained)],
             calib,
             gate_set,
             gate,
@@ -379,6 +394,8 @@ def compile_model(
         )
         report.elapsed_s = round(time.monotonic() - started, 2)
         report.runtime = _runtime_of(chosen_recipe.runtime, target, toolchain)
+        if spec.retrain is not None:
+            report.retrain = retrain_mod.report_section(retrained, report.candidates)
         artifact_name = f"model{artifact.suffix}"
         report.artifact = str(out.resolve() / artifact_name)
         manifest = _manifest(report, source, target, chosen_recipe, artifact, artifact_name)
@@ -387,6 +404,9 @@ def compile_model(
             move_build(artifact, tmp / artifact_name, copy=True)
             _write_json(tmp / "report.json", report.to_dict())
             _write_json(tmp / "manifest.json", manifest)
+            for model in retrained:  # the loss curves, next to report.json
+                if model.curve_png is not None:
+                    shutil.copy2(model.curve_png, tmp / model.curve_png.name)
 
         _publish(out, fill)
         if spec.use_cache:
@@ -617,8 +637,8 @@ def _run_steps(
     shared: Path,
     cand_dir: Path,
 ) -> Path:
-    path = source.path
-    done: tuple[str, ...] = ()
+    path = recipe.start_from or source.path
+    done: tuple[str, ...] = (f"start:{recipe.origin}",) if recipe.start_from else ()
     for pass_name, params in recipe.steps:
         done += (f"{pass_name}{json.dumps(dict(params), sort_keys=True, default=str)}",)
         if done in prefixes:

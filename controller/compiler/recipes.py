@@ -8,6 +8,7 @@ measured, and it is the answer when nothing else passes the gate or beats it. Re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgefleet.controller.compiler.errors import CompileError
@@ -34,9 +35,15 @@ class Recipe:
     runtime: RuntimeChoice = field(default_factory=RuntimeChoice)
     # Built only when every one of these recipes was built and failed the gate (accuracy-aware search).
     after_failure_of: tuple[str, ...] = ()
+    # A retrained network (pruned, distilled) the steps start from instead of the source; ``origin``
+    # names it (see compiler/retrain). The path is one compile's work file, so it is not compared.
+    start_from: Path | None = field(default=None, compare=False)
+    origin: str = ""
 
     def describe(self) -> list[dict[str, Any]]:
         steps = [{"pass": name, "params": dict(params)} for name, params in self.steps]
+        if self.origin:
+            steps.insert(0, {"pass": "retrain", "params": {"network": self.origin}})
         if self.runtime != RuntimeChoice():
             steps.append({"runtime": self.runtime.describe()})
         return steps

@@ -67,24 +67,28 @@ def digits_mlp(path: Path, hidden: int = 32, seed: int = 0) -> tuple[Path, dict[
     return path, {"x_train": x[train], "x_test": x[test], "y_test": y[test]}
 
 
-def conv_net(path: Path, *, opset: int = 13, size: int = 16, seed: int = 0) -> Path:
-    """Conv-BN-Relu x2, global pool, Gemm; batch dim named like a Paddle export."""
+def conv_net(
+    path: Path, *, opset: int = 13, size: int = 16, seed: int = 0, channels: tuple[int, int] = (8, 16)
+) -> Path:
+    """Conv-BN-Relu x2, global pool, Gemm; batch dim named like a Paddle export. ``channels``: a
+    narrower one is a --student for the default."""
     rng = np.random.default_rng(seed)
+    c1, c2 = channels
 
     def w(*shape: int) -> np.ndarray:
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
         return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
     inits = {
-        "c1_w": w(8, 1, 3, 3),
-        "c1_b": np.zeros(8, np.float32),
-        "bn_scale": (1 + 0.1 * rng.standard_normal(8)).astype(np.float32),
-        "bn_bias": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "bn_mean": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "bn_var": (1 + 0.1 * rng.random(8)).astype(np.float32),
-        "c2_w": w(16, 8, 3, 3),
-        "c2_b": np.zeros(16, np.float32),
-        "fc_w": w(16, 10),
+        "c1_w": w(c1, 1, 3, 3),
+        "c1_b": np.zeros(c1, np.float32),
+        "bn_scale": (1 + 0.1 * rng.standard_normal(c1)).astype(np.float32),
+        "bn_bias": (0.1 * rng.standard_normal(c1)).astype(np.float32),
+        "bn_mean": (0.1 * rng.standard_normal(c1)).astype(np.float32),
+        "bn_var": (1 + 0.1 * rng.random(c1)).astype(np.float32),
+        "c2_w": w(c2, c1, 3, 3),
+        "c2_b": np.zeros(c2, np.float32),
+        "fc_w": w(c2, 10),
         "fc_b": np.zeros(10, np.float32),
     }
     nodes = [

@@ -62,3 +62,19 @@ def test_common_stays_neutral() -> None:
             stripped = line.strip()
             assert not stripped.startswith(("from edgefleet.agent", "import edgefleet.agent",
                                             "from edgefleet.controller", "import edgefleet.controller")), path
+
+
+def test_compiling_without_retrain_never_imports_torch() -> None:
+    """torch is the controller's, and only for --retrain/--student: the compile CLI and API import
+    without it, and the train extra pins the CPU build of torch that lies on disk."""
+    code = (
+        "import sys, edgefleet.controller.cli.compile, edgefleet.controller.compiler.api\n"
+        "import edgefleet.controller.compiler.retrain\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'torch', 'onnx2torch', 'torch_pruning', 'torchvision', 'matplotlib'})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing the compiler pulled in: {out}"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "torch==2.13.0" in extras["train"]
+    assert any(dep.startswith("edgefleet[") and "train" in dep for dep in extras["dev"])
