@@ -335,7 +335,27 @@ class Store(abc.ABC):
         """Mark disconnected the devices whose stream `owner` held (all, when owner is ""); a
         controller calls this on start, so restarting one replica leaves the others' devices be."""
 
+    # -- leases ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take the lease `name` for `holder` until now_ms + ttl_ms, or renew it; True when `holder`
+        holds it now. It is refused while another holder's lease has not expired, so of the workers
+        and replicas sharing a store exactly one runs the singletons (controller/singletons.py)."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at a clean stop, so another takes it at once rather than at expiry."""
+
+    @abc.abstractmethod
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        """Who holds the lease now; "" when nobody does (never taken, released or expired)."""
+
     # -- commands --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        """Devices whose stream `owner` holds and that have a command never sent: issued by another
+        worker or replica, which could not reach the stream. Each worker sweeps for its own."""
+
     @abc.abstractmethod
     def add_command(self, record: CommandRecord) -> None: ...
 

@@ -269,6 +269,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN cert_not_after_ms BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN revoked_at_ms BIGINT NOT NULL DEFAULT 0;
     """,
+    # Worker processes (issue 18): the singleton lease, and the index for the pending-command sweep.
+    """
+    CREATE TABLE leases (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        holder TEXT COLLATE "C" NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX commands_by_state ON commands (state);
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -523,7 +532,34 @@ class PostgresStore(Store):
                 (owner, owner),
             ).rowcount
 
+    # -- leases ----------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        # One statement: the row is locked by the upsert, so two workers racing get one winner.
+        row = self._one(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (%s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms "
+            "WHERE leases.holder = EXCLUDED.holder OR leases.expires_at_ms <= %s RETURNING holder",
+            (name, holder, now_ms + ttl_ms, now_ms),
+        )
+        return row is not None and row["holder"] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._statement() as cur:
+            cur.execute("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        row = self._one("SELECT holder FROM leases WHERE name = %s AND expires_at_ms > %s", (name, now_ms))
+        return str(row["holder"]) if row else ""
+
     # -- commands --------------------------------------------------------------------------
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        rows = self._all(
+            "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
+            "WHERE c.state = 'pending' AND d.connected AND d.connected_by = %s ORDER BY c.device_id",
+            (owner,),
+        )
+        return [r["device_id"] for r in rows]
+
     def add_command(self, record: CommandRecord) -> None:
         values = dataclasses.asdict(record)
         values["updated_at_ms"] = record.updated_at_ms or record.created_at_ms

@@ -248,6 +248,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN cert_not_after_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN revoked_at_ms INTEGER NOT NULL DEFAULT 0;
     """,
+    # Worker processes of one controller (issue 18): the lease that elects the one running the
+    # rollout engine and the periodic jobs, and an index for the workers' sweep of pending commands.
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX commands_by_state ON commands (state);
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -444,7 +454,38 @@ class SQLiteStore(Store):
                 "UPDATE devices SET connected = 0 WHERE connected = 1 AND (connected_by = ? OR ? = '')", (owner, owner)
             ).rowcount
 
+    # -- leases ----------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= ?",
+                (name, holder, now_ms + ttl_ms, now_ms),
+            )
+            row = db.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT holder FROM leases WHERE name = ? AND expires_at_ms > ?",
+                                   (name, now_ms)).fetchone()
+        return str(row[0]) if row else ""
+
     # -- commands --------------------------------------------------------------------------
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
+                "WHERE c.state = 'pending' AND d.connected = 1 AND d.connected_by = ? ORDER BY c.device_id",
+                (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def add_command(self, record: CommandRecord) -> None:
         with self._tx() as db:
             db.execute(

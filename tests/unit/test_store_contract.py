@@ -251,6 +251,35 @@ class TestStoreContract:
         assert [d.connected for d in store.list_devices()] == [False, True, True]
         assert store.reset_connections() == 2  # no owner: everything
 
+    def test_one_lease_holder_until_it_expires_or_is_released(self, store: Store) -> None:
+        assert store.lease_holder("singletons", NOW) == ""
+        assert store.acquire_lease("singletons", "worker-0", NOW, 3000)
+        assert not store.acquire_lease("singletons", "worker-1", NOW + 1000, 3000)  # held: refused
+        assert store.acquire_lease("singletons", "worker-0", NOW + 2000, 3000)  # renewed until NOW + 5000
+        assert not store.acquire_lease("singletons", "worker-1", NOW + 4999, 3000)
+        assert store.lease_holder("singletons", NOW + 4999) == "worker-0"
+        assert store.acquire_lease("singletons", "worker-1", NOW + 5000, 3000)  # expired: taken over
+        assert not store.acquire_lease("singletons", "worker-0", NOW + 5001, 3000)
+        assert store.acquire_lease("other", "worker-0", NOW, 3000)  # leases are independent
+        store.release_lease("singletons", "worker-0")  # not its holder: changes nothing
+        assert store.lease_holder("singletons", NOW + 5001) == "worker-1"
+        store.release_lease("singletons", "worker-1")
+        assert store.lease_holder("singletons", NOW + 5001) == ""
+        assert store.acquire_lease("singletons", "worker-0", NOW + 5002, 3000)
+
+    def test_pending_commands_are_found_for_the_worker_holding_the_stream(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        store.update_device_session("dev-1", connected=True, last_seen_ms=NOW, owner="worker-0")
+        store.update_device_session("dev-2", connected=True, last_seen_ms=NOW, owner="worker-1")
+        for command_id, device_id in (("c1", "dev-1"), ("c2", "dev-1"), ("c3", "dev-2"), ("c4", "dev-3")):
+            store.add_command(command(command_id, device_id))
+        assert store.devices_with_pending_commands("worker-0") == ["dev-1"]
+        assert store.devices_with_pending_commands("worker-1") == ["dev-2"]
+        store.mark_command_sent("c3", NOW + 1)
+        assert store.devices_with_pending_commands("worker-1") == []
+        store.update_device_session("dev-1", connected=False, last_seen_ms=NOW + 2, owner="worker-0")
+        assert store.devices_with_pending_commands("worker-0") == []
+
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))
         store.enroll_device("hash-tok-1", NOW, device("dev-1"))
