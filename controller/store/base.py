@@ -50,6 +50,17 @@ class AuditRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoginSessionRecord:
+    """A dashboard login (controller/dashboard/sessions.py), in the store so that every worker and
+    replica knows it; only the digest of the session id (the cookie) is stored."""
+
+    session_hash: str
+    token_hash: str           # the operator token it logged in with, re-checked on every request
+    csrf: str
+    expires_at_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
 class EnrollmentTokenRecord:
     token_id: str
     secret_hash: str
@@ -349,6 +360,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def lease_holder(self, name: str, now_ms: int) -> str:
         """Who holds the lease now; "" when nobody does (never taken, released or expired)."""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    @abc.abstractmethod
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        """Store a login; expired ones are dropped, and the oldest once `max_sessions` are stored."""
+
+    @abc.abstractmethod
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None: ...
+
+    @abc.abstractmethod
+    def delete_login_session(self, session_hash: str) -> None: ...
 
     # -- commands --------------------------------------------------------------------------
     @abc.abstractmethod

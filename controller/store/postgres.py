@@ -38,6 +38,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -277,6 +278,13 @@ MIGRATIONS: list[str] = [
         expires_at_ms BIGINT NOT NULL
     );
     CREATE INDEX commands_by_state ON commands (state);
+    CREATE TABLE login_sessions (
+        session_hash TEXT COLLATE "C" PRIMARY KEY,
+        token_hash TEXT COLLATE "C" NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
 ]
 
@@ -550,6 +558,28 @@ class PostgresStore(Store):
     def lease_holder(self, name: str, now_ms: int) -> str:
         row = self._one("SELECT holder FROM leases WHERE name = %s AND expires_at_ms > %s", (name, now_ms))
         return str(row["holder"]) if row else ""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM login_sessions WHERE expires_at_ms <= %s", (now_ms,))
+            row = cur.execute("SELECT COUNT(*) AS n FROM login_sessions").fetchone()
+            count = int(row["n"]) if row else 0
+            if count >= max_sessions:
+                cur.execute("DELETE FROM login_sessions WHERE session_hash IN (SELECT session_hash FROM "
+                            "login_sessions ORDER BY expires_at_ms LIMIT %s)", (count - max_sessions + 1,))
+            cur.execute(
+                "INSERT INTO login_sessions VALUES (%s, %s, %s, %s) ON CONFLICT (session_hash) DO UPDATE SET "
+                "token_hash = EXCLUDED.token_hash, csrf = EXCLUDED.csrf, expires_at_ms = EXCLUDED.expires_at_ms",
+                (record.session_hash, record.token_hash, record.csrf, record.expires_at_ms))
+
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None:
+        row = self._one("SELECT * FROM login_sessions WHERE session_hash = %s", (session_hash,))
+        return LoginSessionRecord(**row) if row else None
+
+    def delete_login_session(self, session_hash: str) -> None:
+        with self._statement() as cur:
+            cur.execute("DELETE FROM login_sessions WHERE session_hash = %s", (session_hash,))
 
     # -- commands --------------------------------------------------------------------------
     def devices_with_pending_commands(self, owner: str) -> list[str]:

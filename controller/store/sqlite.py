@@ -21,6 +21,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -257,6 +258,13 @@ MIGRATIONS: list[str] = [
         expires_at_ms INTEGER NOT NULL
     );
     CREATE INDEX commands_by_state ON commands (state);
+    CREATE TABLE login_sessions (
+        session_hash TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
 ]
 
@@ -475,6 +483,26 @@ class SQLiteStore(Store):
             row = self._db.execute("SELECT holder FROM leases WHERE name = ? AND expires_at_ms > ?",
                                    (name, now_ms)).fetchone()
         return str(row[0]) if row else ""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM login_sessions WHERE expires_at_ms <= ?", (now_ms,))
+            count = db.execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
+            if count >= max_sessions:
+                db.execute("DELETE FROM login_sessions WHERE session_hash IN (SELECT session_hash FROM login_sessions "
+                           "ORDER BY expires_at_ms LIMIT ?)", (count - max_sessions + 1,))
+            db.execute("INSERT OR REPLACE INTO login_sessions VALUES (?, ?, ?, ?)",
+                       (record.session_hash, record.token_hash, record.csrf, record.expires_at_ms))
+
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM login_sessions WHERE session_hash = ?", (session_hash,)).fetchone()
+        return LoginSessionRecord(**dict(row)) if row else None
+
+    def delete_login_session(self, session_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM login_sessions WHERE session_hash = ?", (session_hash,))
 
     # -- commands --------------------------------------------------------------------------
     def devices_with_pending_commands(self, owner: str) -> list[str]:

@@ -25,6 +25,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -266,6 +267,19 @@ class TestStoreContract:
         store.release_lease("singletons", "worker-1")
         assert store.lease_holder("singletons", NOW + 5001) == ""
         assert store.acquire_lease("singletons", "worker-0", NOW + 5002, 3000)
+
+    def test_login_sessions_expire_are_capped_and_end_at_logout(self, store: Store) -> None:
+        first = LoginSessionRecord("s1", "hash-opt-1", "csrf-1", NOW + 1000)
+        store.add_login_session(first, NOW, max_sessions=2)
+        assert store.get_login_session("s1") == first and store.get_login_session("nope") is None
+        store.add_login_session(LoginSessionRecord("s2", "hash-opt-1", "csrf-2", NOW + 2000), NOW, 2)
+        store.add_login_session(LoginSessionRecord("s3", "hash-opt-2", "csrf-3", NOW + 3000), NOW, 2)
+        assert store.get_login_session("s1") is None  # the oldest made room
+        assert store.get_login_session("s2") is not None and store.get_login_session("s3") is not None
+        store.add_login_session(LoginSessionRecord("s4", "hash-opt-2", "csrf-4", NOW + 9000), NOW + 2500, 10)
+        assert store.get_login_session("s2") is None  # expired, dropped at the next login
+        store.delete_login_session("s3")
+        assert store.get_login_session("s3") is None and store.get_login_session("s4") is not None
 
     def test_pending_commands_are_found_for_the_worker_holding_the_stream(self, store: Store) -> None:
         enroll(store, "dev-1", "dev-2", "dev-3")
