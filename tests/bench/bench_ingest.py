@@ -440,6 +440,7 @@ class DrainProc(Proc):
         return self
 
 
+@pytest.mark.timeout(3600)
 def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) -> None:
     largest = max(FLEETS)
     first = ControllerProc(tmp_path, heartbeat_s=DEVICE_PERIOD_S, insecure=True, workers=1).start()
