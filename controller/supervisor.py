@@ -87,8 +87,6 @@ def hold_port(address: str, what: str, hint: str) -> tuple[list[socket.socket], 
             probe = socket.socket(family, kind, proto)
             try:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never a listener
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(sockaddr)
                 sockaddr = (sockaddr[0], probe.getsockname()[1], *sockaddr[2:])
             except OSError as exc:
@@ -98,8 +96,6 @@ def hold_port(address: str, what: str, hint: str) -> tuple[list[socket.socket], 
             guard = socket.socket(family, kind, proto)
             guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                guard.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             guard.bind(sockaddr)  # bound, never listening: no connection is ever queued here
             held.append(guard)
     except BaseException:

@@ -22,10 +22,12 @@ Each run reports, side by side: batches sent and stored per second (the controll
 ``edgefleet_telemetry_batches_total{result="stored"}``, summed over workers by /metrics), the p99
 of ``edgefleet_telemetry_ingest_lag_seconds`` over the window (bucket upper bound), the device-seen
 send-to-ack p99, the CPU of the controller (every process: supervisor and workers) per second and
-per stored batch, the simulators' CPU, and how many batches were never acked 10 s after the sends
-stopped (lost or stuck). The target (the last line, MET or MISSED): 10,000 devices at 5 s with the
-N-worker controller: >= 95% of 2,000 batches/s stored, p99 lag <= 2 s, nothing unacked; 20,000
-devices (4,000/s) the stretch. A missed target does not fail the test; an error does.
+per stored batch, the simulators' CPU, how many batches were never acked 10 s after the sends
+stopped (lost or stuck), and how many streams the controller ended (an overloaded one reads
+messages so late that it finds streams silent for 3 heartbeat intervals). The target (the last
+line, MET or MISSED): 10,000 devices at 5 s with the N-worker controller: >= 95% of 2,000
+batches/s stored, p99 lag <= 2 s, nothing unacked, no stream ended; 20,000 devices (4,000/s) the
+stretch. A missed target does not fail the test; a rejected batch or a failed scrape does.
 
 On a small machine the figures are shared-CPU figures: simulators, controller workers and the
 drain all run on the same cores, so N workers cannot get N cores; the CPU-per-batch column (what
@@ -118,6 +120,8 @@ class Fleet:
     acked: int = 0
     ack_latency: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # batches the controller refused (errors has them too)
+    broken: int = 0  # streams that ended under the device (errors has them too)
 
 
 class SimulatedDevice:
@@ -177,9 +181,11 @@ class SimulatedDevice:
                             self.fleet.ack_latency.append(now - sent_at)
                     for rejected in message.telemetry_ack.rejected:
                         self.fleet.errors.append(f"{self.identity.device_id} seq {rejected.seq}: {rejected.reason}")
+                        self.fleet.rejected.append(self.fleet.errors[-1])
         except grpc.aio.AioRpcError as exc:
             if self.fleet.running:
                 self.fleet.errors.append(f"{self.identity.device_id}: {exc.code().name} {exc.details()}")
+                self.fleet.broken += 1
 
     async def send_loop(self, phase: float) -> None:
         """One batch every fleet.period_s, starting at a random phase so the fleet's sends spread out."""
@@ -234,7 +240,8 @@ async def _simulate(conn: Connection, address: str, identities: list[Identity], 
         while time.monotonic() < deadline and any(d.in_flight for d in devices):
             await asyncio.sleep(0.1)
         unacked = sum(len(d.in_flight) for d in devices)
-        conn.send(("final", fleet.sent, fleet.acked, unacked, fleet.errors[:5]))
+        conn.send(("final", fleet.sent, fleet.acked, unacked, fleet.rejected[:5], fleet.broken,
+                   [e for e in fleet.errors if e not in fleet.rejected][:3]))
     finally:
         fleet.running = False
         for task in senders:
@@ -317,7 +324,9 @@ class RunResult:
     sim_cpu: float = 0.0
     open_s: float = 0.0
     unacked: int = 0
-    errors: list[str] = field(default_factory=list)
+    broken: int = 0  # streams the controller ended (an overloaded one reads too late and finds them silent)
+    rejected: list[str] = field(default_factory=list)
+    stream_errors: list[str] = field(default_factory=list)
 
     @property
     def offered(self) -> float:
@@ -326,14 +335,14 @@ class RunResult:
     @property
     def met(self) -> bool:
         return (self.stored_rate >= 0.95 * self.offered and self.p99_lag <= LAG_TARGET_S and self.unacked == 0
-                and not self.errors)
+                and not self.broken and not self.rejected)
 
     def row(self) -> list[object]:
         ms_per_batch = self.ctrl_cpu / max(self.stored_rate, 1e-9) * 1000
         return [self.name, f"{self.devices}", f"{self.offered:.0f}", f"{self.sent_rate:.0f}",
                 f"{self.stored_rate:.0f}", f"{self.stored_rate / self.offered:.0%}", f"<= {self.p99_lag:g}",
                 f"{self.ack_p99_ms:.0f}", f"{self.ctrl_cpu:.0%}", f"{ms_per_batch:.3f}", f"{self.sim_cpu:.0%}",
-                f"{self.unacked}", f"{self.open_s:.0f}", "ok" if self.met else "missed"]
+                f"{self.unacked}", f"{self.broken}", f"{self.open_s:.0f}", "ok" if self.met else "missed"]
 
 
 def run_fleet(target: Target, identities: list[Identity], seq_base: int) -> RunResult:
@@ -385,7 +394,9 @@ def run_fleet(target: Target, identities: list[Identity], seq_base: int) -> RunR
         result.sim_cpu = sum(m1[4] - m0[4] for m0, m1 in zip(marks0, marks1, strict=True)) / elapsed
         finals = ask("stop")
         result.unacked = sum(int(f[3]) for f in finals)
-        result.errors = [e for f in finals for e in f[4]]
+        result.rejected = [e for f in finals for e in f[4]]
+        result.broken = sum(int(f[5]) for f in finals)
+        result.stream_errors = [e for f in finals for e in f[6]]
     finally:
         for pipe in pipes:
             with contextlib.suppress(OSError):
@@ -485,7 +496,8 @@ def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) ->
     print_table(f"Telemetry ingest: devices every {DEVICE_PERIOD_S:g} s, {LEVEL_S} s windows, {SIMULATORS} simulator "
                 f"processes; everything shares this machine's {cores} cores",
                 ["target", "devices", "offered/s", "sent/s", "stored/s", "stored/offered", "p99 lag s (bucket)",
-                 "ack p99 ms", "ctrl CPU", "ctrl CPU ms/batch", "simulators CPU", "unacked", "open s", "verdict"],
+                 "ack p99 ms", "ctrl CPU", "ctrl CPU ms/batch", "simulators CPU", "unacked", "streams ended", "open s",
+                 "verdict"],
                 [r.row() for r in results])
     print(f"ctrl CPU is the sum over the controller's processes (supervisor + workers); ms/batch bounds what it "
           f"stores per core: 1000 / (ms/batch) batches/s per core it has to itself. Here the {SIMULATORS} "
@@ -496,7 +508,10 @@ def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) ->
     print_table("Where the controller's CPU per batch goes (same batch, timed in this process)",
                 ["step (controller/telemetry/ingest.py)", "CPU ms/batch"], per_batch_costs())
     for r in results:
-        assert not r.errors, (r.name, r.devices, r.errors)
+        if r.broken:
+            print(f"{r.name}, {r.devices} devices: {r.broken} streams ended, e.g. {r.stream_errors[:2]}")
+    for r in results:  # a refused batch is a bug; streams ended by an overloaded controller are a result
+        assert not r.rejected, (r.name, r.devices, r.rejected)
     by = {(r.name, r.devices): r for r in results}
     checks = []
     for devices, label in ((10_000, "target"), (20_000, "stretch")):
@@ -507,5 +522,5 @@ def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) ->
         r = found
         checks.append((f"{label} {devices} devices every {DEVICE_PERIOD_S:g} s on {WORKERS} workers: stored "
                        f"{r.stored_rate:.0f}/s >= {0.95 * r.offered:.0f}/s, p99 lag <= {r.p99_lag:g} s "
-                       f"(<= {LAG_TARGET_S:g}), unacked {r.unacked} (0)", r.met))
+                       f"(<= {LAG_TARGET_S:g}), unacked {r.unacked} (0), streams ended {r.broken} (0)", r.met))
     report_targets("telemetry ingest", checks)

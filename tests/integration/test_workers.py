@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_postgres_controller import store_url  # noqa: F401  (the fresh-schema fixture)
 
 from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S
+from edgefleet.protos.v1 import control_pb2
 from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -121,6 +122,11 @@ def test_workers_share_the_ports_and_a_killed_worker_loses_nothing(tmp_path: Pat
     time.sleep(SNAPSHOT_INTERVAL_S * 1.5)  # the first answer may have come from the worker holding them all
     for _ in range(4):
         assert fleet_view() == whole
+    # `telemetry watch` (TelemetrySummary) reads the store: the whole fleet from either worker too.
+    for _ in range(4):
+        controller.close_channel()  # a new connection, which may land on the other worker
+        rows = controller.call("TelemetrySummary", control_pb2.TelemetrySummaryRequest()).rows
+        assert {r.device_id for r in rows if r.online and r.last_batch_unix_ms} == set(ids)
 
     # SIGKILL the worker holding the most streams; the supervisor restarts it, its devices come back.
     by_worker: dict[int, int] = {}
