@@ -10,8 +10,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -32,9 +33,12 @@ from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.fleet.sessions import DeviceSessions
 from edgefleet.controller.rollouts.engine import RolloutEngine
 from edgefleet.controller.rollouts.signing import ensure_signing_key, trusted_public_pems
+from edgefleet.controller.singletons import SingletonLease
 from edgefleet.controller.store import open_store
 from edgefleet.controller.store.artifacts import ArtifactStore
+from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry.ingest import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
+from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S, SharedLiveTelemetry
 from edgefleet.controller.telemetry.metrics import DEFAULT_PER_DEVICE_CAP
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
@@ -48,6 +52,11 @@ ENDPOINT_FILE = "controller.json"
 RPC_GRACE_S = 0.5
 JOB_STOP_S = 0.5
 MQTT_STOP_S = 0.5
+# How often each process looks in the store for commands another one issued to a stream it holds.
+PENDING_COMMANDS_S = 0.5
+# Worker ids a start clears stale sessions of (`--workers` is at most this).
+MAX_WORKERS = 32
+WORKERS_DIR = "workers"  # STATE_DIR/workers: the workers' shared metrics and live telemetry
 
 
 class BindError(Exception):
@@ -74,12 +83,46 @@ class ControllerConfig:
     tls_sans: tuple[str, ...] = DEFAULT_TLS_SANS
     cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S
     metrics_per_device: int | None = DEFAULT_PER_DEVICE_CAP  # devices with per-device /metrics series; None: all
+    # Set by the supervisor (controller/supervisor.py) in each of its worker processes: the index,
+    # and the supervisor's pid (the worker stops when it is gone). Workers share the ports.
+    worker_index: int | None = None
+    supervisor_pid: int = 0
 
     def device_address(self) -> str:
         if self.device_grpc_address:
             return self.device_grpc_address
         host, port = split_address(self.grpc_address)
         return f"{host}:{port + 1 if port else 0}"
+
+
+def worker_replica_id(grpc_address: str, index: int | None) -> str:
+    """A process's replica id: what its device rows' connected_by, its MQTT client id and its lease name."""
+    base = replica_client_id(grpc_address)
+    return base if index is None else f"{base}-w{index}"
+
+
+def prepare_state_dir(config: ControllerConfig) -> None:
+    """What the first start creates (schema, operator token, signing key, CA, broker logins), done
+    once before worker processes start, so they never race to create it; and every session a
+    previous run of this controller (any worker count) left marked open is closed."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(config.store_url or config.state_dir / "controller.db")
+    try:
+        auth.ensure_operator_token(store, config.state_dir)
+        ensure_signing_key(config.state_dir)
+        if not config.insecure:
+            DeviceCA(config.state_dir, cert_lifetime_s=config.cert_lifetime_s, tls_sans=config.tls_sans)
+        if config.mqtt_url:
+            broker_auth(config.mqtt_url, config.mqtt, config.state_dir)
+        reset_previous_sessions(store, config.grpc_address)
+    finally:
+        store.close()
+
+
+def reset_previous_sessions(store: Store, grpc_address: str) -> int:
+    """Close the sessions this controller's processes (single or workers) held before a restart."""
+    owners = [worker_replica_id(grpc_address, None)] + [worker_replica_id(grpc_address, i) for i in range(MAX_WORKERS)]
+    return sum(store.reset_connections(owner) for owner in owners)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -94,9 +137,14 @@ class Controller:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(config.store_url or config.state_dir / "controller.db")
-        # Streams this replica held before a restart are gone; other replicas' are not.
-        self.replica = replica_client_id(config.grpc_address)
-        stale = self.store.reset_connections(self.replica)
+        # Streams this replica held before a restart are gone; other replicas' are not. A worker
+        # clears only its own: its peers' streams are alive (the supervisor cleared the rest).
+        self.worker = config.worker_index
+        self.replica = worker_replica_id(config.grpc_address, self.worker)
+        if self.worker is None:
+            stale = reset_previous_sessions(self.store, config.grpc_address)
+        else:
+            stale = self.store.reset_connections(self.replica)
         if stale:
             log.info("cleared stale sessions from a previous run", extra={"devices": stale})
         self.operator_token_path = auth.ensure_operator_token(self.store, config.state_dir)
@@ -118,7 +166,21 @@ class Controller:
         self.commands = CommandDispatcher(self.store, self.presence)
         self.rollouts: RolloutEngine | None = None
         registry = CollectorRegistry()
-        self.live = LiveTelemetry()
+        self.live: LiveTelemetry = LiveTelemetry()
+        self.shared_live: SharedLiveTelemetry | None = None
+        exposed = registry
+        if self.worker is not None:
+            # Counters and histograms go to prometheus_client's multiprocess files (the supervisor
+            # set PROMETHEUS_MULTIPROC_DIR), and /metrics in any worker sums every worker's; the
+            # live view is merged from the workers' snapshot files (telemetry/live_share.py).
+            from prometheus_client import multiprocess
+
+            exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(exposed)
+            self.shared_live = SharedLiveTelemetry(config.state_dir / WORKERS_DIR / "live", self.worker)
+            if self.shared_live.restore():
+                log.info("live telemetry restored from the previous worker")  # `worker=` is on every line
+            self.live = self.shared_live
         self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
         self.ingest.listeners.append(self.live)
         # The one device-session layer both transports translate to and from.
@@ -129,7 +191,7 @@ class Controller:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, sessions=self.sessions, auth=logins,
                                    default_client_id=self.replica)
             self.commands.issue_listeners.append(self.mqtt.publish_desired)
-        self.http = HttpApi(self.store, self.presence, self.live, registry,
+        self.http = HttpApi(self.store, self.presence, self.live, exposed,
                             metrics_per_device=config.metrics_per_device)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
@@ -138,7 +200,7 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._ingest_task: asyncio.Task[None] | None = None
-        self._rollouts_task: asyncio.Task[None] | None = None
+        self.lease = SingletonLease(self.store, self.replica, self._singletons)
 
     async def start(self) -> None:
         server = grpc.aio.server(
@@ -146,7 +208,9 @@ class Controller:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),  # a second controller on the same port must fail, not share
+                # A second controller on the same port must fail, not share; the workers of one
+                # controller share it (its supervisor holds the port so that no other can).
+                ("grpc.so_reuseport", 0 if self.worker is None else 1),
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -178,7 +242,7 @@ class Controller:
         if self.config.http_address:
             http_host, http_port = split_address(self.config.http_address)
             try:
-                self.http_port = self.http.start(http_host, http_port)
+                self.http_port = self.http.start(http_host, http_port, share_port=self.worker is not None)
             except OSError as exc:
                 await server.stop(None)
                 raise BindError(
@@ -191,14 +255,16 @@ class Controller:
         self._server = server
         assert self.rollouts is not None  # made with the servicers, on this loop
         self._ingest_task = asyncio.create_task(self.ingest.run())
-        self._rollouts_task = asyncio.create_task(self.rollouts.run())
+        await self.lease.step()  # a lone controller (or the first worker) runs its rollouts at once
         self._tasks = [
             self._ingest_task,
-            self._rollouts_task,
+            asyncio.create_task(self.lease.run(self._stopping)),
             asyncio.create_task(self._flush_presence()),
             asyncio.create_task(self._expire_silent_sessions()),
-            asyncio.create_task(self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups")),
+            asyncio.create_task(self._deliver_pending_commands()),
         ]
+        if self.shared_live is not None:
+            self._tasks.append(asyncio.create_task(self._share_live_telemetry()))
         endpoint = {
             "grpc": f"{host}:{self.grpc_port}",
             "device_grpc": f"{split_address(self.config.device_address())[0]}:{self.device_port}",
@@ -207,8 +273,12 @@ class Controller:
             if self.config.http_address and self.http_port else "",
             "pid": os.getpid(),
         }
-        atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
-        log.info("controller listening", extra=endpoint)
+        self.endpoint = endpoint
+        if self.worker is None:  # a worker's supervisor writes the one file for all of them
+            atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
+            log.info("controller listening", extra=endpoint)
+        else:
+            log.info("worker listening", extra=endpoint)
 
     def _bind(self, server: grpc.aio.Server, address: str, option: str, *, client_auth: bool) -> int:
         """Listen on `address`: plaintext under --insecure, else TLS with the CA's server certificate,
@@ -234,12 +304,42 @@ class Controller:
         )
         return self.rollouts
 
-    async def _running_after(self, seconds: float) -> bool:
+    def _singletons(self, stopping: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
+        """What only the lease holder runs (controller/singletons.py): the rollout engine, and the
+        rollups and retention, which touch every device's telemetry."""
+        assert self.rollouts is not None
+        return [
+            _until(stopping, self.rollouts.run()),  # it has no stop of its own; it stops at an await
+            self._every(self.config.rollup_interval_s, self._maintain_telemetry, "rollups", stopping),
+        ]
+
+    async def _running_after(self, seconds: float, stopping: asyncio.Event | None = None) -> bool:
         """Wait `seconds`; False at once when the controller is stopping, so a periodic job ends
         between two runs rather than being cancelled inside one (its thread would go on alone)."""
+        stopping = stopping or self._stopping
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        return not self._stopping.is_set()
+            await asyncio.wait_for(stopping.wait(), seconds)
+        return not stopping.is_set() and not self._stopping.is_set()
+
+    async def _deliver_pending_commands(self) -> None:
+        """Send the commands that another worker or replica issued to a stream held here."""
+        while await self._running_after(PENDING_COMMANDS_S):
+            try:
+                devices = await asyncio.to_thread(self.store.devices_with_pending_commands, self.replica)
+                for device_id in devices:
+                    if self.presence.sender(device_id) is not None:
+                        self.commands.deliver_open(device_id)
+            except Exception:
+                log.exception("periodic job failed", extra={"job": "pending commands"})
+
+    async def _share_live_telemetry(self) -> None:
+        """A worker's live view, written for its peers' /metrics and dashboard (telemetry/live_share.py)."""
+        assert self.shared_live is not None
+        while await self._running_after(SNAPSHOT_INTERVAL_S):
+            try:
+                await asyncio.to_thread(self.shared_live.write)
+            except Exception:
+                log.exception("periodic job failed", extra={"job": "live telemetry snapshot"})
 
     async def _flush_presence(self) -> None:
         """last_seen to the store in one batch per interval: taken on the loop, written off it."""
@@ -257,14 +357,15 @@ class Controller:
             if expired:
                 log.info("ended silent sessions", extra={"sessions": expired})
 
-    async def _every(self, interval_s: float, job: Callable[[], object], name: str) -> None:
+    async def _every(self, interval_s: float, job: Callable[[], object], name: str,
+                     stopping: asyncio.Event | None = None) -> None:
         """Run `job` at once, then every `interval_s`: after a restart the first run catches up."""
         while True:
             try:
                 await asyncio.to_thread(job)
             except Exception:
                 log.exception("periodic job failed", extra={"job": name})
-            if not await self._running_after(interval_s):
+            if not await self._running_after(interval_s, stopping):
                 return
 
     def _maintain_telemetry(self) -> None:
@@ -286,9 +387,8 @@ class Controller:
         started = time.monotonic()
         self._stopping.set()
         rpcs = asyncio.create_task(self._server.stop(grace_s)) if self._server else None
-        if self._rollouts_task is not None:
-            self._rollouts_task.cancel()  # it has no stop of its own; on the loop, it stops at an await
-        jobs = [t for t in self._tasks if t is not self._ingest_task]
+        singletons = asyncio.create_task(self.lease.stop_singletons(JOB_STOP_S))
+        jobs = [t for t in self._tasks if t is not self._ingest_task] + [singletons]
         _, stuck = await asyncio.wait(jobs, timeout=JOB_STOP_S) if jobs else (set(), set())
         for task in stuck:  # a job still in a store write: nothing of it was acked
             task.cancel()
@@ -307,17 +407,46 @@ class Controller:
                 log.warning("MQTT bridge did not stop in time; its connection is dropped",
                             extra={"timeout_s": MQTT_STOP_S})
         self.presence.flush()
+        await self.lease.release(JOB_STOP_S)
+        if self.shared_live is not None:
+            with contextlib.suppress(Exception):
+                self.shared_live.write()  # what a worker restarted in this one's place starts from
         # No rollups here: the minutes that need one are marked in the store with the raw points,
         # and the maintenance job's first run after the restart builds them. At 1,000 devices
         # building them here took half a second of the stop.
         self.http.stop()
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.state_dir / ENDPOINT_FILE).unlink()
+        if self.worker is None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.state_dir / ENDPOINT_FILE).unlink()
         self.store.close()
         log.info("controller stopped", extra={"took_s": round(time.monotonic() - started, 3)})
 
 
-async def serve(config: ControllerConfig) -> None:
+async def _until(stopping: asyncio.Event, job: Coroutine[Any, Any, None]) -> None:
+    """Run `job` until it returns or `stopping` is set; then cancel it."""
+    task = asyncio.create_task(job)
+    waiter = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, waiter):
+            t.cancel()
+        await asyncio.wait([task, waiter])
+
+
+async def _watch_supervisor(pid: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (SIGKILLed) stops too, rather than serving on alone."""
+    while not stop.is_set():
+        if os.getppid() != pid:
+            log.warning("supervisor gone; worker stopping", extra={"supervisor_pid": pid})
+            stop.set()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def serve(config: ControllerConfig, ready: Callable[[dict[str, object]], None] | None = None) -> None:
+    """Run one controller process until SIGINT/SIGTERM; `ready` is called with its endpoint once it serves."""
     controller = Controller(config)
     try:
         await controller.start()
@@ -328,7 +457,12 @@ async def serve(config: ControllerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_watch_supervisor(config.supervisor_pid, stop)) if config.supervisor_pid else None
+    if ready is not None:
+        ready(controller.endpoint)
     await stop.wait()
+    if watch is not None:
+        await watch
     log.info("stopping", extra={"grace_s": RPC_GRACE_S})
     await controller.stop()
 

@@ -91,10 +91,15 @@ class Proc:
 
 class ControllerProc(Proc):
     """TLS by default (Control and Enroll on `grpc_address`, mutual TLS for devices on
-    `device_address`); `insecure=True` runs it with --insecure, plaintext with device secrets."""
+    `device_address`); `insecure=True` runs it with --insecure, plaintext with device secrets.
+    One process (--workers 1) unless `workers` or EDGEFLEET_TEST_CONTROLLER_WORKERS says otherwise:
+    the suite's controllers start faster so, and tests/integration/test_workers.py covers several
+    (EDGEFLEET_TEST_CONTROLLER_WORKERS=2 runs every test's controller with two)."""
 
     def __init__(self, tmp: Path, heartbeat_s: float = HEARTBEAT_S, extra_args: list[str] | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, workers: int | None = None) -> None:
+        if workers is None:
+            workers = int(os.environ.get("EDGEFLEET_TEST_CONTROLLER_WORKERS", "1"))
         self.state_dir = tmp / "controller"
         self.insecure = insecure
         self.grpc_address = f"127.0.0.1:{free_port()}"
@@ -105,7 +110,7 @@ class ControllerProc(Proc):
             "controller",
             [sys.executable, "-m", "edgefleet.controller.cli", "controller", "serve",
              "--state-dir", str(self.state_dir), "--grpc", self.grpc_address, "--http", self.http_address,
-             "--heartbeat-interval", f"{heartbeat_s}s", *transport, *(extra_args or [])],
+             "--heartbeat-interval", f"{heartbeat_s}s", "--workers", str(workers), *transport, *(extra_args or [])],
             tmp / "controller.log",
         )
         self._channel: grpc.Channel | None = None

@@ -28,6 +28,13 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
+class _SharedPortWSGIServer(_ThreadingWSGIServer):
+    """For the worker processes of one controller: each binds the HTTP port with SO_REUSEPORT and the
+    kernel spreads connections among them (every worker answers for the whole fleet)."""
+
+    allow_reuse_port = True
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # access logs would drown the key=value log
         pass
@@ -57,9 +64,11 @@ class HttpApi:
             return [body]
         return self.dashboard(environ, start_response)
 
-    def start(self, host: str, port: int) -> int:
-        """Bind and serve on a daemon thread; returns the bound port (0 picks a free one)."""
-        self._server = make_server(host, port, self.app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+    def start(self, host: str, port: int, *, share_port: bool = False) -> int:
+        """Bind and serve on a daemon thread; returns the bound port (0 picks a free one).
+        `share_port`: SO_REUSEPORT, for worker processes that serve one port together."""
+        server_class = _SharedPortWSGIServer if share_port else _ThreadingWSGIServer
+        self._server = make_server(host, port, self.app, server_class, handler_class=_QuietHandler)
         # A short poll: `stop` waits for the serving loop to notice, and the controller's stop is timed.
         threading.Thread(target=self._server.serve_forever, args=(0.05,), name="http", daemon=True).start()
         return self._server.server_port

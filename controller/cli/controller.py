@@ -82,12 +82,15 @@ def mqtt_settings(values: dict[str, Any]) -> dict[str, Any]:
               help="How many devices get per-device series on /metrics (the first N by id); fleet and per-class "
                    "series always cover every device, and edgefleet_metrics_per_device_omitted_devices counts "
                    "the devices left out.")
+@click.option("--workers", type=int, default=None, metavar="N",
+              help="Worker processes sharing the ports, store and broker (default: the number of cores, "
+                   "at most 4); 1 serves everything in this process.")
 @mqtt_serve_options  # issue 7
 @click.pass_obj
 def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, http_address: str,
                      heartbeat_interval: str, store_url: str | None, device_grpc_address: str | None,
                      tls_sans: str, cert_lifetime: str, insecure: bool, metrics_per_device: str,
-                     **mqtt: Any) -> None:
+                     workers: int | None, **mqtt: Any) -> None:
     """Serve agents (Fleet) and operators (Control) until SIGINT/SIGTERM."""
     from edgefleet.common.shutdown import run_until_stopped
     from edgefleet.controller.server import BindError, ControllerConfig, serve, split_address
@@ -105,6 +108,11 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
                 split_address(address)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint=name) from None
+    from edgefleet.controller.server import MAX_WORKERS
+    from edgefleet.controller.supervisor import default_workers
+
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise click.BadParameter(f"must be between 1 and {MAX_WORKERS}", param_hint="--workers")
     interval = duration_option(heartbeat_interval, "--heartbeat-interval")
     if insecure and mqtt.get("mqtt_client_certs"):
         raise click.BadParameter("device certificates need TLS; drop --insecure", param_hint="--mqtt-client-certs")
@@ -130,6 +138,13 @@ def controller_serve(obj: Context, state_dir: Path | None, grpc_address: str, ht
     from edgefleet.controller.store import StoreUnavailable
 
     try:
-        run_until_stopped(serve(config))  # not asyncio.run: it would wait on threads still busy at stop
+        if (workers or default_workers()) == 1:
+            run_until_stopped(serve(config))  # not asyncio.run: it would wait on threads still busy at stop
+        else:
+            import logging
+
+            from edgefleet.controller.supervisor import supervise
+
+            supervise(config, workers or default_workers(), logging.getLevelName(logging.getLogger().level).lower())
     except (BindError, MqttConfigError, StoreUnavailable) as exc:
         raise UserError(str(exc)) from None

@@ -1,7 +1,9 @@
 """Dashboard logins: a server-side session id in an HttpOnly cookie, never the operator token itself.
 
 The session keeps the token's digest, so every request re-reads the token: revoking or expiring it
-ends its dashboard sessions at once. Each session has its own CSRF token, sent back in every form and
+ends its dashboard sessions at once. Sessions are kept in the store (the session id's digest), so
+every worker of a controller (`serve --workers N`) and every replica knows a login made in another,
+and a logout in one ends it in all. Each session has its own CSRF token, sent back in every form and
 checked on every POST (the SameSite=Strict cookie already keeps other sites' posts out; this also
 covers same-site pages we do not control).
 """
@@ -11,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import secrets
-import threading
 import time
 from collections.abc import Callable
 
 from edgefleet.controller.fleet import credentials as auth
-from edgefleet.controller.store.base import OperatorTokenRecord, Store
+from edgefleet.controller.store.base import LoginSessionRecord, OperatorTokenRecord, Store
 
 COOKIE_NAME = "edgefleet_session"
 SESSION_TTL_S = 12 * 3600
@@ -39,8 +40,6 @@ class LoginSessions:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
-        self._sessions: dict[str, LoginSession] = {}
-        self._lock = threading.Lock()
 
     def login(self, token: str) -> LoginSession:
         token = token.strip()
@@ -50,19 +49,17 @@ class LoginSessions:
             raise LoginRefused("that operator token is not valid" if record is None else refusal or "")
         session = LoginSession(secrets.token_urlsafe(32), record.token_hash, secrets.token_urlsafe(24),
                                self.clock() + SESSION_TTL_S)
-        with self._lock:
-            if len(self._sessions) >= MAX_SESSIONS:
-                oldest = min(self._sessions.values(), key=lambda s: s.expires_at)
-                del self._sessions[oldest.session_id]
-            self._sessions[session.session_id] = session
+        self.store.add_login_session(
+            LoginSessionRecord(auth.digest(session.session_id), session.token_hash, session.csrf,
+                               int(session.expires_at * 1000)), int(self.clock() * 1000), MAX_SESSIONS)
         return session
 
     def lookup(self, session_id: str) -> tuple[LoginSession, OperatorTokenRecord] | None:
         """The live session and its token, or None when either is gone, expired or revoked."""
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
+        stored = self.store.get_login_session(auth.digest(session_id))
+        if stored is None:
             return None
+        session = LoginSession(session_id, stored.token_hash, stored.csrf, stored.expires_at_ms / 1000)
         if session.expires_at <= self.clock():
             self.logout(session_id)
             return None
@@ -73,8 +70,7 @@ class LoginSessions:
         return session, record
 
     def logout(self, session_id: str) -> None:
-        with self._lock:
-            self._sessions.pop(session_id, None)
+        self.store.delete_login_session(auth.digest(session_id))
 
 
 def csrf_matches(session: LoginSession, offered: str) -> bool:

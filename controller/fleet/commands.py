@@ -29,6 +29,8 @@ INSTALLED_RESULTS = ("committed", "already_installed")
 # A command in one of these may still be delivered and acked; finish_command moves it to "done".
 OPEN_COMMAND_STATES = ("pending", "sent")
 FINISHED_COMMAND_STATES = ("done", "expired")
+# How often `wait` looks in the store for an outcome recorded by another process.
+WAIT_POLL_S = 0.25
 
 
 def command_expired(record: CommandRecord, now_ms: int) -> bool:
@@ -148,9 +150,26 @@ class CommandDispatcher:
             raise NotFound(f"no command {command_id!r}")
         if record.state in FINISHED_COMMAND_STATES:
             return record
-        future: asyncio.Future[CommandRecord] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[CommandRecord] = loop.create_future()
         self._waiters.setdefault(command_id, []).append(future)
+        deadline = loop.time() + timeout_s
         try:
-            return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            return self.store.get_command(command_id) or record
+            while True:
+                # The ack may come to another worker or replica (the one holding the device's
+                # stream), which finishes the command in the store but cannot wake this future.
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future),
+                                                  max(0.0, min(WAIT_POLL_S, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    current = await asyncio.to_thread(self.store.get_command, command_id)
+                    if current is not None and current.state in FINISHED_COMMAND_STATES:
+                        return current
+                    if loop.time() >= deadline:
+                        return current or record
+        finally:
+            waiters = self._waiters.get(command_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(command_id, None)

@@ -50,6 +50,17 @@ class AuditRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoginSessionRecord:
+    """A dashboard login (controller/dashboard/sessions.py), in the store so that every worker and
+    replica knows it; only the digest of the session id (the cookie) is stored."""
+
+    session_hash: str
+    token_hash: str           # the operator token it logged in with, re-checked on every request
+    csrf: str
+    expires_at_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
 class EnrollmentTokenRecord:
     token_id: str
     secret_hash: str
@@ -357,7 +368,38 @@ class Store(abc.ABC):
         """Mark disconnected the devices whose stream `owner` held (all, when owner is ""); a
         controller calls this on start, so restarting one replica leaves the others' devices be."""
 
+    # -- leases ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take the lease `name` for `holder` until now_ms + ttl_ms, or renew it; True when `holder`
+        holds it now. It is refused while another holder's lease has not expired, so of the workers
+        and replicas sharing a store exactly one runs the singletons (controller/singletons.py)."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at a clean stop, so another takes it at once rather than at expiry."""
+
+    @abc.abstractmethod
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        """Who holds the lease now; "" when nobody does (never taken, released or expired)."""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    @abc.abstractmethod
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        """Store a login; expired ones are dropped, and the oldest once `max_sessions` are stored."""
+
+    @abc.abstractmethod
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None: ...
+
+    @abc.abstractmethod
+    def delete_login_session(self, session_hash: str) -> None: ...
+
     # -- commands --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        """Devices whose stream `owner` holds and that have a command never sent: issued by another
+        worker or replica, which could not reach the stream. Each worker sweeps for its own."""
+
     @abc.abstractmethod
     def add_command(self, record: CommandRecord) -> None: ...
 

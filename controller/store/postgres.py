@@ -39,6 +39,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -269,6 +270,22 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN previous_cert_serial TEXT NOT NULL DEFAULT '';
     ALTER TABLE devices ADD COLUMN cert_not_after_ms BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN revoked_at_ms BIGINT NOT NULL DEFAULT 0;
+    """,
+    # Worker processes (issue 18): the singleton lease, and the index for the pending-command sweep.
+    """
+    CREATE TABLE leases (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        holder TEXT COLLATE "C" NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX commands_by_state ON commands (state);
+    CREATE TABLE login_sessions (
+        session_hash TEXT COLLATE "C" PRIMARY KEY,
+        token_hash TEXT COLLATE "C" NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
 ]
 
@@ -543,7 +560,56 @@ class PostgresStore(Store):
                 (owner, owner),
             ).rowcount
 
+    # -- leases ----------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        # One statement: the row is locked by the upsert, so two workers racing get one winner.
+        row = self._one(
+            "INSERT INTO leases (name, holder, expires_at_ms) VALUES (%s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms "
+            "WHERE leases.holder = EXCLUDED.holder OR leases.expires_at_ms <= %s RETURNING holder",
+            (name, holder, now_ms + ttl_ms, now_ms),
+        )
+        return row is not None and row["holder"] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._statement() as cur:
+            cur.execute("DELETE FROM leases WHERE name = %s AND holder = %s", (name, holder))
+
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        row = self._one("SELECT holder FROM leases WHERE name = %s AND expires_at_ms > %s", (name, now_ms))
+        return str(row["holder"]) if row else ""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM login_sessions WHERE expires_at_ms <= %s", (now_ms,))
+            row = cur.execute("SELECT COUNT(*) AS n FROM login_sessions").fetchone()
+            count = int(row["n"]) if row else 0
+            if count >= max_sessions:
+                cur.execute("DELETE FROM login_sessions WHERE session_hash IN (SELECT session_hash FROM "
+                            "login_sessions ORDER BY expires_at_ms LIMIT %s)", (count - max_sessions + 1,))
+            cur.execute(
+                "INSERT INTO login_sessions VALUES (%s, %s, %s, %s) ON CONFLICT (session_hash) DO UPDATE SET "
+                "token_hash = EXCLUDED.token_hash, csrf = EXCLUDED.csrf, expires_at_ms = EXCLUDED.expires_at_ms",
+                (record.session_hash, record.token_hash, record.csrf, record.expires_at_ms))
+
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None:
+        row = self._one("SELECT * FROM login_sessions WHERE session_hash = %s", (session_hash,))
+        return LoginSessionRecord(**row) if row else None
+
+    def delete_login_session(self, session_hash: str) -> None:
+        with self._statement() as cur:
+            cur.execute("DELETE FROM login_sessions WHERE session_hash = %s", (session_hash,))
+
     # -- commands --------------------------------------------------------------------------
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        rows = self._all(
+            "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
+            "WHERE c.state = 'pending' AND d.connected AND d.connected_by = %s ORDER BY c.device_id",
+            (owner,),
+        )
+        return [r["device_id"] for r in rows]
+
     def add_command(self, record: CommandRecord) -> None:
         values = dataclasses.asdict(record)
         values["updated_at_ms"] = record.updated_at_ms or record.created_at_ms

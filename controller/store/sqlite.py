@@ -10,7 +10,9 @@ for nothing but its own query.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import weakref
@@ -30,6 +32,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -257,6 +260,23 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN cert_not_after_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE devices ADD COLUMN revoked_at_ms INTEGER NOT NULL DEFAULT 0;
     """,
+    # Worker processes of one controller (issue 18): the lease that elects the one running the
+    # rollout engine and the periodic jobs, and an index for the workers' sweep of pending commands.
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX commands_by_state ON commands (state);
+    CREATE TABLE login_sessions (
+        session_hash TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        csrf TEXT NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -269,6 +289,11 @@ class SQLiteStore(Store):
         self.path = str(path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        # Writers of other processes (the workers of `serve --workers N`) queue on this file lock
+        # rather than on SQLite's busy handler, which sleeps up to 100 ms between tries: two
+        # workers ingesting at once stored less than one alone. A flock waiter wakes at the release.
+        self._write_lock_fd = -1 if self.path == ":memory:" else os.open(
+            self.path + ".writelock", os.O_CREAT | os.O_RDWR, 0o600)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -305,13 +330,19 @@ class SQLiteStore(Store):
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: writers queue instead of failing half-way."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._write_lock_fd >= 0:
+                fcntl.flock(self._write_lock_fd, fcntl.LOCK_EX)
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if self._write_lock_fd >= 0:
+                    fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -495,7 +526,58 @@ class SQLiteStore(Store):
                 "UPDATE devices SET connected = 0 WHERE connected = 1 AND (connected_by = ? OR ? = '')", (owner, owner)
             ).rowcount
 
+    # -- leases ----------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO leases (name, holder, expires_at_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at_ms <= ?",
+                (name, holder, now_ms + ttl_ms, now_ms),
+            )
+            row = db.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+        return row is not None and row[0] == holder
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str, now_ms: int) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT holder FROM leases WHERE name = ? AND expires_at_ms > ?",
+                                   (name, now_ms)).fetchone()
+        return str(row[0]) if row else ""
+
+    # -- dashboard login sessions ------------------------------------------------------------
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM login_sessions WHERE expires_at_ms <= ?", (now_ms,))
+            count = db.execute("SELECT COUNT(*) FROM login_sessions").fetchone()[0]
+            if count >= max_sessions:
+                db.execute("DELETE FROM login_sessions WHERE session_hash IN (SELECT session_hash FROM login_sessions "
+                           "ORDER BY expires_at_ms LIMIT ?)", (count - max_sessions + 1,))
+            db.execute("INSERT OR REPLACE INTO login_sessions VALUES (?, ?, ?, ?)",
+                       (record.session_hash, record.token_hash, record.csrf, record.expires_at_ms))
+
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM login_sessions WHERE session_hash = ?", (session_hash,)).fetchone()
+        return LoginSessionRecord(**dict(row)) if row else None
+
+    def delete_login_session(self, session_hash: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM login_sessions WHERE session_hash = ?", (session_hash,))
+
     # -- commands --------------------------------------------------------------------------
+    def devices_with_pending_commands(self, owner: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
+                "WHERE c.state = 'pending' AND d.connected = 1 AND d.connected_by = ? ORDER BY c.device_id",
+                (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def add_command(self, record: CommandRecord) -> None:
         with self._tx() as db:
             db.execute(
@@ -760,6 +842,9 @@ class SQLiteStore(Store):
             for reader in list(self._readers):
                 reader.db.close()
             self._db.close()
+            if self._write_lock_fd >= 0:
+                os.close(self._write_lock_fd)
+                self._write_lock_fd = -1
 
 
 class _Reader:

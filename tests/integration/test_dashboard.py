@@ -64,7 +64,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("dashboard")
     procs: list[Proc] = []
     try:
-        controller = ControllerProc(tmp)
+        # Two worker processes (issue 18): every page, its live part and the pause/resume buttons are
+        # answered by whichever worker the browser's connection lands on, and the rollout engine runs
+        # in the one holding the singleton lease, which may not be that one.
+        controller = ControllerProc(tmp, workers=2)
         procs.append(controller)
         controller.start()
         token = controller.create_token(uses=2)

@@ -16,7 +16,7 @@ from edgefleet.controller.dashboard.sessions import LoginSessions, csrf_matches
 from edgefleet.controller.dashboard.views import PAGE_SIZE, DashboardData
 from edgefleet.controller.fleet import credentials as auth
 from edgefleet.controller.fleet.presence import PresenceTracker
-from edgefleet.controller.store.base import DeviceRecord, OperatorTokenRecord
+from edgefleet.controller.store.base import DeviceRecord, LoginSessionRecord, OperatorTokenRecord
 from edgefleet.controller.telemetry.ingest import LiveTelemetry
 
 ADMIN, VIEWER = "efo_admin-secret", "efo_viewer-secret"
@@ -29,6 +29,7 @@ class FleetStore:
         classes = ("x86_64-avx2", "arm64-dotprod", "cuda-sm87")
         self.devices = [DeviceRecord(f"dev-{i:05d}", "", {"site": f"s{i % 7}"}, 0, hardware_class=classes[i % 3],
                                      model="det", model_version=1 + i % 2) for i in range(devices)]
+        self.logins: dict[str, LoginSessionRecord] = {}
         self.tokens = {auth.digest(ADMIN): OperatorTokenRecord("opt-a", auth.digest(ADMIN), "admin", 0),
                        auth.digest(VIEWER): OperatorTokenRecord("opt-v", auth.digest(VIEWER), "viewer", 0)}
 
@@ -46,6 +47,15 @@ class FleetStore:
 
     def get_operator_token(self, token_hash: str) -> OperatorTokenRecord | None:
         return self.tokens.get(token_hash)
+
+    def add_login_session(self, record: LoginSessionRecord, now_ms: int, max_sessions: int) -> None:
+        self.logins[record.session_hash] = record
+
+    def get_login_session(self, session_hash: str) -> LoginSessionRecord | None:
+        return self.logins.get(session_hash)
+
+    def delete_login_session(self, session_hash: str) -> None:
+        self.logins.pop(session_hash, None)
 
 
 def dashboard(devices: int = 3) -> tuple[Dashboard, FleetStore]:
@@ -89,7 +99,7 @@ def test_login_sets_a_session_cookie_not_the_token_and_posts_need_the_csrf_token
     assert status.startswith("200") and b"of 3 online" in body
     status, _, _ = call(app, "/rollouts/ro-1/action", "POST", "action=pause", cookie=session_cookie)
     assert status.startswith("403")  # no CSRF token
-    session = next(iter(app.sessions._sessions.values()))
+    session = next(iter(store.logins.values()))
     assert csrf_matches(session, session.csrf) and not csrf_matches(session, "")
     status, _, body = call(app, "/rollouts/ro-1/action", "POST", f"action=pause&csrf={session.csrf}",
                            cookie=session_cookie)

@@ -26,6 +26,7 @@ from edgefleet.controller.store.base import (
     DeviceRecord,
     EnrollmentRefused,
     EnrollmentTokenRecord,
+    LoginSessionRecord,
     ModelPoint,
     ModelRecord,
     OperatorTokenRecord,
@@ -280,6 +281,48 @@ class TestStoreContract:
             reader.join(5)
             assert read, "list_rollouts waited for another thread's write transaction"
         assert [r.reason for r in read[0]] == [""]  # the last committed state, not the open write
+
+    def test_one_lease_holder_until_it_expires_or_is_released(self, store: Store) -> None:
+        assert store.lease_holder("singletons", NOW) == ""
+        assert store.acquire_lease("singletons", "worker-0", NOW, 3000)
+        assert not store.acquire_lease("singletons", "worker-1", NOW + 1000, 3000)  # held: refused
+        assert store.acquire_lease("singletons", "worker-0", NOW + 2000, 3000)  # renewed until NOW + 5000
+        assert not store.acquire_lease("singletons", "worker-1", NOW + 4999, 3000)
+        assert store.lease_holder("singletons", NOW + 4999) == "worker-0"
+        assert store.acquire_lease("singletons", "worker-1", NOW + 5000, 3000)  # expired: taken over
+        assert not store.acquire_lease("singletons", "worker-0", NOW + 5001, 3000)
+        assert store.acquire_lease("other", "worker-0", NOW, 3000)  # leases are independent
+        store.release_lease("singletons", "worker-0")  # not its holder: changes nothing
+        assert store.lease_holder("singletons", NOW + 5001) == "worker-1"
+        store.release_lease("singletons", "worker-1")
+        assert store.lease_holder("singletons", NOW + 5001) == ""
+        assert store.acquire_lease("singletons", "worker-0", NOW + 5002, 3000)
+
+    def test_login_sessions_expire_are_capped_and_end_at_logout(self, store: Store) -> None:
+        first = LoginSessionRecord("s1", "hash-opt-1", "csrf-1", NOW + 1000)
+        store.add_login_session(first, NOW, max_sessions=2)
+        assert store.get_login_session("s1") == first and store.get_login_session("nope") is None
+        store.add_login_session(LoginSessionRecord("s2", "hash-opt-1", "csrf-2", NOW + 2000), NOW, 2)
+        store.add_login_session(LoginSessionRecord("s3", "hash-opt-2", "csrf-3", NOW + 3000), NOW, 2)
+        assert store.get_login_session("s1") is None  # the oldest made room
+        assert store.get_login_session("s2") is not None and store.get_login_session("s3") is not None
+        store.add_login_session(LoginSessionRecord("s4", "hash-opt-2", "csrf-4", NOW + 9000), NOW + 2500, 10)
+        assert store.get_login_session("s2") is None  # expired, dropped at the next login
+        store.delete_login_session("s3")
+        assert store.get_login_session("s3") is None and store.get_login_session("s4") is not None
+
+    def test_pending_commands_are_found_for_the_worker_holding_the_stream(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        store.update_device_session("dev-1", connected=True, last_seen_ms=NOW, owner="worker-0")
+        store.update_device_session("dev-2", connected=True, last_seen_ms=NOW, owner="worker-1")
+        for command_id, device_id in (("c1", "dev-1"), ("c2", "dev-1"), ("c3", "dev-2"), ("c4", "dev-3")):
+            store.add_command(command(command_id, device_id))
+        assert store.devices_with_pending_commands("worker-0") == ["dev-1"]
+        assert store.devices_with_pending_commands("worker-1") == ["dev-2"]
+        store.mark_command_sent("c3", NOW + 1)
+        assert store.devices_with_pending_commands("worker-1") == []
+        store.update_device_session("dev-1", connected=False, last_seen_ms=NOW + 2, owner="worker-0")
+        assert store.devices_with_pending_commands("worker-0") == []
 
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))

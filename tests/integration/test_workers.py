@@ -1,0 +1,204 @@
+"""`controller serve --workers N` (issue 18): worker processes sharing the ports, store and lease.
+
+Real processes on free ports: a controller with two workers (TLS: server-auth Control/Enroll port,
+mutual-TLS device port, HTTP), real agents streaming telemetry every 0.1 s. A worker holding
+devices is SIGKILLed: the supervisor logs and restarts it, the devices reconnect, and every seq
+each device cut is stored exactly once. /metrics answers for the whole fleet whichever worker the
+connection lands on; SIGTERM stops everything within the 2 s promised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_postgres_controller import store_url  # noqa: F401  (the fresh-schema fixture)
+
+from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S
+from edgefleet.protos.v1 import control_pb2
+from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+
+pytestmark = pytest.mark.integration
+
+SHUTDOWN_S = 2.0
+AGENT_ARGS = ["--telemetry-interval", "0.1s"]
+
+
+def endpoint(controller: ControllerProc) -> dict[str, object]:
+    return dict(json.loads((controller.state_dir / "controller.json").read_text()))
+
+
+def query(db: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return list(con.execute(sql, args))
+    finally:
+        con.close()
+
+
+def scrape(http_address: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://{http_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    families: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            families.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return families
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def second_controller(tmp_path: Path, grpc_address: str, workers: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.controller.cli", "controller", "serve", "--state-dir",
+         str(tmp_path / f"second-{workers}"), "--grpc", grpc_address, "--http", "off", "--insecure",
+         "--workers", str(workers)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_workers_share_the_ports_and_a_killed_worker_loses_nothing(tmp_path: Path, procs: list[Proc]) -> None:
+    # Presence of another worker's device is read from the store, flushed every 2 s: a heartbeat of
+    # 1 s (silent after 3 s, plus that flush) keeps a loaded 2-core machine from showing it offline.
+    controller = ControllerProc(tmp_path, workers=2, heartbeat_s=1.0)
+    procs.append(controller)
+    controller.start()
+    info = endpoint(controller)
+    assert controller.popen is not None and info["pid"] == controller.popen.pid and info["workers"] == 2
+    assert info["grpc"] == controller.grpc_address and info["device_grpc"] == controller.device_address
+    worker_pids = [int(p) for p in info["worker_pids"]]  # type: ignore[union-attr]
+
+    # The ports are this controller's: another one, with or without workers, is refused in one line.
+    for workers in (1, 2):
+        result = second_controller(tmp_path, controller.grpc_address, workers)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and controller.grpc_address in errors[0], result.stderr[-2000:]
+
+    token = controller.create_token(uses=4)
+    agents = [AgentProc(tmp_path, f"a{i}", controller, token, AGENT_ARGS) for i in range(4)]
+    procs.extend(agents)
+    for agent in agents:
+        agent.start()
+    ids = [wait_until(lambda a=agent: a.device_id, 30, "enrolled") for agent in agents]  # type: ignore[misc]
+    db = controller.state_dir / "controller.db"
+
+    def owners() -> dict[str, str]:
+        return {str(d): str(o) for d, o in query(db, "SELECT device_id, connected_by FROM devices WHERE connected")}
+
+    wait_until(lambda: len(owners()) == 4, 30, "all four streams open")
+    wait_until(lambda: all(query(db, "SELECT COUNT(*) FROM telemetry_batches WHERE device_id = ?", d)[0][0] >= 5
+                           for d in ids), 30, "telemetry from every device")
+
+    # Whichever worker answers /metrics shows the whole fleet (each connection may land on either),
+    # the other workers' devices as of their last snapshot (at most SNAPSHOT_INTERVAL_S old).
+    assert controller.http_address
+    http = controller.http_address
+
+    def fleet_view() -> tuple[list[float], set[str], bool]:
+        families = scrape(http)
+        online = [v for labels, v in families["edgefleet_devices"] if labels["state"] == "online"]
+        powered = {labels["device"] for labels, _ in families.get("edgefleet_device_power_watts", [])}
+        stored = sum(v for labels, v in families["edgefleet_telemetry_batches_total"] if labels["result"] == "stored")
+        return online, set(ids) - powered, stored >= 20
+
+    whole = ([4.0], set(), True)
+    wait_until(lambda: fleet_view() == whole, 10, "the whole fleet in /metrics")
+    time.sleep(SNAPSHOT_INTERVAL_S * 1.5)  # the first answer may have come from the worker holding them all
+    for _ in range(4):
+        assert fleet_view() == whole
+    # `telemetry watch` (TelemetrySummary) reads the store: the whole fleet from either worker too.
+    for _ in range(4):
+        controller.close_channel()  # a new connection, which may land on the other worker
+        rows = controller.call("TelemetrySummary", control_pb2.TelemetrySummaryRequest()).rows
+        assert {r.device_id for r in rows if r.online and r.last_batch_unix_ms} == set(ids)
+
+    # SIGKILL the worker holding the most streams; the supervisor restarts it, its devices come back.
+    by_worker: dict[int, int] = {}
+    for owner in owners().values():
+        index = int(owner.rpartition("-w")[2])
+        by_worker[index] = by_worker.get(index, 0) + 1
+    victim = max(by_worker, key=lambda i: by_worker[i])
+    moved = [d for d, o in owners().items() if o.endswith(f"-w{victim}")]
+    seq_at_kill = {d: query(db, "SELECT MAX(seq) FROM telemetry_batches WHERE device_id = ?", d)[0][0] for d in ids}
+    os.kill(worker_pids[victim], signal.SIGKILL)
+    wait_until(lambda: "worker died; restarting it" in controller.log(), 10, "the supervisor to log the death")
+    wait_until(lambda: not pid_alive(worker_pids[victim]), 5, "the worker gone")
+
+    def caught_up() -> bool:
+        if len(owners()) < 4:
+            return False
+        latest = dict(query(db, "SELECT device_id, MAX(seq) FROM telemetry_batches GROUP BY device_id"))
+        return all(int(latest.get(d, 0)) >= int(seq_at_kill[d]) + 10 for d in ids)  # type: ignore[call-overload]
+
+    wait_until(caught_up, 40, "every device streaming again, the moved ones too")
+    assert moved, by_worker
+    assert "worker restarted and serving" in wait_until(
+        lambda: "worker restarted and serving" in controller.log() and controller.log(), 30, "the restart")
+    # The singleton lease is held, by one live process, within seconds of the kill.
+    now_ms = int(time.time() * 1000)
+    holders = query(db, "SELECT holder FROM leases WHERE expires_at_ms > ?", now_ms)
+    assert len(holders) == 1, holders
+
+    # Exactly once: after the agents stop, each device's stored seqs plus what is left in its
+    # outbox are 1..n with nothing missing, and nothing stored twice.
+    for agent in agents:
+        agent.stop()
+    for agent, device_id in zip(agents, ids, strict=True):
+        stored_seqs = [int(r[0]) for r in query(db, "SELECT seq FROM telemetry_batches WHERE device_id = ? "  # type: ignore[call-overload]
+                                                     "ORDER BY seq", device_id)]
+        left = [int(r[0]) for r in query(agent.state_dir / "telemetry.db", "SELECT seq FROM batches")]  # type: ignore[call-overload]
+        assert len(stored_seqs) == len(set(stored_seqs))
+        everything = sorted(set(stored_seqs) | set(left))
+        assert everything == list(range(1, max(everything) + 1)), f"{device_id}: a sequence number is missing"
+
+    # SIGTERM: every worker gone, the endpoint file removed, within the 2 s promised.
+    pids = [int(p) for p in endpoint(controller)["worker_pids"]]  # type: ignore[union-attr]
+    controller.close_channel()
+    started = time.monotonic()
+    controller.signal(signal.SIGTERM)
+    code = controller.wait(15)
+    elapsed = time.monotonic() - started
+    assert code == 0, controller.log()[-3000:]
+    assert elapsed < SHUTDOWN_S, f"stopped in {elapsed:.2f}s"
+    assert not any(pid_alive(p) for p in pids + worker_pids)
+    assert not (controller.state_dir / "controller.json").exists()
+
+
+def test_workers_on_postgres(tmp_path: Path, procs: list[Proc], store_url: str) -> None:  # noqa: F811
+    import psycopg
+
+    controller = ControllerProc(tmp_path, workers=2, insecure=True, extra_args=["--store", store_url])
+    procs.append(controller)
+    controller.start()
+    agent = AgentProc(tmp_path, "a1", controller, controller.create_token(), AGENT_ARGS)
+    procs.append(agent)
+    agent.start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrolled")
+
+    def stored() -> int:
+        with psycopg.connect(store_url) as con:
+            row = con.execute("SELECT COUNT(*) FROM telemetry_batches WHERE device_id = %s", (device_id,)).fetchone()
+            return int(row[0]) if row else 0
+
+    wait_until(lambda: stored() >= 5, 30, "telemetry stored in PostgreSQL")
+    with psycopg.connect(store_url) as con:
+        holders = con.execute("SELECT holder FROM leases WHERE expires_at_ms > %s",
+                              (int(time.time() * 1000),)).fetchall()
+    assert len(holders) == 1 and holders[0][0].rpartition("-w")[2] in ("0", "1")
+    assert controller.device(device_id).online
