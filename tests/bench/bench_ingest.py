@@ -57,6 +57,7 @@ import psutil
 import pytest
 from bench_support import (
     bench_profile,
+    close_streams,
     device_metadata,
     enroll_many,
     env_flag,
@@ -246,14 +247,7 @@ async def _simulate(conn: Connection, address: str, identities: list[Identity], 
         fleet.running = False
         for task in senders:
             task.cancel()
-        for device in devices:
-            for task in device.tasks:
-                task.cancel()
-            if device.call is not None:
-                device.call.cancel()
-        for channel in channels:
-            with contextlib.suppress(Exception):
-                await channel.close()
+        await close_streams(devices, channels)
 
 
 def simulate(conn: Connection, address: str, identities: list[Identity], seq_base: int) -> None:

@@ -51,7 +51,7 @@ import grpc
 import numpy as np
 import pytest
 from bench_ingest import HEARTBEAT_S, STREAMS_PER_CHANNEL, Fleet, SimulatedDevice, scrape, template_batch
-from bench_support import bench_profile, enroll_many, env_flag, print_table, report_targets
+from bench_support import bench_profile, close_streams, enroll_many, env_flag, print_table, report_targets
 from prometheus_client import CollectorRegistry
 
 from edgefleet.controller.api.http_server import HttpApi
@@ -237,14 +237,7 @@ async def reads_under_load(controller: ControllerProc) -> tuple[np.ndarray, np.n
         fleet.running = False
         for task in senders:
             task.cancel()
-        for device in devices:
-            for task in device.tasks:
-                task.cancel()
-            if device.call is not None:
-                device.call.cancel()
-        for channel in channels:
-            with contextlib.suppress(Exception):
-                await channel.close()
+        await close_streams(devices, channels)
     assert not fleet.errors, fleet.errors[:5]
     return idle, loaded, ceiling, offered, stored
 

@@ -8,6 +8,7 @@ one run, because the machines these run on are small and shared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -159,6 +160,18 @@ async def enroll_many(address: str, token: str, count: int, profile: profile_pb2
                             int(time.time() * 1000))
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def close_streams(devices: Sequence[Any], channels: Sequence[grpc.aio.Channel]) -> None:
+    """End simulated devices (their ``tasks`` and Session ``call``) and close their channels."""
+    for device in devices:
+        for task in device.tasks:
+            task.cancel()
+        if device.call is not None:
+            device.call.cancel()
+    for channel in channels:
+        with contextlib.suppress(Exception):
+            await channel.close()
 
 
 def device_metadata(identity: Identity) -> tuple[tuple[str, str], ...]:

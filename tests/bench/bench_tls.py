@@ -50,7 +50,15 @@ import numpy as np
 import pytest
 from bench_ingest import Fleet, SimulatedDevice, lag_p99, scrape, template_batch
 from bench_rollout import FleetLog, SimulatedAgent, operator, phases, wait_for_rollout
-from bench_support import bench_profile, cpu_seconds, enroll_many, env_flag, print_table, report_targets
+from bench_support import (
+    bench_profile,
+    close_streams,
+    cpu_seconds,
+    enroll_many,
+    env_flag,
+    print_table,
+    report_targets,
+)
 
 from edgefleet.agent.certificates import csr_pem, key_pem, new_key
 from edgefleet.agent.commands import TRANSFER_CHANNEL_OPTIONS
@@ -128,17 +136,6 @@ class Transport:
             return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
-async def close_devices(devices: list[SimulatedDevice], channels: list[grpc.aio.Channel]) -> None:
-    for device in devices:
-        for task in device.tasks:
-            task.cancel()
-        if device.call is not None:
-            device.call.cancel()
-    for channel in channels:
-        with contextlib.suppress(Exception):
-            await channel.close()
-
-
 # -- handshakes --------------------------------------------------------------------------------
 async def handshakes(transport: Transport, enrolled: list[BenchDevice], hello: fleet_pb2.Hello) -> dict[str, float]:
     """Every device opens its Session at once on a fresh channel: seconds until all are accepted."""
@@ -156,7 +153,7 @@ async def handshakes(transport: Transport, enrolled: list[BenchDevice], hello: f
         cpu, own = cpu_seconds(pid) - cpu0, time.process_time() - own0
     finally:
         fleet.running = False
-        await close_devices(devices, channels)
+        await close_streams(devices, channels)
     assert not fleet.errors, fleet.errors[:5]
     return {"seconds": elapsed, "per_s": len(devices) / elapsed, "ctrl_cpu_ms": cpu / len(devices) * 1000,
             "devices_cpu_ms": own / len(devices) * 1000}
@@ -193,7 +190,7 @@ async def ingest(transport: Transport, enrolled: list[BenchDevice], hello: fleet
         fleet.running = False
         for task in senders:
             task.cancel()
-        await close_devices(devices, channels)
+        await close_streams(devices, channels)
     assert not fleet.errors, fleet.errors[:5]
     stored = (stored1 - stored0) / elapsed
     return {"sent_per_s": sent_rate, "stored_per_s": stored, "p99_lag_s": lag_p99(buckets0, buckets1),
