@@ -158,8 +158,12 @@ class DeviceCA:
     def _new_ca(self, cert_name: str, key_name: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         now = self._now()
+        # The key's id in the name: a CA rotated within the second it was made must still have a
+        # name of its own, or chain building (which matches issuer to subject) confuses the two.
+        key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "EdgeFleet"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, f"EdgeFleet controller CA {now:%Y-%m-%d %H:%M:%S}")])
+                          x509.NameAttribute(NameOID.COMMON_NAME,
+                                             f"EdgeFleet controller CA {now:%Y-%m-%d %H:%M:%S} {key_id}")])
         cert = (
             x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
