@@ -317,6 +317,14 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
 
 
+def _newest_per_device(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """device id -> the latest of its timestamps in a batch (a device may appear more than once)."""
+    newest: dict[str, int] = {}
+    for device_id, ms in pairs:
+        newest[device_id] = max(ms, newest.get(device_id, ms))
+    return newest
+
+
 class PostgresStore(Store):
     backend_name = "postgres"
 
@@ -523,9 +531,7 @@ class PostgresStore(Store):
             cur.execute(query, args)
 
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
-        newest: dict[str, int] = {}
-        for device_id, ms in closed:
-            newest[device_id] = max(ms, newest.get(device_id, ms))
+        newest = _newest_per_device(closed)
         if not newest:
             return
         ids = sorted(newest)  # one lock order for every replica's batch
@@ -538,9 +544,7 @@ class PostgresStore(Store):
             )
 
     def touch_devices(self, last_seen: Iterable[tuple[str, int]]) -> None:
-        newest: dict[str, int] = {}
-        for device_id, ms in last_seen:
-            newest[device_id] = max(ms, newest.get(device_id, ms))
+        newest = _newest_per_device(last_seen)
         if not newest:
             return
         ids = sorted(newest)  # one lock order for every replica's batch
