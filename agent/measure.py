@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.firmware.selftest import LITERT_RUNTIMES, OPENVINO_RUNTIME, LiteRTSession, OpenVINOSession
+from edgefleet.firmware.selftest import (
+    LITERT_RUNTIMES,
+    OPENVINO_RUNTIME,
+    LiteRTSession,
+    OpenVINOSession,
+    ort_serving_options,
+)
 from edgefleet.protos.v1 import fleet_pb2
 
 
@@ -53,10 +59,7 @@ def _load(path: Path, candidate: fleet_pb2.Candidate, threads: int) -> _Timed:
 def _session(path: Path, provider: str, threads: int) -> tuple[Any, str]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options = ort_serving_options(threads)  # as served: no spin-waiting left over to slow the next candidate
     available = ort.get_available_providers()
     chosen = provider if provider in available else "CPUExecutionProvider"
     session = ort.InferenceSession(str(path), options, providers=[chosen])

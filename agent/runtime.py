@@ -16,7 +16,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet.firmware.manifest import IOSpec, Manifest, TensorSpec
-from edgefleet.firmware.selftest import LITERT_RUNTIMES, OPENVINO_RUNTIME, OpenVINOSession, litert_interpreter_class
+from edgefleet.firmware.selftest import (
+    LITERT_RUNTIMES,
+    OPENVINO_RUNTIME,
+    OpenVINOSession,
+    litert_interpreter_class,
+    ort_serving_options,
+)
 
 log = logging.getLogger("edgefleet.agent.runtime")
 
@@ -91,10 +97,7 @@ class _LiteRTRunner:
 def _load_onnx(path: Path, provider: str, threads: int) -> tuple[Runner, str, str]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads > 0:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options = ort_serving_options(threads)  # what the compiler timed the build with
     fallback = ""
     available = ort.get_available_providers()
     if provider not in available:

@@ -90,7 +90,7 @@ class LocalMeasurer:
 
         runtimes = runtimes or {}
         runners = {
-            Path(p): ModelRunner(Path(p), self.threads, spin=False, runtime=runtimes.get(Path(p))) for p in candidates
+            Path(p): ModelRunner(Path(p), self.threads, runtime=runtimes.get(Path(p))) for p in candidates
         }
         feeds = {p: r.sample_feed(inputs) for p, r in runners.items()}
         reps: dict[Path, int] = {}

@@ -95,22 +95,22 @@ def default_threads() -> int:
         return int(os.cpu_count() or 1)
 
 
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None, *, spin: bool = True) -> Any:
-    """An onnxruntime session with serving settings.
+def ort_session(
+    path: Path, threads: int = 0, providers: list[str] | None = None, *, spin_between_runs: bool = False
+) -> Any:
+    """An onnxruntime session with the agent's serving settings (``ort_serving_options``).
 
-    ``spin=False`` when several sessions take turns (interleaved measurement): a session's idle
-    threads otherwise spin-wait and steal the cores from the one being timed.
+    Those stop the pool's spin-waiting when a run returns, so sessions that take turns (interleaved
+    measurement) do not steal each other's cores. ``spin_between_runs=True`` is onnxruntime's
+    default, which goes on spinning: for timing an original model as onnxruntime runs it out of the box.
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from edgefleet.firmware.selftest import ort_serving_options
+
+    so = ort_serving_options(threads or default_threads(), spin_between_runs=spin_between_runs)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -118,10 +118,16 @@ class ModelRunner:
     """One loaded candidate: ``run`` feeds one batch, ``run_dataset`` feeds many samples in batches."""
 
     def __init__(
-        self, path: Path, threads: int = 0, *, spin: bool = True, runtime: RuntimeChoice | None = None
+        self,
+        path: Path,
+        threads: int = 0,
+        *,
+        spin_between_runs: bool = False,
+        runtime: RuntimeChoice | None = None,
     ) -> None:
         self.path = Path(path)
         self.runtime = runtime or RuntimeChoice.for_file(self.path)
+        self.spin_between_runs = spin_between_runs and self.path.suffix == ".onnx"
         self.kind = (
             "openvino" if self.runtime.name == "openvino" else "tflite" if self.path.suffix == ".tflite" else "onnx"
         )
@@ -144,7 +150,7 @@ class ModelRunner:
             dims = [s[0] if s else None for s in self._ov.input_shapes]
             self.input_dtypes = {n: np.dtype(t) for n, t in zip(self.input_names, self._ov.input_types, strict=True)}
         elif self.kind == "onnx":
-            self._sess = ort_session(self.path, threads, spin=spin)
+            self._sess = ort_session(self.path, threads, spin_between_runs=spin_between_runs)
             self.input_names = [i.name for i in self._sess.get_inputs()]
             self.output_names = [o.name for o in self._sess.get_outputs()]
             dims = [i.shape[0] if i.shape else None for i in self._sess.get_inputs()]
