@@ -115,6 +115,7 @@ class LocalMeasurer:
                 for _ in range(k):
                     runner.run(feed)
                 per_run[path].append((time.perf_counter() - t0) * 1000.0 / k)
+                time.sleep(runner.settle_s())  # its pool's spin-wait must not be charged to the next
         out: dict[Path, LatencyStats] = {}
         for path, values in per_run.items():
             ordered = sorted(values)

@@ -85,6 +85,10 @@ def move_build(path: Path, dest: Path, *, copy: bool = False) -> Path:
     return dest
 
 
+# onnxruntime's default pool spins ~45 ms after a run (measured on 2-core x86): longer than that.
+ORT_DEFAULT_SPIN_SETTLE_S = 0.06
+
+
 def default_threads() -> int:
     """Physical cores where psutil knows them, else logical CPUs: what the agent serves with."""
     try:
@@ -96,19 +100,16 @@ def default_threads() -> int:
 
 
 def ort_session(
-    path: Path, threads: int = 0, providers: list[str] | None = None, *, spin_between_runs: bool = False
+    path: Path, threads: int = 0, providers: list[str] | None = None, *, ort_defaults: bool = False
 ) -> Any:
-    """An onnxruntime session with the agent's serving settings (``ort_serving_options``).
-
-    Those stop the pool's spin-waiting when a run returns, so sessions that take turns (interleaved
-    measurement) do not steal each other's cores. ``spin_between_runs=True`` is onnxruntime's
-    default, which goes on spinning: for timing an original model as onnxruntime runs it out of the box.
-    """
+    """An onnxruntime session with the agent's serving settings (``ort_serving_options``): its pool
+    spin-waits ~1 ms after a run, not onnxruntime's ~45 ms. ``ort_defaults=True`` keeps the latter,
+    for timing an original model as onnxruntime runs it out of the box."""
     import onnxruntime as ort
 
     from edgefleet.firmware.selftest import ort_serving_options
 
-    so = ort_serving_options(threads or default_threads(), spin_between_runs=spin_between_runs)
+    so = ort_serving_options(threads or default_threads(), ort_defaults=ort_defaults)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
@@ -122,12 +123,12 @@ class ModelRunner:
         path: Path,
         threads: int = 0,
         *,
-        spin_between_runs: bool = False,
+        ort_defaults: bool = False,
         runtime: RuntimeChoice | None = None,
     ) -> None:
         self.path = Path(path)
+        self.ort_defaults = ort_defaults
         self.runtime = runtime or RuntimeChoice.for_file(self.path)
-        self.spin_between_runs = spin_between_runs and self.path.suffix == ".onnx"
         self.kind = (
             "openvino" if self.runtime.name == "openvino" else "tflite" if self.path.suffix == ".tflite" else "onnx"
         )
@@ -150,7 +151,7 @@ class ModelRunner:
             dims = [s[0] if s else None for s in self._ov.input_shapes]
             self.input_dtypes = {n: np.dtype(t) for n, t in zip(self.input_names, self._ov.input_types, strict=True)}
         elif self.kind == "onnx":
-            self._sess = ort_session(self.path, threads, spin_between_runs=spin_between_runs)
+            self._sess = ort_session(self.path, threads, ort_defaults=ort_defaults)
             self.input_names = [i.name for i in self._sess.get_inputs()]
             self.output_names = [o.name for o in self._sess.get_outputs()]
             dims = [i.shape[0] if i.shape else None for i in self._sess.get_inputs()]
@@ -171,6 +172,15 @@ class ModelRunner:
             }
         fixed = [d for d in dims if isinstance(d, int) and d > 0]
         self.fixed_batch: int | None = fixed[0] if fixed else None
+
+    def settle_s(self) -> float:
+        """How long this runner's thread pool may go on spin-waiting after its last run: what an
+        interleaved timing waits before timing another runner (0 where no pool spins)."""
+        from edgefleet.firmware.selftest import ORT_SPIN_SETTLE_S
+
+        if self.kind != "onnx":
+            return 0.0
+        return ORT_DEFAULT_SPIN_SETTLE_S if self.ort_defaults else ORT_SPIN_SETTLE_S
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.kind == "openvino":
