@@ -459,7 +459,17 @@ class _GateJudge:
         cls, source: SourceModel, target: TargetSpec, gate: Gate, gate_set: Dataset, progress: Progress | None
     ) -> _GateJudge:
         _say(progress, f"reference: running fp32 source on {gate_set.count} gate samples")
-        reference = ModelRunner(source.path, target.threads).run_dataset(gate_set)
+        try:
+            reference = ModelRunner(source.path, target.threads).run_dataset(gate_set)
+        except CompileError:
+            raise
+        except Exception as exc:  # the runtimes raise RuntimeError/ValueError/their own types
+            runtime = "LiteRT" if source.path.suffix == ".tflite" else "onnxruntime"
+            detail = " ".join(str(exc).split())[:300]
+            raise CompileError(
+                f"{source.path.name} does not run on stock {runtime}, so there is no reference to gate builds "
+                f"against: {detail} (a custom op needs a runtime built with it; export the model without it)"
+            ) from None
         ref_score = gate.score(reference, {**gate_set.inputs, **gate_set.extra})
         return cls(gate, gate_set, target.threads, reference, ref_score)
 

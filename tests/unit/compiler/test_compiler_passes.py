@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgefleet.controller.compiler import CompileError, MissingExtraError, TargetSpec
+from edgefleet.controller.compiler import CompileError, CompileSpec, MissingExtraError, TargetSpec, compile_model
 from edgefleet.controller.compiler.data import load_npz
 from edgefleet.controller.compiler.model_io import load_source
 from edgefleet.controller.compiler.passes import PASS_REGISTRY, GateResult, PassContext, PassError, load_pass
@@ -184,3 +184,24 @@ def test_static_int8_without_calibration_is_a_clear_error(tmp_path: Path, mlp: d
     ctx = ctx_for(tmp_path, VNNI, mlp["model"])
     with pytest.raises(CompileError, match="--calib"):
         run_chain([("static_int8", {})], mlp["model"], ctx)
+
+
+def test_a_source_the_runtime_cannot_run_is_one_clear_error(tmp_path: Path) -> None:
+    """A custom op (here in a domain onnxruntime has no kernels for) leaves no fp32 reference to gate
+    against: the compile stops with one line that names the model and the runtime, and writes nothing."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Landmarks2TransformMatrix", ["x"], ["y"], domain="com.example.custom")
+    graph = helper.make_graph([node], "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example.custom", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "out"
+    with pytest.raises(CompileError) as err:
+        compile_model(CompileSpec(model=path, target="local", out=out, use_cache=False, recipes=()))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "custom.onnx does not run on stock onnxruntime" in message and "custom op" in message
+    assert not out.exists()
