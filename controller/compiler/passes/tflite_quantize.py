@@ -3,7 +3,8 @@
 Many published TFLite models (MediaPipe's among them) store their weights as fp16 constants behind
 DEQUANTIZE ops and carry no SignatureDef. ai-edge-quantizer sees neither: it only quantizes float32
 constants, and its calibrator only runs signatures. So before the recipe runs, the pass rewrites a copy
-of the model: each fp16 constant + DEQUANTIZE pair becomes one float32 constant, a model without
+of the model: each sparse constant + DENSIFY pair becomes the dense constant, each fp16 constant +
+DEQUANTIZE pair becomes one float32 constant, a model without
 signatures gets a ``serving_default`` signature naming its tensors, and operator codes written by old
 converters (only the deprecated field set) get their ``builtinCode``, which is the one field
 ai-edge-quantizer reads. The rewrite uses the flatbuffer
@@ -37,10 +38,16 @@ class FloatSourceEdits:
     fp16_weights_unpacked: int = 0
     signature_added: bool = False
     opcodes_upgraded: int = 0
+    sparse_weights_densified: int = 0
 
     @property
     def changed(self) -> bool:
-        return self.fp16_weights_unpacked > 0 or self.signature_added or self.opcodes_upgraded > 0
+        return (
+            self.fp16_weights_unpacked > 0
+            or self.signature_added
+            or self.opcodes_upgraded > 0
+            or self.sparse_weights_densified > 0
+        )
 
 
 def _int_tensor_count(path: Path) -> int:
@@ -94,6 +101,53 @@ def _unpack_fp16_weights(model: Any) -> int:
     if folded:
         _drop_unread_tensors(model)
     return folded
+
+
+def _densify_sparse_weights(model: Any, model_path: Path) -> int:
+    """Replace every DENSIFY of a sparse constant (MediaPipe's pose and face detectors store weights so)
+    with the dense constant it produces; returns how many.
+
+    Left in place, the conv behind it reads a computed tensor, not a constant: ai-edge-quantizer then
+    quantizes that "weight" like an activation (asymmetric, zero point -128), which LiteRT's int8
+    CONV_2D refuses to load. The dense values are LiteRT's own: one run of the source with every
+    tensor kept, so the sparse format is decoded by the runtime that defines it.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    if not model.subgraphs:
+        return 0
+    subgraph = model.subgraphs[0]  # the interpreter's tensor indices are the first subgraph's
+    targets = []
+    for op in subgraph.operators or []:
+        code = flatbuffer_utils.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+        if code == schema.BuiltinOperator.DENSIFY and len(op.inputs) == 1 and len(op.outputs) == 1:
+            src = subgraph.tensors[op.inputs[0]]
+            constant = bool(src.buffer) and model.buffers[src.buffer].data is not None
+            if constant and op.outputs[0] not in (subgraph.outputs or []):
+                targets.append(op)
+    if not targets:
+        return 0
+    # Without the default XNNPACK delegate: it takes the DENSIFY nodes over and never writes their outputs.
+    interp = Interpreter(
+        model_path=str(model_path),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        experimental_preserve_all_tensors=True,
+    )
+    interp.allocate_tensors()
+    for detail in interp.get_input_details():
+        interp.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+    interp.invoke()
+    for op in targets:
+        dense = np.ascontiguousarray(interp.get_tensor(op.outputs[0]))
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(dense.tobytes(), np.uint8)
+        model.buffers.append(buffer)
+        subgraph.tensors[op.outputs[0]].buffer = len(model.buffers) - 1
+    subgraph.operators = [op for op in subgraph.operators if op not in targets]
+    _drop_unread_tensors(model)
+    return len(targets)
 
 
 def _drop_unread_tensors(model: Any) -> None:
@@ -183,7 +237,8 @@ def prepare_float_source(model_path: Path, out: Path) -> tuple[Path, FloatSource
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_path.read_bytes()))
     opcodes = _upgrade_operator_codes(model)
-    edits = FloatSourceEdits(_unpack_fp16_weights(model), _add_default_signature(model), opcodes)
+    densified = _densify_sparse_weights(model, model_path)
+    edits = FloatSourceEdits(_unpack_fp16_weights(model), _add_default_signature(model), opcodes, densified)
     if not edits.changed:
         return model_path, edits
     out.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
@@ -277,6 +332,8 @@ class TfliteQuantize(Pass["TfliteQuantize.Params"]):
             ) from exc
         if edits.fp16_weights_unpacked:
             ctx.notes.append(f"tflite_quantize: unpacked {edits.fp16_weights_unpacked} fp16 weights to float32")
+        if edits.sparse_weights_densified:
+            ctx.notes.append(f"tflite_quantize: densified {edits.sparse_weights_densified} sparse weights")
         if edits.opcodes_upgraded:
             ctx.notes.append(f"tflite_quantize: filled {edits.opcodes_upgraded} opcodes from the deprecated field")
         if edits.signature_added:

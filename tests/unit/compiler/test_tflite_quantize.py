@@ -90,6 +90,53 @@ def mediapipe_style(src: Path, dst: Path) -> Path:
     return _write(model, dst)
 
 
+def sparse_first_weight(src: Path, dst: Path, keep: float = 0.3) -> Path:
+    """Store the first fp16 matrix of a MediaPipe-style model sparse, read through a DENSIFY op, the way
+    MediaPipe's pose and full-range face detectors ship: CSR rows of fp16 values (most set to zero)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = _read(src)
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DENSIFY
+    code.version = 1
+    model.operatorCodes.append(code)
+    subgraph = model.subgraphs[0]
+    index = next(i for i, t in enumerate(subgraph.tensors) if t.type == schema.TensorType.FLOAT16 and len(t.shape) == 2)
+    tensor = subgraph.tensors[index]
+    rows, cols = tensor.shape
+    dense = np.frombuffer(bytes(model.buffers[tensor.buffer].data), "<f2").reshape(rows, cols).copy()
+    dense[np.random.default_rng(1).random(dense.shape) > keep] = 0
+    segments, indices = [0], []
+    for row in dense:
+        indices.extend(int(c) for c in np.flatnonzero(row))
+        segments.append(len(indices))
+
+    def int32_vector(values: list[int]) -> Any:
+        vector = schema.Int32VectorT()
+        vector.values = values
+        return vector
+
+    outer, inner = schema.DimensionMetadataT(), schema.DimensionMetadataT()
+    outer.format, outer.denseSize = schema.DimensionType.DENSE, rows
+    inner.format = schema.DimensionType.SPARSE_CSR
+    inner.arraySegmentsType = inner.arrayIndicesType = schema.SparseIndexVector.Int32Vector
+    inner.arraySegments, inner.arrayIndices = int32_vector(segments), int32_vector(indices)
+    sparsity = schema.SparsityParametersT()
+    sparsity.traversalOrder, sparsity.dimMetadata = [0, 1], [outer, inner]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(dense[dense != 0].astype("<f2").tobytes(), np.uint8)
+    model.buffers.append(buffer)
+    packed = schema.TensorT()
+    packed.name, packed.shape, packed.type = tensor.name + b"_sparse", [rows, cols], schema.TensorType.FLOAT16
+    packed.buffer, packed.sparsity = len(model.buffers) - 1, sparsity
+    subgraph.tensors.append(packed)
+    tensor.buffer = 0  # now the DENSIFY output
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = len(model.operatorCodes) - 1, [len(subgraph.tensors) - 1], [index]
+    subgraph.operators = [op, *subgraph.operators]
+    return _write(model, dst)
+
+
 @pytest.fixture
 def fp16_mlp(tmp_path: Path) -> dict[str, Any]:
     float_model = tiny_models.tflite_mlp(tmp_path / "float.tflite", din=64, dhidden=128, dout=16)
@@ -144,6 +191,27 @@ def test_prepare_float_source_unpacks_fp16_weights_and_adds_a_signature(
     }
     x = fp16_mlp["calib"].inputs["x"][:4]
     assert _cosine(fp16_mlp["fp16"], out, x) > 0.99999
+
+
+@needs_quantizer
+def test_sparse_weights_behind_densify_become_dense_constants(tmp_path: Path, fp16_mlp: dict[str, Any]) -> None:
+    """Left as DENSIFY outputs, the quantizer took such weights for activations (zero point -128) and
+    LiteRT refused the int8 conv; densified, the static recipe's model loads and runs."""
+    from edgefleet.controller.compiler.passes.tflite_quantize import TfliteQuantize, prepare_float_source
+
+    sparse = sparse_first_weight(fp16_mlp["fp16"], tmp_path / "sparse.tflite")
+    assert _op_names(sparse).count("DENSIFY") == 1
+    x = fp16_mlp["calib"].inputs["x"][:4]
+    out, edits = prepare_float_source(sparse, tmp_path / "dense.tflite")
+    assert edits.sparse_weights_densified == 1
+    assert "DENSIFY" not in _op_names(out) and "DEQUANTIZE" not in _op_names(out)
+    assert all(t.sparsity is None for t in _read(out).subgraphs[0].tensors)
+    ra, rb = ModelRunner(sparse, 1), ModelRunner(out, 1)
+    for i in range(len(x)):
+        ya, yb = ra.run({"x": x[i : i + 1]}), rb.run({"x": x[i : i + 1]})
+        assert all(np.array_equal(ya[k], yb[k]) for k in ya)
+    built = TfliteQuantize(recipe="static").run(sparse, _ctx(tmp_path, fp16_mlp["calib"]))
+    assert _cosine(sparse, built, x) > 0.98
 
 
 @needs_quantizer
