@@ -33,6 +33,12 @@ class OpenVinoConvert(Pass["OpenVinoConvert.Params"]):
     def run(self, model: Path, ctx: PassContext) -> Path:
         import openvino as ov
 
+        if model.suffix == ".tflite":
+            from edgefleet.controller.compiler.passes.tflite_quantize import builtin_copy
+
+            model, replaced = builtin_copy(model, ctx.new_path("builtin-ops", ".tflite"))
+            if replaced:
+                ctx.notes.append(f"{replaced} custom op(s) rewritten as the builtin OpenVINO reads")
         try:
             ov_model = ov.Core().read_model(str(model))
         except Exception as exc:  # OpenVINO raises a generic RuntimeError for an op its frontend lacks

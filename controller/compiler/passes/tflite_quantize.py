@@ -39,6 +39,7 @@ class FloatSourceEdits:
     signature_added: bool = False
     opcodes_upgraded: int = 0
     sparse_weights_densified: int = 0
+    custom_ops_replaced: int = 0
 
     @property
     def changed(self) -> bool:
@@ -47,6 +48,7 @@ class FloatSourceEdits:
             or self.signature_added
             or self.opcodes_upgraded > 0
             or self.sparse_weights_densified > 0
+            or self.custom_ops_replaced > 0
         )
 
 
@@ -150,6 +152,77 @@ def _densify_sparse_weights(model: Any, model_path: Path) -> int:
     return len(targets)
 
 
+# MediaPipe's custom op: a transposed convolution with a bias, which TRANSPOSE_CONV (version 3) has
+# built in. Its custom options are the C struct {padding, stride_width, stride_height} as int32s, with
+# TfLitePadding's numbering (1 = same, 2 = valid).
+_TRANSPOSE_CONV_BIAS = b"Convolution2DTransposeBias"
+
+
+def _builtin_code_index(model: Any, builtin: int, version: int) -> int:
+    from ai_edge_litert import schema_py_generated as schema
+
+    for index, code in enumerate(model.operatorCodes):
+        if code.builtinCode == builtin and code.version >= version and not code.customCode:
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.version = builtin, version
+    code.deprecatedBuiltinCode = min(builtin, 127)  # the int8 field holds the placeholder past 127
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def replace_custom_ops(model: Any) -> int:
+    """Rewrite the custom ops that have a builtin equivalent into that builtin; returns how many.
+
+    OpenVINO's TFLite frontend and ai-edge-quantizer know only builtin ops, so one custom op (MediaPipe's
+    selfie and hair segmentation models end in Convolution2DTransposeBias) keeps every OpenVINO and
+    int8 candidate away from the whole model.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    replaced = 0
+    for subgraph in model.subgraphs or []:
+        for op in subgraph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            options = bytes(op.customOptions) if op.customOptions is not None else b""
+            if code.customCode != _TRANSPOSE_CONV_BIAS or len(op.inputs) != 3 or len(options) < 12:
+                continue
+            padding, stride_w, stride_h = np.frombuffer(options[:12], "<i4")
+            output = subgraph.tensors[op.outputs[0]]
+            if padding not in (1, 2) or not output.shape or any(d <= 0 for d in output.shape):
+                continue  # a dynamic output shape would need a Shape subgraph; leave the op alone
+            buffer = schema.BufferT()
+            buffer.data = np.frombuffer(np.asarray(output.shape, "<i4").tobytes(), np.uint8)
+            model.buffers.append(buffer)
+            shape = schema.TensorT()
+            shape.name, shape.shape = output.name + b"_output_shape", [len(output.shape)]
+            shape.type, shape.buffer = schema.TensorType.INT32, len(model.buffers) - 1
+            subgraph.tensors.append(shape)
+            params = schema.TransposeConvOptionsT()
+            params.padding = schema.Padding.SAME if padding == 1 else schema.Padding.VALID
+            params.strideW, params.strideH = int(stride_w), int(stride_h)
+            data, weights, bias = op.inputs
+            op.opcodeIndex = _builtin_code_index(model, schema.BuiltinOperator.TRANSPOSE_CONV, 3)
+            op.inputs = [len(subgraph.tensors) - 1, weights, data, bias]
+            op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.TransposeConvOptions, params
+            op.customOptions, op.customOptionsFormat = None, 0
+            replaced += 1
+    return replaced
+
+
+def builtin_copy(model_path: Path, out: Path) -> tuple[Path, int]:
+    """``model_path`` with ``replace_custom_ops`` applied, written to ``out``; the path itself (and 0)
+    when it has no such op."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_path.read_bytes()))
+    replaced = replace_custom_ops(model)
+    if not replaced:
+        return model_path, 0
+    out.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return out, replaced
+
+
 def _drop_unread_tensors(model: Any) -> None:
     """Remove the tensors no op reads or writes any more (the fp16 originals) and empty their buffers.
 
@@ -238,7 +311,8 @@ def prepare_float_source(model_path: Path, out: Path) -> tuple[Path, FloatSource
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_path.read_bytes()))
     opcodes = _upgrade_operator_codes(model)
     densified = _densify_sparse_weights(model, model_path)
-    edits = FloatSourceEdits(_unpack_fp16_weights(model), _add_default_signature(model), opcodes, densified)
+    edits = FloatSourceEdits(_unpack_fp16_weights(model), _add_default_signature(model), opcodes, densified,
+                             replace_custom_ops(model))
     if not edits.changed:
         return model_path, edits
     out.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
@@ -334,6 +408,8 @@ class TfliteQuantize(Pass["TfliteQuantize.Params"]):
             ctx.notes.append(f"tflite_quantize: unpacked {edits.fp16_weights_unpacked} fp16 weights to float32")
         if edits.sparse_weights_densified:
             ctx.notes.append(f"tflite_quantize: densified {edits.sparse_weights_densified} sparse weights")
+        if edits.custom_ops_replaced:
+            ctx.notes.append(f"tflite_quantize: {edits.custom_ops_replaced} custom op(s) rewritten as builtins")
         if edits.opcodes_upgraded:
             ctx.notes.append(f"tflite_quantize: filled {edits.opcodes_upgraded} opcodes from the deprecated field")
         if edits.signature_added:
