@@ -198,7 +198,7 @@ def compile_command(
     click.echo(
         f"latency ({kind}): {base['latency_ms']:.3f} ms -> {res['latency_ms']:.3f} ms  speedup {report.speedup:.2f}x"
     )
-    size = ratio_phrase(report.size_ratio, "smaller", "bigger")
+    size = ratio_phrase(report.size_ratio, "smaller", "bigger", "the same size")
     click.echo(f"size: {base['size_bytes']} -> {res['size_bytes']} bytes  ({size})")
     click.echo(
         f"fidelity: {res['fidelity']}   artifact: {report.artifact}" + ("   (from cache)" if report.cached else "")

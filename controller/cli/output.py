@@ -26,13 +26,17 @@ def ago(unix_ms: int) -> str:
     return format_duration(max(0.0, time.time() - unix_ms / 1000)) + " ago"
 
 
-def ratio_phrase(ratio: float, more: str, less: str) -> str:
-    """'1.62x faster' for 1.62, '1.12x slower' for 0.89: a ratio under 1 never reads '0.89x faster'."""
+def ratio_phrase(ratio: float, more: str, less: str, same: str) -> str:
+    """'1.62x faster' for 1.62, '1.12x slower' for 0.89: a ratio under 1 never reads '0.89x faster',
+    and one that rounds to 1.00 reads ``same`` ('as fast'), not '1.00x faster'."""
+    if f"{ratio:.2f}" == "1.00" or f"{1 / max(ratio, 1e-9):.2f}" == "1.00":
+        return same
     return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / max(ratio, 1e-9):.2f}x {less}"
 
 
 def speed_and_size(speedup: float, size_ratio: float) -> str:
-    return f"{ratio_phrase(speedup, 'faster', 'slower')}, {ratio_phrase(size_ratio, 'smaller', 'bigger')}"
+    speed = ratio_phrase(speedup, "faster", "slower", "as fast")
+    return f"{speed}, {ratio_phrase(size_ratio, 'smaller', 'bigger', 'the same size')}"
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
