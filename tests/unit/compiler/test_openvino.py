@@ -190,6 +190,26 @@ def test_an_accuracy_search_is_skipped_when_the_failed_int8_build_was_not_faster
         "with timings from a device or an estimate there is nothing to compare here: search"
 
 
+def test_accuracy_search_is_skipped_when_int8_lost_far_more_than_allowed(tmp_path: Path) -> None:
+    from edgefleet.controller.compiler.api import _Candidate, _GateJudge, _too_far_to_recover
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.gate import Gate
+    from edgefleet.controller.compiler.recipes import Recipe
+
+    data = Dataset({"x": np.zeros((2, 4), np.float32)}, {}, "test")
+    judge = _GateJudge(Gate(budget=0.99), data, 1, {}, None)
+    hopeless = _Candidate(Recipe("ov-int8", (), "int8"), path=tmp_path / "a.xml", fidelity=0.68)
+    near = _Candidate(Recipe("int8-qdq", (), "int8"), path=tmp_path / "b.onnx", fidelity=0.96)
+    why = _too_far_to_recover([hopeless], judge)
+    assert "ov-int8 lost 0.320 against the 0.010 allowed" in why
+    assert _too_far_to_recover([hopeless, near], judge) == "", "one build within reach is enough to search"
+    labelled = _GateJudge(Gate(budget=0.01, metric="accuracy"), data, 1, {}, 0.91)
+    dropped = _Candidate(Recipe("ov-int8", (), "int8"), fidelity=0.99, score=0.70)
+    assert "lost 0.210" in _too_far_to_recover([dropped], labelled)
+    dropped.score = 0.86
+    assert _too_far_to_recover([dropped], labelled) == ""
+
+
 def test_accuracy_control_runs_after_ov_int8_fails_and_is_gated_like_any_build(
     tmp_path: Path, conv: dict[str, Path]
 ) -> None:
