@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from edgefleet.common.durable_files import atomic_write_json
 from edgefleet.controller import __version__
 from edgefleet.controller.api.control_grpc import ControlServicer, OperatorAuthInterceptor
+from edgefleet.controller.api.control_server import ControlServer
 from edgefleet.controller.api.fleet_grpc import FleetServicer, add_fleet_servicer
 from edgefleet.controller.api.http_server import HttpApi
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
@@ -197,25 +198,24 @@ class Controller:
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
+        self._control: ControlServer | None = None  # with TLS: Control's own server, thread and loop
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._ingest_task: asyncio.Task[None] | None = None
         self.lease = SingletonLease(self.store, self.replica, self._singletons)
 
     async def start(self) -> None:
-        server = grpc.aio.server(
-            interceptors=[OperatorAuthInterceptor(self.store)],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # A second controller on the same port must fail, not share; the workers of one
-                # controller share it (its supervisor holds the port so that no other can).
-                ("grpc.so_reuseport", 0 if self.worker is None else 1),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A second controller on the same port must fail, not share; the workers of one
+            # controller share it (its supervisor holds the port so that no other can).
+            ("grpc.so_reuseport", 0 if self.worker is None else 1),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(interceptors=[OperatorAuthInterceptor(self.store)], options=options)
         info = control_pb2.ControllerInfo(
             version=__version__,
             capability_version=CAPABILITY_VERSION,
@@ -224,18 +224,39 @@ class Controller:
             started_at_unix_ms=self.started_at_ms,
         )
         host, _ = split_address(self.config.grpc_address)
-        self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
-        self.device_port = self.grpc_port
+        rollouts = self._rollout_engine()  # on this loop, the fleet's
+        fleet_loop = asyncio.get_running_loop()
         if self.ca is not None:
+            # TLS: devices stream on the device port, and --grpc (Control, Enroll, the move of
+            # secret-only devices) gets a server, thread and loop of its own, so that an operator's
+            # call never waits for the turns of a loop busy with ingest (control_server.py). No
+            # client certificate is asked for on it, so no Session stream can run there.
             self.device_port = self._bind(server, self.config.device_address(), "--device-grpc", client_auth=True)
-        fleet = FleetServicer(self.enrollment, self.sessions, trusted_public_pems(self.config.state_dir,
-                                                                                  self.signing_key),
-                              identities=self.identities, device_port=self.device_port)
-        add_fleet_servicer(fleet, server)
-        control_pb2_grpc.add_ControlServicer_to_server(
-            ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                            self._rollout_engine(), self.device_measure, identities=self.identities), server
-        )
+            fleet = self._fleet_servicer()
+            add_fleet_servicer(fleet, server)
+
+            def setup_control(control_server: grpc.aio.Server) -> int:
+                add_fleet_servicer(fleet, control_server)
+                control_pb2_grpc.add_ControlServicer_to_server(
+                    ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                                    rollouts, self.device_measure, identities=self.identities,
+                                    fleet_loop=fleet_loop), control_server)
+                return self._bind(control_server, self.config.grpc_address, "--grpc", client_auth=False)
+
+            self._control = ControlServer([OperatorAuthInterceptor(self.store)], options, setup_control)
+            try:
+                self.grpc_port = await asyncio.to_thread(self._control.start)
+            except BindError:
+                await server.stop(None)
+                raise
+        else:  # --insecure: devices and operators share --grpc, so one server on this loop serves both
+            self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
+            self.device_port = self.grpc_port
+            add_fleet_servicer(self._fleet_servicer(), server)
+            control_pb2_grpc.add_ControlServicer_to_server(
+                ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                                rollouts, self.device_measure, identities=self.identities), server
+            )
         assert self.rollouts is not None  # made with the servicers, on this loop
         self.http.dashboard.bind_rollouts(self.rollouts.set_state, asyncio.get_running_loop(),
                                           self.rollouts.device_metrics)
@@ -245,6 +266,8 @@ class Controller:
                 self.http_port = self.http.start(http_host, http_port, share_port=self.worker is not None)
             except OSError as exc:
                 await server.stop(None)
+                if self._control is not None:
+                    await self._control.stop(0)
                 raise BindError(
                     f"cannot listen for HTTP on {self.config.http_address}: {exc.strerror}; "
                     "pick another with --http HOST:PORT or turn it off with --http off"
@@ -294,6 +317,11 @@ class Controller:
             raise BindError(f"cannot listen for gRPC on {address}: address in use or not local; "
                             f"pick another with {option} HOST:PORT")
         return port
+
+    def _fleet_servicer(self) -> FleetServicer:
+        keys = trusted_public_pems(self.config.state_dir, self.signing_key)
+        return FleetServicer(self.enrollment, self.sessions, keys, identities=self.identities,
+                             device_port=self.device_port)
 
     def _rollout_engine(self) -> RolloutEngine:
         self.device_measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands,
@@ -387,6 +415,7 @@ class Controller:
         started = time.monotonic()
         self._stopping.set()
         rpcs = asyncio.create_task(self._server.stop(grace_s)) if self._server else None
+        control = asyncio.create_task(self._control.stop(grace_s)) if self._control else None
         singletons = asyncio.create_task(self.lease.stop_singletons(JOB_STOP_S))
         jobs = [t for t in self._tasks if t is not self._ingest_task] + [singletons]
         _, stuck = await asyncio.wait(jobs, timeout=JOB_STOP_S) if jobs else (set(), set())
@@ -396,6 +425,8 @@ class Controller:
             await asyncio.wait(stuck, timeout=JOB_STOP_S)
         if rpcs is not None:
             await rpcs  # the sessions' handlers have run their `finally`: presence marked offline
+        if control is not None:
+            await control
         self.ingest.close()
         if self._ingest_task is not None and not (await asyncio.wait([self._ingest_task], timeout=JOB_STOP_S))[0]:
             log.warning("telemetry write still running at stop; its batches were not acked and will be resent")
