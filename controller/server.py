@@ -53,7 +53,8 @@ ENDPOINT_FILE = "controller.json"
 RPC_GRACE_S = 0.5
 JOB_STOP_S = 0.5
 MQTT_STOP_S = 0.5
-# How often each process looks in the store for commands another one issued to a stream it holds.
+# How often each process looks in the store for commands another one issued to a stream it holds,
+# and for devices another one revoked whose stream it holds.
 PENDING_COMMANDS_S = 0.5
 # Worker ids a start clears stale sessions of (`--workers` is at most this).
 MAX_WORKERS = 32
@@ -350,7 +351,8 @@ class Controller:
         return not stopping.is_set() and not self._stopping.is_set()
 
     async def _deliver_pending_commands(self) -> None:
-        """Send the commands that another worker or replica issued to a stream held here."""
+        """Send the commands that another worker or replica issued to a stream held here, and end
+        the streams held here of devices another one revoked (it could end only its own)."""
         while await self._running_after(PENDING_COMMANDS_S):
             try:
                 devices = await asyncio.to_thread(self.store.devices_with_pending_commands, self.replica)
@@ -359,6 +361,12 @@ class Controller:
                         self.commands.deliver_open(device_id)
             except Exception:
                 log.exception("periodic job failed", extra={"job": "pending commands"})
+            try:
+                for device_id in await asyncio.to_thread(self.store.revoked_streams, self.replica):
+                    if self.presence.end_revoked(device_id):
+                        log.warning("stream of a device revoked elsewhere ended", extra={"device": device_id})
+            except Exception:
+                log.exception("periodic job failed", extra={"job": "revoked streams"})
 
     async def _share_live_telemetry(self) -> None:
         """A worker's live view, written for its peers' /metrics and dashboard (telemetry/live_share.py)."""

@@ -401,6 +401,11 @@ class Store(abc.ABC):
         worker or replica, which could not reach the stream. Each worker sweeps for its own."""
 
     @abc.abstractmethod
+    def revoked_streams(self, owner: str) -> list[str]:
+        """Revoked devices whose stream `owner` still holds: revoked through another worker or
+        replica, which could not end that stream. Each worker sweeps for its own."""
+
+    @abc.abstractmethod
     def add_command(self, record: CommandRecord) -> None: ...
 
     @abc.abstractmethod

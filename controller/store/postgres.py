@@ -287,6 +287,9 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
+    """
+    CREATE INDEX devices_revoked ON devices (revoked_at_ms) WHERE revoked_at_ms > 0;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -611,6 +614,13 @@ class PostgresStore(Store):
             "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
             "WHERE c.state = 'pending' AND d.connected AND d.connected_by = %s ORDER BY c.device_id",
             (owner,),
+        )
+        return [r["device_id"] for r in rows]
+
+    def revoked_streams(self, owner: str) -> list[str]:
+        rows = self._all(
+            "SELECT device_id FROM devices WHERE revoked_at_ms > 0 AND connected AND connected_by = %s "
+            "ORDER BY device_id", (owner,),
         )
         return [r["device_id"] for r in rows]
 

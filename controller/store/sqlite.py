@@ -277,6 +277,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
+    # The workers' sweep for revoked devices whose stream they still hold (issue 18): the few
+    # revoked rows, not every device, twice a second per worker.
+    """
+    CREATE INDEX devices_revoked ON devices (revoked_at_ms) WHERE revoked_at_ms > 0;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -575,6 +580,14 @@ class SQLiteStore(Store):
                 "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
                 "WHERE c.state = 'pending' AND d.connected = 1 AND d.connected_by = ? ORDER BY c.device_id",
                 (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def revoked_streams(self, owner: str) -> list[str]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT device_id FROM devices WHERE revoked_at_ms > 0 AND connected = 1 AND connected_by = ? "
+                "ORDER BY device_id", (owner,),
             ).fetchall()
         return [r[0] for r in rows]
 

@@ -324,6 +324,18 @@ class TestStoreContract:
         store.update_device_session("dev-1", connected=False, last_seen_ms=NOW + 2, owner="worker-0")
         assert store.devices_with_pending_commands("worker-0") == []
 
+    def test_revoked_streams_are_found_for_the_worker_holding_them(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        for device_id, owner in (("dev-1", "worker-0"), ("dev-2", "worker-1"), ("dev-3", "worker-1")):
+            store.update_device_session(device_id, connected=True, last_seen_ms=NOW, owner=owner)
+        assert store.revoked_streams("worker-0") == [] and store.revoked_streams("worker-1") == []
+        store.revoke_device("dev-1", NOW)
+        store.revoke_device("dev-3", NOW)
+        assert store.revoked_streams("worker-0") == ["dev-1"]
+        assert store.revoked_streams("worker-1") == ["dev-3"]
+        store.close_device_sessions([("dev-3", NOW + 1)], "worker-1")  # its stream ended: nothing left to end
+        assert store.revoked_streams("worker-1") == []
+
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))
         store.enroll_device("hash-tok-1", NOW, device("dev-1"))
