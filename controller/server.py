@@ -39,7 +39,7 @@ from edgefleet.controller.store import open_store
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry.ingest import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
-from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S, SharedLiveTelemetry
+from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S, SharedLiveTelemetry, SharedSessionCounts
 from edgefleet.controller.telemetry.metrics import DEFAULT_PER_DEVICE_CAP
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
@@ -170,6 +170,7 @@ class Controller:
         registry = CollectorRegistry()
         self.live: LiveTelemetry = LiveTelemetry()
         self.shared_live: SharedLiveTelemetry | None = None
+        self.session_counts: SharedSessionCounts | None = None
         exposed = registry
         if self.worker is not None:
             # Counters and histograms go to prometheus_client's multiprocess files (the supervisor
@@ -183,6 +184,7 @@ class Controller:
             if self.shared_live.restore():
                 log.info("live telemetry restored from the previous worker")  # `worker=` is on every line
             self.live = self.shared_live
+            self.session_counts = SharedSessionCounts(config.state_dir / WORKERS_DIR / "live", self.worker)
         self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
         self.ingest.listeners.append(self.live)
         # The one device-session layer both transports translate to and from.
@@ -193,8 +195,10 @@ class Controller:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, sessions=self.sessions, auth=logins,
                                    default_client_id=self.replica)
             self.commands.issue_listeners.append(self.mqtt.publish_desired)
+        counts = self.session_counts
         self.http = HttpApi(self.store, self.presence, self.live, exposed,
-                            metrics_per_device=config.metrics_per_device)
+                            metrics_per_device=config.metrics_per_device,
+                            fleet_sessions=(lambda: counts.total(self.presence.online_count())) if counts else None)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
         self.http_port = 0
@@ -370,10 +374,11 @@ class Controller:
 
     async def _share_live_telemetry(self) -> None:
         """A worker's live view, written for its peers' /metrics and dashboard (telemetry/live_share.py)."""
-        assert self.shared_live is not None
+        assert self.shared_live is not None and self.session_counts is not None
         while await self._running_after(SNAPSHOT_INTERVAL_S):
             try:
                 await asyncio.to_thread(self.shared_live.write)
+                self.session_counts.write(self.presence.online_count())  # a few bytes, when it changed
             except Exception:
                 log.exception("periodic job failed", extra={"job": "live telemetry snapshot"})
 
