@@ -189,7 +189,7 @@ class DeviceSessions:
         live = self.presence.session_opened(
             device.device_id, agent_version=hello.agent_version, capability_version=version,
             hardware_class=hardware_class, profile=profile_bytes, hostname=hostname,
-            model=(hello.model, hello.model_version),
+            model=(hello.model, hello.model_version), previous=device,
         )
         live.send = replies.send  # presence.sender() finds it: how commands reach the device
         live.end_silent = end_silent

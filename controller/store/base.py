@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 
 class StoreError(Exception):
@@ -253,6 +253,26 @@ class RolloutDeviceRecord:
     rollback_command_id: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionOpen:
+    """One stream opened, as `open_device_sessions` writes it: a field left None keeps its stored
+    value, so a device that reconnects as it was sends no profile to the store."""
+
+    device_id: str
+    last_seen_ms: int
+    agent_version: str | None = None
+    capability_version: int | None = None
+    hardware_class: str | None = None
+    profile: bytes | None = None
+    hostname: str | None = None
+    model: str | None = None
+    model_version: int | None = None
+
+
+SESSION_OPEN_FIELDS = ("agent_version", "capability_version", "hardware_class", "profile", "hostname", "model",
+                       "model_version")
+
+
 def session_columns(
     connected: bool, last_seen_ms: int, owner: str, **optional: object
 ) -> dict[str, object]:
@@ -351,6 +371,11 @@ class Store(abc.ABC):
 
         `owner` names the controller replica holding the stream: opening records it, and closing
         changes nothing when another replica has taken the device over meanwhile."""
+
+    @abc.abstractmethod
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        """Mark these streams open, held by `owner`, in one write (a reconnect storm is batched like
+        the closes); None fields keep their stored values."""
 
     @abc.abstractmethod
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:

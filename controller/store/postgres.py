@@ -32,6 +32,7 @@ from edgefleet.controller.fleet.credentials import token_refusal
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store import StoreUnavailable
 from edgefleet.controller.store.base import (
+    SESSION_OPEN_FIELDS,
     AuditRecord,
     BuildRecord,
     CommandRecord,
@@ -46,6 +47,7 @@ from edgefleet.controller.store.base import (
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
+    SessionOpen,
     Store,
     StoreError,
     TelemetryPoint,
@@ -532,6 +534,26 @@ class PostgresStore(Store):
         args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._statement() as cur:
             cur.execute(query, args)
+
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        newest = {o.device_id: o for o in sorted(opens, key=lambda o: o.last_seen_ms)}
+        if not newest:
+            return
+        ids = sorted(newest)  # one lock order for every replica's batch
+        rows = [newest[i] for i in ids]
+        types = {"agent_version": "text", "capability_version": "bigint", "hardware_class": "text",
+                 "profile": "bytea", "hostname": "text", "model": "text", "model_version": "bigint"}
+        keep = ", ".join(f"{f} = COALESCE(t.{f}, d.{f})" for f in SESSION_OPEN_FIELDS)
+        arrays = ", ".join(f"%s::{types[f]}[]" for f in SESSION_OPEN_FIELDS)
+        columns = ", ".join(SESSION_OPEN_FIELDS)
+        values = [[getattr(o, f) for o in rows] for f in SESSION_OPEN_FIELDS]
+        with self._statement() as cur:
+            cur.execute(
+                f"UPDATE devices AS d SET connected = TRUE, last_seen_ms = t.ms, connected_by = %s, {keep} "
+                f"FROM unnest(%s::text[], %s::bigint[], {arrays}) AS t(device_id, ms, {columns}) "
+                "WHERE d.device_id = t.device_id",
+                (owner, ids, [o.last_seen_ms for o in rows], *values),
+            )
 
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
         newest = _newest_per_device(closed)

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from edgefleet.controller.fleet.commands import OPEN_COMMAND_STATES, expired_com
 from edgefleet.controller.fleet.credentials import token_refusal
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store.base import (
+    SESSION_OPEN_FIELDS,
     AuditRecord,
     BuildRecord,
     CommandRecord,
@@ -39,6 +40,7 @@ from edgefleet.controller.store.base import (
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
+    SessionOpen,
     Store,
     StoreError,
     TelemetryPoint,
@@ -505,6 +507,16 @@ class SQLiteStore(Store):
         args = (*updates.values(), device_id) if connected else (*updates.values(), device_id, owner)
         with self._tx() as db:
             db.execute(f"UPDATE devices SET {assignments} WHERE device_id = ?{guard}", args)
+
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        if not opens:
+            return
+        keep = ", ".join(f"{f} = COALESCE(?, {f})" for f in SESSION_OPEN_FIELDS)
+        with self._tx() as db:
+            db.executemany(
+                f"UPDATE devices SET connected = 1, last_seen_ms = ?, connected_by = ?, {keep} WHERE device_id = ?",
+                [(o.last_seen_ms, owner, *(getattr(o, f) for f in SESSION_OPEN_FIELDS), o.device_id) for o in opens],
+            )
 
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
         rows = [(ms, device_id, owner) for device_id, ms in closed]
