@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from edgefleet.common.units import format_duration
 from edgefleet.controller.store.base import SESSION_OPEN_FIELDS, DeviceBrief, DeviceRecord, SessionOpen, Store
@@ -112,8 +113,8 @@ class PresenceTracker:
                              *(model if model is not None else (None, None)))
         pending = device_id in self._opened  # then written in full: it replaces that open's fields
         if previous is not None and not pending:
-            opened = dataclasses.replace(opened, **{f: None for f in SESSION_OPEN_FIELDS
-                                                    if getattr(opened, f) == getattr(previous, f)})
+            same: dict[str, Any] = {f: None for f in SESSION_OPEN_FIELDS if getattr(opened, f) == getattr(previous, f)}
+            opened = dataclasses.replace(opened, **same)
         unchanged = all(getattr(opened, f) is None for f in SESSION_OPEN_FIELDS)
         # The row says this replica holds the device (read at authentication, and here a stream
         # is still open or its close is not written yet, so nothing since undid that): last_seen only.
