@@ -132,6 +132,16 @@ class PresenceTracker:
         )
         return session
 
+    def record_model(self, device_id: str, model: str, version: int) -> None:
+        """What a device serves now (an install ack, an MQTT state update): written at once, or, while
+        an open of it is still queued, carried by that open, so the hello's older model it holds
+        cannot overwrite this one when the batch is written."""
+        pending = self._opened.get(device_id)
+        if pending is not None:
+            self._opened[device_id] = dataclasses.replace(pending, model=model, model_version=version)
+            return
+        self.store.set_device_model(device_id, model, version)
+
     def seen(self, session: LiveSession) -> None:
         now = self._now_ms()
         session.last_seen_ms = now

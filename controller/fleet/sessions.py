@@ -208,7 +208,7 @@ class DeviceSessions:
     def update(self, session: DeviceSession, hello: SessionHello) -> None:
         """A device said again what it serves (MQTT: its retained state, re-published after an install)."""
         self.check_hello(hello)
-        self.store.set_device_model(session.device_id, hello.model, hello.model_version)
+        self.presence.record_model(session.device_id, hello.model, hello.model_version)
 
     def is_current(self, session: DeviceSession) -> bool:
         """False once a newer session of the same device (on either transport) replaced this one."""

@@ -136,7 +136,21 @@ def test_a_reconnect_storm_is_written_in_one_batch_and_unchanged_devices_write_o
         assert len(store.batched_opens) == 2 and second.unchanged_opens == 200
         assert second.online_count() == 200 and len(second.take_dirty()) == 200  # last_seen, via the flush
 
+        # An install acked while the device's open is still queued: the open carries the new model
+        # rather than writing the hello's older one over it afterwards.
+        store.reset_connections("replica-a")
+        third = PresenceTracker(store, heartbeat_interval_s=1.0, owner="replica-a")
+        third.session_opened("d1", agent_version="1.0", capability_version=7, hardware_class="c",
+                             profile=b"profile-bytes", hostname="h", model=("m", 1), previous=store.get_device("d1"))
+        third.record_model("d1", "m", 2)
+        await asyncio.sleep(third.close_delay_s * 5)
+        d1 = store.get_device("d1")
+        assert d1 is not None and d1.connected and d1.model_version == 2
+        third.record_model("d1", "m", 3)  # nothing queued: written at once
+        d1 = store.get_device("d1")
+        assert d1 is not None and d1.model_version == 3
+
     asyncio.run(storm())
-    assert store.single_writes == 0
+    assert store.single_writes == 1  # the last record_model, with no open queued
     device = store.get_device("d0")
     assert device is not None and (device.agent_version, device.profile, device.model) == ("1.1", b"profile-bytes", "m")
