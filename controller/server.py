@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from edgefleet.common.durable_files import atomic_write_json
 from edgefleet.controller import __version__
 from edgefleet.controller.api.control_grpc import ControlServicer, OperatorAuthInterceptor
+from edgefleet.controller.api.control_server import ControlServer
 from edgefleet.controller.api.fleet_grpc import FleetServicer, add_fleet_servicer
 from edgefleet.controller.api.http_server import HttpApi
 from edgefleet.controller.api.mqtt_bridge import MqttBridge, MqttOptions, broker_auth, replica_client_id  # issue 7
@@ -38,7 +39,7 @@ from edgefleet.controller.store import open_store
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import Store
 from edgefleet.controller.telemetry.ingest import LiveTelemetry, TelemetryIngest, TelemetryMetrics, compute_rollups
-from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S, SharedLiveTelemetry
+from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S, SharedLiveTelemetry, SharedSessionCounts
 from edgefleet.controller.telemetry.metrics import DEFAULT_PER_DEVICE_CAP
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc
@@ -52,7 +53,8 @@ ENDPOINT_FILE = "controller.json"
 RPC_GRACE_S = 0.5
 JOB_STOP_S = 0.5
 MQTT_STOP_S = 0.5
-# How often each process looks in the store for commands another one issued to a stream it holds.
+# How often each process looks in the store for commands another one issued to a stream it holds,
+# and for devices another one revoked whose stream it holds.
 PENDING_COMMANDS_S = 0.5
 # Worker ids a start clears stale sessions of (`--workers` is at most this).
 MAX_WORKERS = 32
@@ -168,6 +170,7 @@ class Controller:
         registry = CollectorRegistry()
         self.live: LiveTelemetry = LiveTelemetry()
         self.shared_live: SharedLiveTelemetry | None = None
+        self.session_counts: SharedSessionCounts | None = None
         exposed = registry
         if self.worker is not None:
             # Counters and histograms go to prometheus_client's multiprocess files (the supervisor
@@ -181,6 +184,7 @@ class Controller:
             if self.shared_live.restore():
                 log.info("live telemetry restored from the previous worker")  # `worker=` is on every line
             self.live = self.shared_live
+            self.session_counts = SharedSessionCounts(config.state_dir / WORKERS_DIR / "live", self.worker)
         self.ingest = TelemetryIngest(self.store, TelemetryMetrics(registry))
         self.ingest.listeners.append(self.live)
         # The one device-session layer both transports translate to and from.
@@ -191,31 +195,32 @@ class Controller:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, sessions=self.sessions, auth=logins,
                                    default_client_id=self.replica)
             self.commands.issue_listeners.append(self.mqtt.publish_desired)
+        counts = self.session_counts
         self.http = HttpApi(self.store, self.presence, self.live, exposed,
-                            metrics_per_device=config.metrics_per_device)
+                            metrics_per_device=config.metrics_per_device,
+                            fleet_sessions=(lambda: counts.total(self.presence.online_count())) if counts else None)
         self.started_at_ms = int(time.time() * 1000)
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
+        self._control: ControlServer | None = None  # with TLS: Control's own server, thread and loop
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._ingest_task: asyncio.Task[None] | None = None
         self.lease = SingletonLease(self.store, self.replica, self._singletons)
 
     async def start(self) -> None:
-        server = grpc.aio.server(
-            interceptors=[OperatorAuthInterceptor(self.store)],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # A second controller on the same port must fail, not share; the workers of one
-                # controller share it (its supervisor holds the port so that no other can).
-                ("grpc.so_reuseport", 0 if self.worker is None else 1),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A second controller on the same port must fail, not share; the workers of one
+            # controller share it (its supervisor holds the port so that no other can).
+            ("grpc.so_reuseport", 0 if self.worker is None else 1),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(interceptors=[OperatorAuthInterceptor(self.store)], options=options)
         info = control_pb2.ControllerInfo(
             version=__version__,
             capability_version=CAPABILITY_VERSION,
@@ -224,18 +229,39 @@ class Controller:
             started_at_unix_ms=self.started_at_ms,
         )
         host, _ = split_address(self.config.grpc_address)
-        self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
-        self.device_port = self.grpc_port
+        rollouts = self._rollout_engine()  # on this loop, the fleet's
+        fleet_loop = asyncio.get_running_loop()
         if self.ca is not None:
+            # TLS: devices stream on the device port, and --grpc (Control, Enroll, the move of
+            # secret-only devices) gets a server, thread and loop of its own, so that an operator's
+            # call never waits for the turns of a loop busy with ingest (control_server.py). No
+            # client certificate is asked for on it, so no Session stream can run there.
             self.device_port = self._bind(server, self.config.device_address(), "--device-grpc", client_auth=True)
-        fleet = FleetServicer(self.enrollment, self.sessions, trusted_public_pems(self.config.state_dir,
-                                                                                  self.signing_key),
-                              identities=self.identities, device_port=self.device_port)
-        add_fleet_servicer(fleet, server)
-        control_pb2_grpc.add_ControlServicer_to_server(
-            ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                            self._rollout_engine(), self.device_measure, identities=self.identities), server
-        )
+            fleet = self._fleet_servicer()
+            add_fleet_servicer(fleet, server)
+
+            def setup_control(control_server: grpc.aio.Server) -> int:
+                add_fleet_servicer(fleet, control_server)
+                control_pb2_grpc.add_ControlServicer_to_server(
+                    ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                                    rollouts, self.device_measure, identities=self.identities,
+                                    fleet_loop=fleet_loop), control_server)
+                return self._bind(control_server, self.config.grpc_address, "--grpc", client_auth=False)
+
+            self._control = ControlServer([OperatorAuthInterceptor(self.store)], options, setup_control)
+            try:
+                self.grpc_port = await asyncio.to_thread(self._control.start)
+            except BindError:
+                await server.stop(None)
+                raise
+        else:  # --insecure: devices and operators share --grpc, so one server on this loop serves both
+            self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
+            self.device_port = self.grpc_port
+            add_fleet_servicer(self._fleet_servicer(), server)
+            control_pb2_grpc.add_ControlServicer_to_server(
+                ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                                rollouts, self.device_measure, identities=self.identities), server
+            )
         assert self.rollouts is not None  # made with the servicers, on this loop
         self.http.dashboard.bind_rollouts(self.rollouts.set_state, asyncio.get_running_loop(),
                                           self.rollouts.device_metrics)
@@ -245,6 +271,8 @@ class Controller:
                 self.http_port = self.http.start(http_host, http_port, share_port=self.worker is not None)
             except OSError as exc:
                 await server.stop(None)
+                if self._control is not None:
+                    await self._control.stop(0)
                 raise BindError(
                     f"cannot listen for HTTP on {self.config.http_address}: {exc.strerror}; "
                     "pick another with --http HOST:PORT or turn it off with --http off"
@@ -295,6 +323,11 @@ class Controller:
                             f"pick another with {option} HOST:PORT")
         return port
 
+    def _fleet_servicer(self) -> FleetServicer:
+        keys = trusted_public_pems(self.config.state_dir, self.signing_key)
+        return FleetServicer(self.enrollment, self.sessions, keys, identities=self.identities,
+                             device_port=self.device_port)
+
     def _rollout_engine(self) -> RolloutEngine:
         self.device_measure = DeviceMeasure(self.store, self.presence, self.artifacts, self.commands,
                                             asyncio.get_running_loop())
@@ -322,7 +355,8 @@ class Controller:
         return not stopping.is_set() and not self._stopping.is_set()
 
     async def _deliver_pending_commands(self) -> None:
-        """Send the commands that another worker or replica issued to a stream held here."""
+        """Send the commands that another worker or replica issued to a stream held here, and end
+        the streams held here of devices another one revoked (it could end only its own)."""
         while await self._running_after(PENDING_COMMANDS_S):
             try:
                 devices = await asyncio.to_thread(self.store.devices_with_pending_commands, self.replica)
@@ -331,13 +365,20 @@ class Controller:
                         self.commands.deliver_open(device_id)
             except Exception:
                 log.exception("periodic job failed", extra={"job": "pending commands"})
+            try:
+                for device_id in await asyncio.to_thread(self.store.revoked_streams, self.replica):
+                    if self.presence.end_revoked(device_id):
+                        log.warning("stream of a device revoked elsewhere ended", extra={"device": device_id})
+            except Exception:
+                log.exception("periodic job failed", extra={"job": "revoked streams"})
 
     async def _share_live_telemetry(self) -> None:
         """A worker's live view, written for its peers' /metrics and dashboard (telemetry/live_share.py)."""
-        assert self.shared_live is not None
+        assert self.shared_live is not None and self.session_counts is not None
         while await self._running_after(SNAPSHOT_INTERVAL_S):
             try:
                 await asyncio.to_thread(self.shared_live.write)
+                self.session_counts.write(self.presence.online_count())  # a few bytes, when it changed
             except Exception:
                 log.exception("periodic job failed", extra={"job": "live telemetry snapshot"})
 
@@ -387,6 +428,7 @@ class Controller:
         started = time.monotonic()
         self._stopping.set()
         rpcs = asyncio.create_task(self._server.stop(grace_s)) if self._server else None
+        control = asyncio.create_task(self._control.stop(grace_s)) if self._control else None
         singletons = asyncio.create_task(self.lease.stop_singletons(JOB_STOP_S))
         jobs = [t for t in self._tasks if t is not self._ingest_task] + [singletons]
         _, stuck = await asyncio.wait(jobs, timeout=JOB_STOP_S) if jobs else (set(), set())
@@ -396,6 +438,8 @@ class Controller:
             await asyncio.wait(stuck, timeout=JOB_STOP_S)
         if rpcs is not None:
             await rpcs  # the sessions' handlers have run their `finally`: presence marked offline
+        if control is not None:
+            await control
         self.ingest.close()
         if self._ingest_task is not None and not (await asyncio.wait([self._ingest_task], timeout=JOB_STOP_S))[0]:
             log.warning("telemetry write still running at stop; its batches were not acked and will be resent")

@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -51,6 +52,37 @@ from edgefleet.controller.telemetry.summary import summary_rows
 from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, profile_pb2
 
 __all__ = ["ControlServicer", "OperatorAuthInterceptor"]  # the interceptor lives in control_access.py
+
+T = TypeVar("T")
+
+
+class FleetLoopCalls:
+    """How a Control handler reaches the objects that live on the fleet loop (presence, the command
+    dispatcher's outboxes, the rollout engine, on-device measurement). With TLS, Control is served
+    on a loop of its own (controller/api/control_server.py) and these calls hop to the fleet loop;
+    otherwise both are one loop and they run in place."""
+
+    fleet_loop: asyncio.AbstractEventLoop | None
+
+    def _hops(self) -> asyncio.AbstractEventLoop | None:
+        loop = self.fleet_loop
+        return None if loop is None or loop is asyncio.get_running_loop() else loop
+
+    async def on_fleet_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = self._hops()
+        if loop is None:
+            return fn(*args, **kwargs)
+
+        async def call() -> T:
+            return fn(*args, **kwargs)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), loop))
+
+    async def awaited_on_fleet_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        loop = self._hops()
+        if loop is None:
+            return await coroutine
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, loop))
 
 
 class TelemetryControl:
@@ -100,7 +132,7 @@ def command_to_proto(record: CommandRecord) -> control_pb2.CommandInfo:
     return info
 
 
-class CommandControl:
+class CommandControl(FleetLoopCalls):
     """Artifacts and device commands: the part of Control that moves models (mixed into ControlServicer)."""
 
     store: Store
@@ -113,9 +145,9 @@ class CommandControl:
         self, request: control_pb2.MeasureOnDeviceRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.MeasureOnDeviceResponse:
         try:
-            device_id, ack = await self.device_measure.measure_on_class(
+            device_id, ack = await self.awaited_on_fleet_loop(self.device_measure.measure_on_class(
                 request.hardware_class, list(request.candidate_sha256), request.inputs_npz, request.device_id,
-                candidates=list(request.candidates), inputs_are_feed=request.inputs_are_feed)
+                candidates=list(request.candidates), inputs_are_feed=request.inputs_are_feed))
         except DeviceMeasurementFailed as exc:
             raise FailedPrecondition(str(exc)) from None
         return control_pb2.MeasureOnDeviceResponse(device_id=device_id, timings=ack.timings)
@@ -135,7 +167,8 @@ class CommandControl:
         self, request: control_pb2.InstallOnDeviceRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.CommandInfo:
         install = bundle_install_action(self.artifacts, request.bundle_sha256)
-        record = self.commands.issue(request.device_id, install=install, ttl_s=request.ttl_s or 3600)
+        record = await self.on_fleet_loop(self.commands.issue, request.device_id, install=install,
+                                          ttl_s=request.ttl_s or 3600)
         return command_to_proto(record)
 
     @maps_errors
@@ -155,7 +188,7 @@ class CommandControl:
         return control_pb2.ListCommandsResponse(commands=[command_to_proto(r) for r in records])
 
 
-class RolloutControl:
+class RolloutControl(FleetLoopCalls):
     """Models and rollouts (mixed into ControlServicer)."""
 
     store: Store
@@ -182,7 +215,7 @@ class RolloutControl:
         self, request: control_pb2.CreateRolloutRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.RolloutInfo:
         defaults = RolloutRequest(model=request.model, version=int(request.version))
-        record = self.rollouts.create(dataclasses.replace(
+        record = await self.on_fleet_loop(self.rollouts.create, dataclasses.replace(
             defaults,
             selector=request.to or defaults.selector,
             waves=request.waves or defaults.waves,
@@ -215,7 +248,8 @@ class RolloutControl:
     async def ChangeRollout(
         self, request: control_pb2.ChangeRolloutRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.RolloutInfo:
-        return rollout_to_proto(self.store, self.rollouts.set_state(request.rollout_id, request.action))
+        record = await self.on_fleet_loop(self.rollouts.set_state, request.rollout_id, request.action)
+        return rollout_to_proto(self.store, record)
 
 
 def model_to_proto(record: ModelRecord) -> control_pb2.ModelInfo:
@@ -371,7 +405,9 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
         rollouts: RolloutEngine,
         device_measure: DeviceMeasure,
         identities: DeviceIdentities | None = None,  # None: the controller runs --insecure
+        fleet_loop: asyncio.AbstractEventLoop | None = None,  # None: Control is served on the fleet loop
     ) -> None:
+        self.fleet_loop = fleet_loop
         self.identities = identities
         self.store = store
         self.enrollment = enrollment
@@ -444,8 +480,8 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
     async def RevokeDevice(
         self, request: control_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.Device:
-        record = revoke_device(self.store, self.presence, self.enrollment.mqtt_logins, request.device_id,
-                               int(time.time() * 1000))
+        record = await self.on_fleet_loop(revoke_device, self.store, self.presence, self.enrollment.mqtt_logins,
+                                          request.device_id, int(time.time() * 1000))
         return self._device(record, include_profile=False)
 
     def _ca_identities(self) -> DeviceIdentities:
@@ -472,14 +508,14 @@ class ControlServicer(TelemetryControl, CommandControl, RolloutControl, AccessCo
     async def RotateCertificateAuthority(
         self, request: control_pb2.RotateCertificateAuthorityRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.CertificateAuthority:
-        self._ca_identities().rotate()
+        await self.on_fleet_loop(self._ca_identities().rotate)  # sessions there read the bundle
         return self._ca_info()
 
     @maps_errors
     async def RetireOldCertificateAuthority(
         self, request: control_pb2.RetireOldCertificateAuthorityRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.CertificateAuthority:
-        self._ca_identities().retire_old()
+        await self.on_fleet_loop(self._ca_identities().retire_old)
         return self._ca_info()
 
     @maps_errors

@@ -42,14 +42,17 @@ class _QuietHandler(WSGIRequestHandler):
 
 class HttpApi:
     def __init__(self, store: Store, presence: PresenceTracker, live: LiveTelemetry,
-                 registry: CollectorRegistry, *, metrics_per_device: int | None = DEFAULT_PER_DEVICE_CAP) -> None:
-        """`metrics_per_device`: how many devices /metrics gives per-device series (None: all, 0: none)."""
+                 registry: CollectorRegistry, *, metrics_per_device: int | None = DEFAULT_PER_DEVICE_CAP,
+                 fleet_sessions: Callable[[], int] | None = None) -> None:
+        """`metrics_per_device`: how many devices /metrics gives per-device series (None: all, 0: none).
+        `fleet_sessions`: the streams of every worker of this controller (/healthz); None: this process's."""
         self.registry = registry
         fleet = FleetCollector(store, presence)
         self.registry.register(fleet)  # first: its read of the devices gives the telemetry their classes
         self.registry.register(TelemetryCollector(live, metrics_per_device, fleet.classes))
         self._metrics = make_wsgi_app(self.registry)
         self.presence = presence
+        self.fleet_sessions = fleet_sessions or presence.online_count
         # Everything but /metrics and /healthz: those stay open to scrapers and load balancers.
         self.dashboard = Dashboard(DashboardData(store, presence, live), LoginSessions(store))
         self._server: WSGIServer | None = None
@@ -59,7 +62,9 @@ class HttpApi:
         if path == "/metrics":
             return self._metrics(environ, start_response)
         if path == "/healthz":
-            body = json.dumps({"status": "ok", "sessions": self.presence.online_count()}).encode()
+            # `sessions`: the whole controller's (every worker's); `process_sessions`: this process's.
+            body = json.dumps({"status": "ok", "sessions": self.fleet_sessions(),
+                               "process_sessions": self.presence.online_count()}).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
         return self.dashboard(environ, start_response)

@@ -133,7 +133,7 @@ class CommandDispatcher:
         log.info("command done", extra={"device": device_id, "command": ack.command_id, "result": ack.result,
                                         "reason": ack.reason, "rollout": finished.rollout_id})
         if finished.kind == "install" and ack.result in INSTALLED_RESULTS:
-            self.store.set_device_model(device_id, ack.model, int(ack.version))
+            self.presence.record_model(device_id, ack.model, int(ack.version))
         for listener in self.listeners:
             try:
                 listener(finished, ack)

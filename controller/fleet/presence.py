@@ -7,6 +7,10 @@ Closed streams are written offline in batches too: a close is queued and, on the
 written `close_delay_s` later together with every close queued meanwhile (one transaction). When
 a controller stops at 10,000 streams they all end at once; one write each took ~2.5 s, past the
 2 s a supervisor is promised. Until its close is written a device already reads offline here.
+Opened streams are batched the same way (the reconnect storm after a restart, as MQTT's bridge
+batches its own): one write per `close_delay_s` for every open queued meanwhile, with only the
+presence columns for a device that reconnected as it was (same agent, capability, profile and
+model), and no write at all when its row already says this replica holds it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from edgefleet.common.units import format_duration
-from edgefleet.controller.store.base import DeviceBrief, DeviceRecord, Store
+from edgefleet.controller.store.base import SESSION_OPEN_FIELDS, DeviceBrief, DeviceRecord, SessionOpen, Store
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.presence")
@@ -69,6 +74,8 @@ class PresenceTracker:
         self._dirty: dict[str, int] = {}
         # Closed streams whose offline is not written yet: device -> last_seen_ms.
         self._closed: dict[str, int] = {}
+        self._opened: dict[str, SessionOpen] = {}  # opened streams not written yet
+        self.unchanged_opens = 0  # opens that needed no store write (the row already said so)
         self._close_write_scheduled = False
         self.close_delay_s = 0.02
         self._ids = itertools.count(1)
@@ -90,32 +97,50 @@ class PresenceTracker:
         profile: bytes,
         hostname: str,
         model: tuple[str, int] | None = None,
+        previous: DeviceRecord | None = None,
     ) -> LiveSession:
-        """Register a new stream. A second stream for the same device replaces the first."""
+        """Register a new stream. A second stream for the same device replaces the first.
+
+        `previous`: the device's row as read when the stream authenticated; what it already says
+        is not written again."""
         now = self._now_ms()
         session = LiveSession(next(self._ids), device_id, now, now)
         replaced = self._live.get(device_id)
         self._live[device_id] = session
         self._dirty.pop(device_id, None)
-        self._closed.pop(device_id, None)  # the open below supersedes a close not yet written
-        self.store.update_device_session(
-            device_id,
-            connected=True,
-            last_seen_ms=now,
-            agent_version=agent_version,
-            capability_version=capability_version,
-            hardware_class=hardware_class,
-            profile=profile,
-            hostname=hostname,
-            owner=self.owner,
-        )
-        if model is not None:
-            self.store.set_device_model(device_id, *model)
+        close_pending = self._closed.pop(device_id, None) is not None  # superseded by this open
+        opened = SessionOpen(device_id, now, agent_version, capability_version, hardware_class, profile, hostname,
+                             *(model if model is not None else (None, None)))
+        pending = device_id in self._opened  # then written in full: it replaces that open's fields
+        if previous is not None and not pending:
+            same: dict[str, Any] = {f: None for f in SESSION_OPEN_FIELDS if getattr(opened, f) == getattr(previous, f)}
+            opened = dataclasses.replace(opened, **same)
+        unchanged = all(getattr(opened, f) is None for f in SESSION_OPEN_FIELDS)
+        # The row says this replica holds the device (read at authentication, and here a stream
+        # is still open or its close is not written yet, so nothing since undid that): last_seen only.
+        held_here = previous is not None and previous.connected and previous.connected_by == self.owner \
+            and (replaced is not None or close_pending)
+        if unchanged and held_here:
+            self.unchanged_opens += 1
+            self._dirty[device_id] = now
+        else:
+            self._opened[device_id] = opened
+            self._schedule_write()
         log.info(
             "device online",
             extra={"device": device_id, "session": session.session_id, "replaced": bool(replaced)},
         )
         return session
+
+    def record_model(self, device_id: str, model: str, version: int) -> None:
+        """What a device serves now (an install ack, an MQTT state update): written at once, or, while
+        an open of it is still queued, carried by that open, so the hello's older model it holds
+        cannot overwrite this one when the batch is written."""
+        pending = self._opened.get(device_id)
+        if pending is not None:
+            self._opened[device_id] = dataclasses.replace(pending, model=model, model_version=version)
+            return
+        self.store.set_device_model(device_id, model, version)
 
     def seen(self, session: LiveSession) -> None:
         now = self._now_ms()
@@ -130,6 +155,9 @@ class PresenceTracker:
         self._dirty.pop(session.device_id, None)
         self._closed[session.device_id] = session.last_seen_ms
         log.info("device offline", extra={"device": session.device_id, "reason": reason})
+        self._schedule_write()
+
+    def _schedule_write(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a synchronous caller): write it now
@@ -144,11 +172,19 @@ class PresenceTracker:
         try:
             self.write_closed()
         except Exception:
-            log.exception("writing closed sessions failed; retried with the next close or flush")
+            log.exception("writing opened or closed sessions failed; retried with the next change or flush")
 
     def write_closed(self) -> int:
-        """Write the queued closes in one store write; returns how many. On the event loop, like
-        the opens, so a close is never written after a newer open of the same device."""
+        """Write the queued opens, then the queued closes, one store write each; returns how many
+        closes. On the event loop, where both are queued, so a close is never written after a newer
+        open of the same device, nor an open after its own close."""
+        opened, self._opened = self._opened, {}
+        if opened:
+            try:
+                self.store.open_device_sessions(list(opened.values()), self.owner)
+            except Exception:
+                self._opened = {**opened, **self._opened}
+                raise
         closed, self._closed = self._closed, {}
         if not closed:
             return 0

@@ -189,7 +189,7 @@ class DeviceSessions:
         live = self.presence.session_opened(
             device.device_id, agent_version=hello.agent_version, capability_version=version,
             hardware_class=hardware_class, profile=profile_bytes, hostname=hostname,
-            model=(hello.model, hello.model_version),
+            model=(hello.model, hello.model_version), previous=device,
         )
         live.send = replies.send  # presence.sender() finds it: how commands reach the device
         live.end_silent = end_silent
@@ -208,7 +208,7 @@ class DeviceSessions:
     def update(self, session: DeviceSession, hello: SessionHello) -> None:
         """A device said again what it serves (MQTT: its retained state, re-published after an install)."""
         self.check_hello(hello)
-        self.store.set_device_model(session.device_id, hello.model, hello.model_version)
+        self.presence.record_model(session.device_id, hello.model, hello.model_version)
 
     def is_current(self, session: DeviceSession) -> bool:
         """False once a newer session of the same device (on either transport) replaced this one."""

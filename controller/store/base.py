@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 
 class StoreError(Exception):
@@ -253,6 +253,26 @@ class RolloutDeviceRecord:
     rollback_command_id: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class SessionOpen:
+    """One stream opened, as `open_device_sessions` writes it: a field left None keeps its stored
+    value, so a device that reconnects as it was sends no profile to the store."""
+
+    device_id: str
+    last_seen_ms: int
+    agent_version: str | None = None
+    capability_version: int | None = None
+    hardware_class: str | None = None
+    profile: bytes | None = None
+    hostname: str | None = None
+    model: str | None = None
+    model_version: int | None = None
+
+
+SESSION_OPEN_FIELDS = ("agent_version", "capability_version", "hardware_class", "profile", "hostname", "model",
+                       "model_version")
+
+
 def session_columns(
     connected: bool, last_seen_ms: int, owner: str, **optional: object
 ) -> dict[str, object]:
@@ -353,6 +373,11 @@ class Store(abc.ABC):
         changes nothing when another replica has taken the device over meanwhile."""
 
     @abc.abstractmethod
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        """Mark these streams open, held by `owner`, in one write (a reconnect storm is batched like
+        the closes); None fields keep their stored values."""
+
+    @abc.abstractmethod
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
         """Mark many devices' streams closed in one write: (device_id, last_seen_ms) pairs. As
         `update_device_session(connected=False)` per device, and like it a no-op for a device that
@@ -399,6 +424,11 @@ class Store(abc.ABC):
     def devices_with_pending_commands(self, owner: str) -> list[str]:
         """Devices whose stream `owner` holds and that have a command never sent: issued by another
         worker or replica, which could not reach the stream. Each worker sweeps for its own."""
+
+    @abc.abstractmethod
+    def revoked_streams(self, owner: str) -> list[str]:
+        """Revoked devices whose stream `owner` still holds: revoked through another worker or
+        replica, which could not end that stream. Each worker sweeps for its own."""
 
     @abc.abstractmethod
     def add_command(self, record: CommandRecord) -> None: ...

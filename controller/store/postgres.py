@@ -32,6 +32,7 @@ from edgefleet.controller.fleet.credentials import token_refusal
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store import StoreUnavailable
 from edgefleet.controller.store.base import (
+    SESSION_OPEN_FIELDS,
     AuditRecord,
     BuildRecord,
     CommandRecord,
@@ -46,6 +47,7 @@ from edgefleet.controller.store.base import (
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
+    SessionOpen,
     Store,
     StoreError,
     TelemetryPoint,
@@ -286,6 +288,9 @@ MIGRATIONS: list[str] = [
         expires_at_ms BIGINT NOT NULL
     );
     CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
+    """,
+    """
+    CREATE INDEX devices_revoked ON devices (revoked_at_ms) WHERE revoked_at_ms > 0;
     """,
 ]
 
@@ -530,6 +535,26 @@ class PostgresStore(Store):
         with self._statement() as cur:
             cur.execute(query, args)
 
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        newest = {o.device_id: o for o in sorted(opens, key=lambda o: o.last_seen_ms)}
+        if not newest:
+            return
+        ids = sorted(newest)  # one lock order for every replica's batch
+        rows = [newest[i] for i in ids]
+        types = {"agent_version": "text", "capability_version": "bigint", "hardware_class": "text",
+                 "profile": "bytea", "hostname": "text", "model": "text", "model_version": "bigint"}
+        keep = ", ".join(f"{f} = COALESCE(t.{f}, d.{f})" for f in SESSION_OPEN_FIELDS)
+        arrays = ", ".join(f"%s::{types[f]}[]" for f in SESSION_OPEN_FIELDS)
+        columns = ", ".join(SESSION_OPEN_FIELDS)
+        values = [[getattr(o, f) for o in rows] for f in SESSION_OPEN_FIELDS]
+        with self._statement() as cur:
+            cur.execute(
+                f"UPDATE devices AS d SET connected = TRUE, last_seen_ms = t.ms, connected_by = %s, {keep} "
+                f"FROM unnest(%s::text[], %s::bigint[], {arrays}) AS t(device_id, ms, {columns}) "
+                "WHERE d.device_id = t.device_id",
+                (owner, ids, [o.last_seen_ms for o in rows], *values),
+            )
+
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
         newest = _newest_per_device(closed)
         if not newest:
@@ -611,6 +636,13 @@ class PostgresStore(Store):
             "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
             "WHERE c.state = 'pending' AND d.connected AND d.connected_by = %s ORDER BY c.device_id",
             (owner,),
+        )
+        return [r["device_id"] for r in rows]
+
+    def revoked_streams(self, owner: str) -> list[str]:
+        rows = self._all(
+            "SELECT device_id FROM devices WHERE revoked_at_ms > 0 AND connected AND connected_by = %s "
+            "ORDER BY device_id", (owner,),
         )
         return [r["device_id"] for r in rows]
 

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from edgefleet.controller.fleet.commands import OPEN_COMMAND_STATES, expired_com
 from edgefleet.controller.fleet.credentials import token_refusal
 from edgefleet.controller.rollouts.states import ACTIVE_ROLLOUT_STATES
 from edgefleet.controller.store.base import (
+    SESSION_OPEN_FIELDS,
     AuditRecord,
     BuildRecord,
     CommandRecord,
@@ -39,6 +40,7 @@ from edgefleet.controller.store.base import (
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
+    SessionOpen,
     Store,
     StoreError,
     TelemetryPoint,
@@ -277,6 +279,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX login_sessions_by_expiry ON login_sessions (expires_at_ms);
     """,
+    # The workers' sweep for revoked devices whose stream they still hold (issue 18): the few
+    # revoked rows, not every device, twice a second per worker.
+    """
+    CREATE INDEX devices_revoked ON devices (revoked_at_ms) WHERE revoked_at_ms > 0;
+    """,
 ]
 
 MINUTE_MS = 60_000
@@ -501,6 +508,16 @@ class SQLiteStore(Store):
         with self._tx() as db:
             db.execute(f"UPDATE devices SET {assignments} WHERE device_id = ?{guard}", args)
 
+    def open_device_sessions(self, opens: Sequence[SessionOpen], owner: str) -> None:
+        if not opens:
+            return
+        keep = ", ".join(f"{f} = COALESCE(?, {f})" for f in SESSION_OPEN_FIELDS)
+        with self._tx() as db:
+            db.executemany(
+                f"UPDATE devices SET connected = 1, last_seen_ms = ?, connected_by = ?, {keep} WHERE device_id = ?",
+                [(o.last_seen_ms, owner, *(getattr(o, f) for f in SESSION_OPEN_FIELDS), o.device_id) for o in opens],
+            )
+
     def close_device_sessions(self, closed: Iterable[tuple[str, int]], owner: str = "") -> None:
         rows = [(ms, device_id, owner) for device_id, ms in closed]
         if not rows:
@@ -575,6 +592,14 @@ class SQLiteStore(Store):
                 "SELECT DISTINCT c.device_id FROM commands c JOIN devices d ON d.device_id = c.device_id "
                 "WHERE c.state = 'pending' AND d.connected = 1 AND d.connected_by = ? ORDER BY c.device_id",
                 (owner,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def revoked_streams(self, owner: str) -> list[str]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT device_id FROM devices WHERE revoked_at_ms > 0 AND connected = 1 AND connected_by = ? "
+                "ORDER BY device_id", (owner,),
             ).fetchall()
         return [r[0] for r in rows]
 

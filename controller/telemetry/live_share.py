@@ -17,6 +17,7 @@ processes into its state directory (mode 0700 like the rest of it, which also ho
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -137,3 +138,51 @@ def _read(path: Path) -> Snapshot | None:
         return None
     snapshot: Snapshot = data[1]
     return snapshot
+
+
+class SharedSessionCounts:
+    """How many device streams each worker holds, for a /healthz that counts the whole fleet
+    whichever worker answers: `<dir>/sessions-<i>.json` holds a worker's pid and count, written
+    when the count changed (checked every SNAPSHOT_INTERVAL_S). A file whose pid is gone (a killed
+    worker, not yet restarted) counts nothing: that worker's streams ended with it."""
+
+    def __init__(self, directory: Path, index: int) -> None:
+        self.directory = directory
+        self.path = directory / f"sessions-{index}.json"
+        self._written: int | None = None
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def write(self, sessions: int) -> bool:
+        """Record this worker's count when it changed since the last write; True when written."""
+        if sessions == self._written:
+            return False
+        temp = self.path.with_suffix(f".tmp{os.getpid()}")
+        temp.write_text(json.dumps({"pid": os.getpid(), "sessions": sessions}))
+        os.replace(temp, self.path)
+        self._written = sessions
+        return True
+
+    def total(self, own: int) -> int:
+        """`own` (this worker's count now) plus each live peer's last written count."""
+        total = own
+        for path in self.directory.glob("sessions-*.json"):
+            if path == self.path:
+                continue
+            try:
+                data = json.loads(path.read_text())
+                pid, sessions = int(data["pid"]), int(data["sessions"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # gone or torn between a peer's write and rename: the next read sees it
+            if _alive(pid):
+                total += sessions
+        return total
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

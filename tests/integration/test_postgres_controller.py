@@ -67,9 +67,13 @@ def test_controller_on_postgres_enrolls_and_keeps_devices_across_a_restart(
     wait_until(lambda: agent.device_id in online_ids(controller), 30, "agent online")
     device_id = agent.device_id
     assert device_id is not None
-    with psycopg.connect(store_url) as conn:  # the device lives in Postgres, not in a SQLite file
-        row = conn.execute("SELECT labels, connected FROM devices WHERE device_id = %s", (device_id,)).fetchone()
-    assert row is not None and row[0] == {"site": "pg"} and row[1] is True
+    def stored_row() -> tuple[object, ...] | None:
+        with psycopg.connect(store_url) as conn:  # the device lives in Postgres, not in a SQLite file
+            return conn.execute("SELECT labels, connected FROM devices WHERE device_id = %s", (device_id,)).fetchone()
+
+    # Opens are written in batches (presence.py), a few tens of ms after the device reads online.
+    row = wait_until(lambda: (r := stored_row()) is not None and r[1] is True and r, 5, "the open in the store")
+    assert row[0] == {"site": "pg"}
     assert not (controller.state_dir / "controller.db").exists()
 
     controller.stop()

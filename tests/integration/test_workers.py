@@ -5,27 +5,36 @@ mutual-TLS device port, HTTP), real agents streaming telemetry every 0.1 s. A wo
 devices is SIGKILLed: the supervisor logs and restarts it, the devices reconnect, and every seq
 each device cut is stored exactly once. /metrics answers for the whole fleet whichever worker the
 connection lands on; SIGTERM stops everything within the 2 s promised.
+
+Devices simulated at the wire (a Session stream each, on a connection of its own, so the kernel
+gives each to either worker): /healthz counts every worker's streams whichever worker answers, and
+a revocation answered by one worker ends the revoked device's stream in the other within seconds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_postgres_controller import store_url  # noqa: F401  (the fresh-schema fixture)
 
 from edgefleet.controller.telemetry.live_share import SNAPSHOT_INTERVAL_S
-from edgefleet.protos.v1 import control_pb2
-from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+from edgefleet.protos.capability import CAPABILITY_VERSION
+from edgefleet.protos.v1 import control_pb2, fleet_pb2, fleet_pb2_grpc, profile_pb2
+from fleet_harness import AgentProc, ControllerProc, Proc, enroll_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +211,106 @@ def test_workers_on_postgres(tmp_path: Path, procs: list[Proc], store_url: str) 
                               (int(time.time() * 1000),)).fetchall()
     assert len(holders) == 1 and holders[0][0].rpartition("-w")[2] in ("0", "1")
     assert controller.device(device_id).online
+
+
+class DeviceStream:
+    """One device's Session stream on a connection of its own (a local subchannel pool), sending a
+    heartbeat every 0.3 s until the controller ends the stream; then `code` and `details` say how."""
+
+    def __init__(self, controller: ControllerProc, reply: fleet_pb2.EnrollResponse) -> None:
+        self.device_id = reply.device_id
+        self.channel = grpc.insecure_channel(controller.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.outgoing: queue.Queue[fleet_pb2.AgentMessage | None] = queue.Queue()
+        self.accepted = threading.Event()
+        self.ended = threading.Event()
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        metadata = (("edgefleet-device-id", reply.device_id), ("edgefleet-device-secret", reply.device_secret))
+        self.call = fleet_pb2_grpc.FleetStub(self.channel).Session(self._requests(), metadata=metadata)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self) -> Iterator[fleet_pb2.AgentMessage]:
+        yield fleet_pb2.AgentMessage(hello=fleet_pb2.Hello(
+            capability_version=CAPABILITY_VERSION, agent_version="test-workers",
+            profile=profile_pb2.HardwareProfile(hardware_class="x86_64-test")))
+        while not self.ended.is_set():
+            try:
+                message = self.outgoing.get(timeout=0.3)
+            except queue.Empty:
+                message = fleet_pb2.AgentMessage(heartbeat=fleet_pb2.Heartbeat(sent_at_unix_ms=int(time.time() * 1000)))
+            if message is None:
+                return
+            yield message
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                if message.WhichOneof("body") == "accepted":
+                    self.accepted.set()
+        except grpc.RpcError as exc:
+            self.code, self.details = exc.code(), exc.details() or ""
+        self.ended.set()
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.channel.close()
+
+
+def healthz(http_address: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{http_address}/healthz", timeout=10) as reply:  # a new connection each
+        return {k: v for k, v in json.loads(reply.read()).items() if k != "status"}
+
+
+def test_healthz_counts_every_worker_and_a_revocation_ends_the_stream_in_the_other_worker(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    controller = ControllerProc(tmp_path, workers=2, heartbeat_s=1.0, insecure=True)
+    procs.append(controller)
+    controller.start()
+    db = controller.state_dir / "controller.db"
+    assert controller.http_address
+    token = controller.create_token(uses=16)
+
+    def owners() -> dict[str, str]:
+        return {str(d): str(o) for d, o in query(db, "SELECT device_id, connected_by FROM devices WHERE connected")}
+
+    # Streams on new connections until both workers hold some (the kernel picks one per connection).
+    streams: list[DeviceStream] = []
+    try:
+        while len(streams) < 4 or len(set(owners().values())) < 2:
+            assert len(streams) < 16, f"16 connections, all to one worker: {owners()}"
+            reply = enroll_request(controller, fleet_pb2.EnrollRequest(
+                token=token, capability_version=CAPABILITY_VERSION, agent_version="test-workers",
+                profile=profile_pb2.HardwareProfile(hardware_class="x86_64-test")))
+            stream = DeviceStream(controller, reply)
+            streams.append(stream)
+            assert stream.accepted.wait(10), f"no SessionAccepted: {stream.code} {stream.details}"
+            wait_until(lambda s=stream: s.device_id in owners(), 10, "the stream recorded")  # type: ignore[misc]
+        held = {w: sum(1 for o in owners().values() if o == w) for w in set(owners().values())}
+        assert len(held) == 2 and sum(held.values()) == len(streams), held
+
+        # /healthz counts both workers' streams whichever worker answers (each answer below is a
+        # connection of its own; neither worker holds them all, so `process_sessions` < the total).
+        total = len(streams)
+        wait_until(lambda: all(healthz(controller.http_address)["sessions"] == total  # type: ignore[arg-type]
+                               for _ in range(4)), 10, "/healthz to count every worker's streams")
+        answers = [healthz(controller.http_address) for _ in range(12)]
+        assert all(a["sessions"] == total and a["process_sessions"] < total for a in answers), answers
+        assert {a["process_sessions"] for a in answers} <= set(held.values()), (answers, held)
+
+        # Revoke every device through one connection, so one worker answers every RevokeDevice: the
+        # streams in the other worker end too, within seconds, refused as revoked.
+        controller.close_channel()
+        started = time.monotonic()
+        for stream in streams:
+            controller.call("RevokeDevice", control_pb2.RevokeDeviceRequest(device_id=stream.device_id))
+        for stream in streams:
+            assert stream.ended.wait(max(0.1, 5.0 - (time.monotonic() - started))), \
+                f"{stream.device_id} ({owners().get(stream.device_id)}) still streams 5 s after its revocation"
+            assert stream.code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in stream.details, \
+                (stream.code, stream.details)
+        wait_until(lambda: not owners(), 5, "every revoked stream closed in the store")
+        wait_until(lambda: all(healthz(controller.http_address)["sessions"] == 0  # type: ignore[arg-type]
+                               for _ in range(4)), 10, "/healthz to count no streams")
+    finally:
+        for stream in streams:
+            stream.close()

@@ -33,6 +33,7 @@ from edgefleet.controller.store.base import (
     RolloutDeviceRecord,
     RolloutRecord,
     Rollup,
+    SessionOpen,
     Store,
     StoreError,
     TelemetryPoint,
@@ -323,6 +324,37 @@ class TestStoreContract:
         assert store.devices_with_pending_commands("worker-1") == []
         store.update_device_session("dev-1", connected=False, last_seen_ms=NOW + 2, owner="worker-0")
         assert store.devices_with_pending_commands("worker-0") == []
+
+    def test_opens_written_together_keep_what_they_leave_out(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        store.set_device_model("dev-2", "det", 3)
+        store.open_device_sessions([
+            SessionOpen("dev-1", NOW + 5, agent_version="2.0", capability_version=7, hardware_class="arm64",
+                        profile=b"\x08\x02", hostname="h1", model="cls", model_version=4),
+            SessionOpen("dev-2", NOW + 6),  # reconnected as it was: presence columns only
+        ], "worker-1")
+        one, two, three = (store.get_device(d) for d in ("dev-1", "dev-2", "dev-3"))
+        assert one is not None and two is not None and three is not None
+        assert (one.connected, one.connected_by, one.last_seen_ms) == (True, "worker-1", NOW + 5)
+        assert (one.agent_version, one.capability_version, one.hardware_class, one.profile, one.hostname,
+                one.model, one.model_version) == ("2.0", 7, "arm64", b"\x08\x02", "h1", "cls", 4)
+        assert (two.connected, two.connected_by, two.last_seen_ms) == (True, "worker-1", NOW + 6)
+        assert (two.hardware_class, two.profile, two.hostname, two.model, two.model_version) == \
+            ("x86_64-avx2", b"\x08\x01", "h", "det", 3)
+        assert not three.connected
+        store.open_device_sessions([], "worker-1")  # nothing to write: no error
+
+    def test_revoked_streams_are_found_for_the_worker_holding_them(self, store: Store) -> None:
+        enroll(store, "dev-1", "dev-2", "dev-3")
+        for device_id, owner in (("dev-1", "worker-0"), ("dev-2", "worker-1"), ("dev-3", "worker-1")):
+            store.update_device_session(device_id, connected=True, last_seen_ms=NOW, owner=owner)
+        assert store.revoked_streams("worker-0") == [] and store.revoked_streams("worker-1") == []
+        store.revoke_device("dev-1", NOW)
+        store.revoke_device("dev-3", NOW)
+        assert store.revoked_streams("worker-0") == ["dev-1"]
+        assert store.revoked_streams("worker-1") == ["dev-3"]
+        store.close_device_sessions([("dev-3", NOW + 1)], "worker-1")  # its stream ended: nothing left to end
+        assert store.revoked_streams("worker-1") == []
 
     def test_sessions_presence_and_touch(self, store: Store) -> None:
         store.create_enrollment_token(token(uses=2))
