@@ -108,6 +108,13 @@ class FakePresence:
     def is_current(self, session: Any) -> bool:
         return id(session) in self.current
 
+    def record_model(self, device_id: str, model: str, version: int) -> None:
+        """PresenceTracker writes a model update at once when no open of the device is queued."""
+        assert self.store is not None, "device_sessions() gives the fake its store"
+        self.store.set_device_model(device_id, model, version)
+
+    store: Any = None
+
 
 def known_store(tmp_path: Path) -> SQLiteStore:
     """A real store with one enrolled device, dev-known."""
@@ -133,6 +140,8 @@ class FakeCommands:
 def device_sessions(tmp_path: Path, presence: Any, ingest: Any, commands: Any | None = None) -> DeviceSessions:
     """The real session layer over a real store, with the collaborators the test watches faked."""
     store = known_store(tmp_path)
+    if isinstance(presence, FakePresence):
+        presence.store = store
     return DeviceSessions(store, Enrollment(store), presence, ingest, commands or FakeCommands(),
                           ArtifactStore(tmp_path / "artifacts"), heartbeat_interval_s=1.0)
 
