@@ -50,6 +50,8 @@ ORT_SPIN_US = 1000
 # After a serving session's runs, its pool is asleep within this: what interleaved timing waits
 # before the next candidate, so that the spinning is not charged to that one.
 ORT_SPIN_SETTLE_S = 0.005
+# The same wait after a session on onnxruntime's defaults (~45 ms of spinning): longer than that.
+ORT_DEFAULT_SPIN_SETTLE_S = 0.06
 
 
 def ort_serving_options(threads: int = 0, *, ort_defaults: bool = False) -> Any:

@@ -85,10 +85,6 @@ def move_build(path: Path, dest: Path, *, copy: bool = False) -> Path:
     return dest
 
 
-# onnxruntime's default pool spins ~45 ms after a run (measured on 2-core x86): longer than that.
-ORT_DEFAULT_SPIN_SETTLE_S = 0.06
-
-
 def default_threads() -> int:
     """Physical cores where psutil knows them, else logical CPUs: what the agent serves with."""
     try:
@@ -176,7 +172,7 @@ class ModelRunner:
     def settle_s(self) -> float:
         """How long this runner's thread pool may go on spin-waiting after its last run: what an
         interleaved timing waits before timing another runner (0 where no pool spins)."""
-        from edgefleet.firmware.selftest import ORT_SPIN_SETTLE_S
+        from edgefleet.firmware.selftest import ORT_DEFAULT_SPIN_SETTLE_S, ORT_SPIN_SETTLE_S
 
         if self.kind != "onnx":
             return 0.0
