@@ -59,6 +59,12 @@ PENDING_COMMANDS_S = 0.5
 # Worker ids a start clears stale sessions of (`--workers` is at most this).
 MAX_WORKERS = 32
 WORKERS_DIR = "workers"  # STATE_DIR/workers: the workers' shared metrics and live telemetry
+# What one process serves. A lone controller serves everything. With TLS and --workers N, the
+# supervisor runs N device workers (the device port, HTTP, MQTT, ingest, the lease) and one Control
+# process (--grpc alone), so that no operator call shares an interpreter with the ingest (issue 18).
+ROLE_ALL = "all"
+ROLE_DEVICES = "devices"
+ROLE_CONTROL = "control"
 
 
 class BindError(Exception):
@@ -89,6 +95,7 @@ class ControllerConfig:
     # and the supervisor's pid (the worker stops when it is gone). Workers share the ports.
     worker_index: int | None = None
     supervisor_pid: int = 0
+    role: str = ROLE_ALL  # ROLE_DEVICES or ROLE_CONTROL in a supervisor's workers with TLS
 
     def device_address(self) -> str:
         if self.device_grpc_address:
@@ -172,7 +179,9 @@ class Controller:
         self.shared_live: SharedLiveTelemetry | None = None
         self.session_counts: SharedSessionCounts | None = None
         exposed = registry
-        if self.worker is not None:
+        self.serves_control = config.role in (ROLE_ALL, ROLE_CONTROL)
+        self.serves_devices = config.role in (ROLE_ALL, ROLE_DEVICES)
+        if self.worker is not None and self.serves_devices:
             # Counters and histograms go to prometheus_client's multiprocess files (the supervisor
             # set PROMETHEUS_MULTIPROC_DIR), and /metrics in any worker sums every worker's; the
             # live view is merged from the workers' snapshot files (telemetry/live_share.py).
@@ -191,7 +200,9 @@ class Controller:
         self.sessions = DeviceSessions(self.store, self.enrollment, self.presence, self.ingest, self.commands,
                                        self.artifacts, config.heartbeat_interval_s)
         self.mqtt: MqttBridge | None = None  # MQTT transport (issue 7)
-        if config.mqtt_url and logins is not None:
+        # The Control process holds no device session, MQTT's included: a command it issues to an
+        # MQTT device is sent by the worker holding that device, from the store (within 0.5 s).
+        if config.mqtt_url and logins is not None and self.serves_devices:
             self.mqtt = MqttBridge(config.mqtt_url, config.mqtt, sessions=self.sessions, auth=logins,
                                    default_client_id=self.replica)
             self.commands.issue_listeners.append(self.mqtt.publish_desired)
@@ -231,37 +242,48 @@ class Controller:
         host, _ = split_address(self.config.grpc_address)
         rollouts = self._rollout_engine()  # on this loop, the fleet's
         fleet_loop = asyncio.get_running_loop()
-        if self.ca is not None:
+        def control_servicer(loop: asyncio.AbstractEventLoop | None) -> ControlServicer:
+            return ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
+                                   rollouts, self.device_measure, identities=self.identities, fleet_loop=loop)
+
+        if self.config.role == ROLE_CONTROL:
+            # The Control process: --grpc alone, on this loop, where no device stream runs. It holds
+            # no session, so what a handler changes reaches the devices through the store: commands
+            # are sent by the worker holding the stream, rollouts moved by the lease holder, a
+            # revocation ended by each worker's sweep (all within about half a second).
+            self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
+            self.device_port = split_address(self.config.device_address())[1]  # the device workers', told at Enroll
+            add_fleet_servicer(self._fleet_servicer(), server)  # Enroll and renewal; no Session without a client cert
+            control_pb2_grpc.add_ControlServicer_to_server(control_servicer(None), server)
+        elif self.ca is not None:
             # TLS: devices stream on the device port, and --grpc (Control, Enroll, the move of
-            # secret-only devices) gets a server, thread and loop of its own, so that an operator's
-            # call never waits for the turns of a loop busy with ingest (control_server.py). No
-            # client certificate is asked for on it, so no Session stream can run there.
+            # secret-only devices) is served apart: by the supervisor's Control process (ROLE_CONTROL)
+            # when there are workers, else on a server, thread and loop of its own in this process,
+            # so that an operator's call never waits for the turns of a loop busy with ingest
+            # (control_server.py). No client certificate is asked for on it, so no Session stream
+            # can run there.
             self.device_port = self._bind(server, self.config.device_address(), "--device-grpc", client_auth=True)
             fleet = self._fleet_servicer()
             add_fleet_servicer(fleet, server)
+            if self.config.role == ROLE_DEVICES:
+                self.grpc_port = split_address(self.config.grpc_address)[1]  # the Control process's
+            else:
+                def setup_control(control_server: grpc.aio.Server) -> int:
+                    add_fleet_servicer(fleet, control_server)
+                    control_pb2_grpc.add_ControlServicer_to_server(control_servicer(fleet_loop), control_server)
+                    return self._bind(control_server, self.config.grpc_address, "--grpc", client_auth=False)
 
-            def setup_control(control_server: grpc.aio.Server) -> int:
-                add_fleet_servicer(fleet, control_server)
-                control_pb2_grpc.add_ControlServicer_to_server(
-                    ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                                    rollouts, self.device_measure, identities=self.identities,
-                                    fleet_loop=fleet_loop), control_server)
-                return self._bind(control_server, self.config.grpc_address, "--grpc", client_auth=False)
-
-            self._control = ControlServer([OperatorAuthInterceptor(self.store)], options, setup_control)
-            try:
-                self.grpc_port = await asyncio.to_thread(self._control.start)
-            except BindError:
-                await server.stop(None)
-                raise
+                self._control = ControlServer([OperatorAuthInterceptor(self.store)], options, setup_control)
+                try:
+                    self.grpc_port = await asyncio.to_thread(self._control.start)
+                except BindError:
+                    await server.stop(None)
+                    raise
         else:  # --insecure: devices and operators share --grpc, so one server on this loop serves both
             self.grpc_port = self._bind(server, self.config.grpc_address, "--grpc", client_auth=False)
             self.device_port = self.grpc_port
             add_fleet_servicer(self._fleet_servicer(), server)
-            control_pb2_grpc.add_ControlServicer_to_server(
-                ControlServicer(self.store, self.enrollment, self.presence, info, self.artifacts, self.commands,
-                                rollouts, self.device_measure, identities=self.identities), server
-            )
+            control_pb2_grpc.add_ControlServicer_to_server(control_servicer(None), server)
         assert self.rollouts is not None  # made with the servicers, on this loop
         self.http.dashboard.bind_rollouts(self.rollouts.set_state, asyncio.get_running_loop(),
                                           self.rollouts.device_metrics)
@@ -282,15 +304,18 @@ class Controller:
         await server.start()
         self._server = server
         assert self.rollouts is not None  # made with the servicers, on this loop
-        self._ingest_task = asyncio.create_task(self.ingest.run())
-        await self.lease.step()  # a lone controller (or the first worker) runs its rollouts at once
-        self._tasks = [
-            self._ingest_task,
-            asyncio.create_task(self.lease.run(self._stopping)),
-            asyncio.create_task(self._flush_presence()),
-            asyncio.create_task(self._expire_silent_sessions()),
-            asyncio.create_task(self._deliver_pending_commands()),
-        ]
+        if self.serves_devices:
+            self._ingest_task = asyncio.create_task(self.ingest.run())
+            await self.lease.step()  # a lone controller (or the first worker) runs its rollouts at once
+            self._tasks = [
+                self._ingest_task,
+                asyncio.create_task(self.lease.run(self._stopping)),
+                asyncio.create_task(self._flush_presence()),
+                asyncio.create_task(self._expire_silent_sessions()),
+                asyncio.create_task(self._deliver_pending_commands()),
+            ]
+        # else the Control process: no stream, no telemetry, never the lease holder (the rollout
+        # engine and the rollups belong with the device workers' CPU, not beside operator calls).
         if self.shared_live is not None:
             self._tasks.append(asyncio.create_task(self._share_live_telemetry()))
         endpoint = {
@@ -300,6 +325,7 @@ class Controller:
             "http": f"{split_address(self.config.http_address)[0]}:{self.http_port}"
             if self.config.http_address and self.http_port else "",
             "pid": os.getpid(),
+            "role": self.config.role,
         }
         self.endpoint = endpoint
         if self.worker is None:  # a worker's supervisor writes the one file for all of them

@@ -9,6 +9,12 @@ out of its one core (tests/bench/bench_ingest.py). Workers multiply that on a ma
     a device's Session stream lives in the worker its connection landed on. Before holding a port
     the supervisor binds it once without SO_REUSEPORT, so a port another process holds (another
     controller, single or with workers) fails as before, with the same one-line error.
+  - With TLS, --grpc (Control, Enroll, renewal) is served by one more worker of its own, the
+    Control process, and the N device workers serve only --device-grpc, HTTP and MQTT. In one
+    process the Control thread still waited for the interpreter the ingest keeps busy (ListRollouts
+    p95 over 100 ms under load, bench_store_reads); a process of its own has its own interpreter.
+    It holds no device session: commands, rollouts and revocations reach the device workers through
+    the store. Under --insecure devices and Control share --grpc, so every worker serves both.
   - Workers share the store (SQLite in WAL mode, or PostgreSQL) and the MQTT broker (each its
     own client id under the shared subscription). One of them, elected by a lease in the store,
     runs the rollout engine and the rollups (controller/singletons.py).
@@ -44,6 +50,9 @@ from edgefleet.common.durable_files import atomic_write_json
 from edgefleet.controller.server import (
     ENDPOINT_FILE,
     MAX_WORKERS,
+    ROLE_ALL,
+    ROLE_CONTROL,
+    ROLE_DEVICES,
     WORKERS_DIR,
     BindError,
     ControllerConfig,
@@ -111,6 +120,7 @@ class Worker:
     process: BaseProcess
     ready: Connection
     started_at: float
+    role: str = ROLE_ALL
     serving: bool = False
 
 
@@ -183,14 +193,23 @@ class Supervisor:
             changes["http_address"] = join_address(http_host, port)
         return dataclasses.replace(config, **changes)
 
-    def _spawn(self, index: int, shared: ControllerConfig) -> Worker:
-        config = dataclasses.replace(shared, worker_index=index, supervisor_pid=os.getpid())
+    def _roles(self) -> dict[int, str]:
+        """Each worker's index and role: with TLS, N device workers and the Control process after them."""
+        if self.config.insecure:  # devices and Control share --grpc: every worker serves both
+            return {index: ROLE_ALL for index in range(self.count)}
+        return {**{index: ROLE_DEVICES for index in range(self.count)}, self.count: ROLE_CONTROL}
+
+    def _spawn(self, index: int, shared: ControllerConfig, role: str) -> Worker:
+        changes: dict[str, Any] = {"worker_index": index, "supervisor_pid": os.getpid(), "role": role}
+        if role == ROLE_CONTROL:
+            changes["http_address"] = None  # /metrics, /healthz and the dashboard stay with the device workers
+        config = dataclasses.replace(shared, **changes)
         parent, child = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_worker_main, args=(config, self.log_level, child),
                                         name=f"edgefleet-controller-worker-{index}")
         process.start()
         child.close()
-        worker = Worker(index, process, parent, time.monotonic())
+        worker = Worker(index, process, parent, time.monotonic(), role)
         self.workers[index] = worker
         return worker
 
@@ -204,8 +223,8 @@ class Supervisor:
         # Read by prometheus_client when the worker imports it: its metrics go to these files.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(workers_dir / "metrics")
         self._shared = shared
-        for index in range(self.count):
-            self._spawn(index, shared)
+        for index, role in self._roles().items():
+            self._spawn(index, shared, role)
         deadline = time.monotonic() + WORKER_START_S
         endpoint: dict[str, object] = {}
         for worker in list(self.workers.values()):
@@ -213,9 +232,12 @@ class Supervisor:
             if "error" in message:
                 self.stop()
                 raise BindError(str(message["error"]))
-            endpoint = message
-        endpoint = {**endpoint, "pid": os.getpid(), "workers": self.count,
-                    "worker_pids": [w.process.pid for w in self.workers.values()]}
+            if worker.role != ROLE_CONTROL:
+                endpoint = message
+        control = [w.process.pid for w in self.workers.values() if w.role == ROLE_CONTROL]
+        endpoint = {**{k: v for k, v in endpoint.items() if k != "role"}, "pid": os.getpid(), "workers": self.count,
+                    "worker_pids": [w.process.pid for w in self.workers.values() if w.role != ROLE_CONTROL],
+                    **({"control_pid": control[0]} if control else {})}
         atomic_write_json(self.config.state_dir / ENDPOINT_FILE, endpoint)
         log.info("controller listening", extra={k: v for k, v in endpoint.items() if k != "worker_pids"})
         return endpoint
@@ -282,8 +304,8 @@ class Supervisor:
             return
         log.warning("worker died; restarting it (its devices reconnect to the other workers meanwhile)",
                     extra={"worker": worker.index, "pid": worker.process.pid, "how": how})
-        new = self._spawn(worker.index, self._shared)
-        log.info("worker started", extra={"worker": new.index, "pid": new.process.pid})
+        new = self._spawn(worker.index, self._shared, worker.role)
+        log.info("worker started", extra={"worker": new.index, "pid": new.process.pid, "role": new.role})
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:

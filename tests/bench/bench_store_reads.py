@@ -10,19 +10,22 @@ EDGEFLEET_BENCH_READS_LOAD=0.8, EDGEFLEET_BENCH_READS_SCRAPE_DEVICES=10000).
    by writing as fast as the store takes it. This isolates the store: a read used to wait for the
    lock a group write holds for its whole transaction.
 2. ``ListRollouts`` through the real Control RPC (operator token, auth interceptor, 50 rollouts)
-   against a real controller process (one process, --workers 1), timed from a separate probe
+   against a real controller (each setup below), timed from a separate probe
    process so the simulated fleet's CPU use here does not delay the calls: first idle (streams
    open, no telemetry), then while the fleet sends telemetry at LOAD x the ingest ceiling. The
    ceiling is measured in the same run: the devices (bench_ingest's SimulatedDevice: one gRPC
    Session per device, real HdrHistograms) offer more than the controller stores, and the stored
    rate (the controller's own counter) is the ceiling. 1,000 streams rather than 10,000: on a
    2-core box the simulated fleet and the controller share the CPUs; the store sees the same
-   group writes either way. Run once per transport (EDGEFLEET_BENCH_READS_TRANSPORTS, default
-   "tls,insecure"):
-   - tls: devices on the mutual-TLS device port (a channel and certificate each), Control on
-     --grpc, which has its own gRPC server, thread and event loop (controller/api/control_server.py);
-   - insecure: devices and Control share --grpc, one server and the one event loop the ingest keeps
-     busy, so the call waits for that loop's turns (the 287 ms p95 of issue 18 is this line).
+   group writes either way. Run once per setup (EDGEFLEET_BENCH_READS_TRANSPORTS, default
+   "tls-workers,tls,insecure"):
+   - tls-workers: TLS with --workers 2 (the default on a 2-core host): devices on the mutual-TLS
+     device port of two device workers, Control on --grpc in the supervisor's Control process,
+     which runs no device stream and no ingest (controller/supervisor.py);
+   - tls: TLS with --workers 1, one process: Control on --grpc has its own gRPC server, thread and
+     event loop (controller/api/control_server.py), in the interpreter the ingest keeps busy;
+   - insecure: --workers 1, devices and Control share --grpc, one server and the one event loop
+     the ingest keeps busy, so the call waits for that loop's turns (the 287 ms p95 of issue 18).
 3. A /metrics scrape over the real HTTP server (HttpApi over a SQLite store) of SCRAPE_DEVICES
    enrolled devices in four hardware classes, each with a telemetry batch in the live view, with
    per-device series off, at the default cap (DEFAULT_PER_DEVICE_CAP) and for every device ('all',
@@ -74,7 +77,9 @@ STREAMS = env_flag("EDGEFLEET_BENCH_READS_STREAMS", 1000)
 CALLS = env_flag("EDGEFLEET_BENCH_READS_CALLS", 300)
 LOAD = float(os.environ.get("EDGEFLEET_BENCH_READS_LOAD", "0.8"))
 SCRAPE_DEVICES = env_flag("EDGEFLEET_BENCH_READS_SCRAPE_DEVICES", 10_000)
-TRANSPORTS = [t for t in os.environ.get("EDGEFLEET_BENCH_READS_TRANSPORTS", "tls,insecure").split(",") if t]
+TRANSPORTS = [t for t in os.environ.get("EDGEFLEET_BENCH_READS_TRANSPORTS", "tls-workers,tls,insecure").split(",")
+              if t]
+SETUPS = {"tls-workers": (False, 2), "tls": (False, 1), "insecure": (True, 1)}  # (--insecure, --workers)
 ROLLOUTS = 50
 GROUP = 100
 STORE_DEVICES = 2000
@@ -305,14 +310,15 @@ def test_reads_do_not_wait_behind_writes_and_metrics_stay_cheap(tmp_path: Path) 
     _, store_loaded, _, write_rate = store_runs["per-thread read connections (now)"]
     rpc_runs = {}
     for transport in TRANSPORTS:
-        assert transport in ("tls", "insecure"), f"EDGEFLEET_BENCH_READS_TRANSPORTS: {transport!r}; use tls,insecure"
+        assert transport in SETUPS, \
+            f"EDGEFLEET_BENCH_READS_TRANSPORTS: {transport!r}; use some of {','.join(SETUPS)}"
+        insecure, workers = SETUPS[transport]
         workdir = tmp_path / transport
         (workdir / "controller").mkdir(parents=True)
         seeded = SQLiteStore(workdir / "controller" / "controller.db")
         seed_rollouts(seeded)
         seeded.close()
-        controller = ControllerProc(workdir, heartbeat_s=HEARTBEAT_S, insecure=transport == "insecure",
-                                    workers=1).start()
+        controller = ControllerProc(workdir, heartbeat_s=HEARTBEAT_S, insecure=insecure, workers=workers).start()
         try:
             rpc_runs[transport] = asyncio.run(reads_under_load(controller))
         finally:
@@ -341,7 +347,8 @@ def test_reads_do_not_wait_behind_writes_and_metrics_stay_cheap(tmp_path: Path) 
                                   f"{offered:.0f}/s offered, {stored:.0f}/s stored")]]
     print_table(f"ListRollouts over the Control RPC ({ROLLOUTS} rollouts, {CALLS} calls {CALL_GAP_S * 1000:.0f} ms "
                 f"apart from a probe process); {STREAMS} gRPC Session streams; ingest ceiling (batches/s) measured "
-                "this run for each transport. tls: Control on its own server and loop; insecure: one shared loop",
+                "this run for each setup. tls-workers: --workers 2, Control in a process of its own; tls: one "
+                "process, Control on its own thread and loop; insecure: one process, one shared loop",
                 ["transport", "phase", "p50 ms", "p95 ms", "p99 ms", "max ms", "ingest"], rows)
     scrapes = scrape_times(SCRAPE_DEVICES)
     print_table(f"/metrics over HTTP at {SCRAPE_DEVICES} devices (4 classes), 5 scrapes each after a warm-up",

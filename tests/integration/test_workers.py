@@ -9,6 +9,10 @@ connection lands on; SIGTERM stops everything within the 2 s promised.
 Devices simulated at the wire (a Session stream each, on a connection of its own, so the kernel
 gives each to either worker): /healthz counts every worker's streams whichever worker answers, and
 a revocation answered by one worker ends the revoked device's stream in the other within seconds.
+
+With TLS, --grpc is served by a Control process of its own: it enrolls, answers from the store,
+is restarted when killed without touching the device workers, and its revocation ends a stream
+held by a device worker.
 """
 
 from __future__ import annotations
@@ -314,3 +318,55 @@ def test_healthz_counts_every_worker_and_a_revocation_ends_the_stream_in_the_oth
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_with_tls_control_is_a_process_of_its_own_that_reaches_the_device_workers_through_the_store(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    controller = ControllerProc(tmp_path, workers=2, heartbeat_s=1.0)
+    procs.append(controller)
+    controller.start()
+    info = endpoint(controller)
+    control_pid = int(info["control_pid"])  # type: ignore[call-overload]
+    device_pids = [int(p) for p in info["worker_pids"]]  # type: ignore[union-attr]
+    assert len(device_pids) == 2 and control_pid not in device_pids and pid_alive(control_pid)
+    assert info["grpc"] == controller.grpc_address and info["device_grpc"] == controller.device_address
+    listening = [line for line in controller.log().splitlines() if "worker listening" in line]
+    assert sum("role=control" in line for line in listening) == 1, listening
+    assert sum("role=devices" in line for line in listening) == 2, listening
+    db = controller.state_dir / "controller.db"
+
+    # Enrolled through the Control process (it logs the enrollment as worker 2), streaming to a device worker.
+    agent = AgentProc(tmp_path, "a0", controller, controller.create_token(uses=1), AGENT_ARGS)
+    procs.append(agent)
+    agent.start()
+    device_id = wait_until(lambda: agent.device_id, 30, "enrolled")
+    assert any("device enrolled" in line and "worker=2" in line for line in controller.log().splitlines())
+    owner = wait_until(lambda: query(db, "SELECT connected_by FROM devices WHERE device_id = ? AND connected",
+                                     device_id), 30, "the stream open")[0][0]
+    assert str(owner).endswith(("-w0", "-w1")), owner
+    # What the Control process answers comes from the store: the device online with its telemetry.
+    wait_until(lambda: any(r.device_id == device_id and r.online and r.last_batch_unix_ms for r in controller.call(
+        "TelemetrySummary", control_pb2.TelemetrySummaryRequest()).rows), 10, "the device online over Control")
+
+    # A dead Control process is restarted; the device workers, and the device's stream, carry on.
+    os.kill(control_pid, signal.SIGKILL)
+    wait_until(lambda: "worker died; restarting it" in controller.log(), 10, "the supervisor to log the death")
+    controller.close_channel()
+    wait_until(lambda: _answers(controller), 30, "Control answering again")
+    assert all(pid_alive(p) for p in device_pids)
+    assert query(db, "SELECT connected_by FROM devices WHERE device_id = ?", device_id)[0][0] == owner
+
+    # A revocation answered by the Control process, which holds no stream, ends the one in the device worker.
+    controller.call("RevokeDevice", control_pb2.RevokeDeviceRequest(device_id=device_id))
+    wait_until(lambda: not query(db, "SELECT 1 FROM devices WHERE device_id = ? AND connected", device_id), 5,
+               "the revoked device's stream ended in its worker")
+    assert "stream of a device revoked elsewhere ended" in controller.log()
+
+
+def _answers(controller: ControllerProc) -> bool:
+    try:
+        controller.call("ListRollouts", control_pb2.ListRolloutsRequest())
+    except grpc.RpcError:
+        controller.close_channel()
+        return False
+    return True
