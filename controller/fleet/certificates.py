@@ -126,7 +126,6 @@ class DeviceCA:
         self.tls_sans = tuple(tls_sans) or DEFAULT_TLS_SANS
         self.clock = clock
         self._lock = threading.Lock()
-        self.generation = 0  # bumped on every change the TLS credentials must pick up
         self.ensure()
 
     @contextlib.contextmanager
@@ -191,7 +190,6 @@ class DeviceCA:
                     os.chmod(self.dir / name, 0o600)
             self._write_bundle()
             self._ensure_server_cert()
-            self.generation += 1
 
     @property
     def active(self) -> x509.Certificate:
@@ -298,7 +296,6 @@ class DeviceCA:
             os.replace(self.dir / CA_FILE, self.dir / PREVIOUS_CA_FILE)
             self._new_ca(CA_FILE, CA_KEY_FILE)
             self._write_bundle()
-            self.generation += 1
         log.info("controller CA rotated", extra={"active": fingerprint(self.active)})
 
     def retire_old(self) -> None:
@@ -309,27 +306,47 @@ class DeviceCA:
             (self.dir / PREVIOUS_CA_KEY_FILE).unlink()
             self._write_bundle()
             self._ensure_server_cert()
-            self.generation += 1
         log.info("old controller CA retired", extra={"active": fingerprint(self.active)})
 
     # -- gRPC ----------------------------------------------------------------------------------
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [((self.dir / SERVER_KEY_FILE).read_bytes(), (self.dir / SERVER_CERT_FILE).read_bytes())],
-            root_certificates=self.bundle_pem().encode(),
-        )
+        with open(self.dir / LOCK_FILE, "a") as lock:  # never a rotation half written by another process
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                return grpc.ssl_server_certificate_configuration(
+                    [((self.dir / SERVER_KEY_FILE).read_bytes(), (self.dir / SERVER_CERT_FILE).read_bytes())],
+                    root_certificates=(self.dir / BUNDLE_FILE).read_bytes(),
+                )
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def files_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What the TLS credentials are made of, as the files stand: each is replaced whole on a change."""
+        stamps: list[tuple[int, int, int] | None] = []
+        for name in (BUNDLE_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE):
+            try:
+                st = os.stat(self.dir / name)
+            except FileNotFoundError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
 
     def server_credentials(self, *, require_client_auth: bool) -> grpc.ServerCredentials:
         """Credentials that follow a rotation without a restart: each handshake asks whether the
-        CA changed since the configuration it has, and takes the new one if so."""
-        seen = self.generation
+        CA changed since the configuration it has, and takes the new one if so. The files say,
+        not this object: the rotation may have been made by another process of the controller
+        (with workers, the Control process answers `edgefleet ca rotate`; the device workers
+        serve the handshakes)."""
+        seen = self.files_stamp()
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             nonlocal seen
-            if self.generation == seen:
+            stamp = self.files_stamp()
+            if stamp == seen:
                 return None
             with self._lock:
-                seen = self.generation
+                seen = stamp  # taken before the read: a change after it is read at the next handshake
                 return self._configuration()
 
         return grpc.dynamic_ssl_server_credentials(self._configuration(), fetch,

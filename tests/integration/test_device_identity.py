@@ -202,8 +202,14 @@ def test_agent_renews_its_certificate_before_it_expires(procs: list[Proc], tmp_p
     assert controller.device(agent.device_id or "").online
 
 
+# With 2 workers the Control process rotates and retires while the device workers serve the
+# handshakes: they must follow the CA files another process changed.
+@pytest.mark.parametrize("workers", [1, 2])
 def test_ca_rotation_keeps_devices_connected_and_issues_from_the_new_ca(
-        controller: ControllerProc, procs: list[Proc], tmp_path: Path) -> None:
+        workers: int, procs: list[Proc], tmp_path: Path) -> None:
+    controller = ControllerProc(tmp_path, workers=workers)
+    procs.append(controller)
+    controller.start()
     agent = AgentProc(tmp_path, "a1", controller, token=controller.create_token()).start()
     procs.append(agent)
     wait_until(lambda: any(d.online for d in controller.devices()), 30, "the agent online")
