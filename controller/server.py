@@ -56,6 +56,8 @@ MQTT_STOP_S = 0.5
 # How often each process looks in the store for commands another one issued to a stream it holds,
 # and for devices another one revoked whose stream it holds.
 PENDING_COMMANDS_S = 0.5
+# A minute is rolled up once it has been over this long (batches cut in it are still arriving).
+ROLLUP_GRACE_S = 10.0
 # Worker ids a start clears stale sessions of (`--workers` is at most this).
 MAX_WORKERS = 32
 WORKERS_DIR = "workers"  # STATE_DIR/workers: the workers' shared metrics and live telemetry
@@ -437,7 +439,7 @@ class Controller:
 
     def _maintain_telemetry(self) -> None:
         now_ms = int(time.time() * 1000)
-        compute_rollups(self.store)
+        compute_rollups(self.store, closed_before_ms=now_ms - int(ROLLUP_GRACE_S * 1000))
         self.store.prune_telemetry(
             now_ms - int(self.config.telemetry_retention_s * 1000), now_ms - int(self.config.rollup_retention_s * 1000)
         )

@@ -25,7 +25,9 @@ def telemetry_group() -> None:
                    "rss_bytes temperature_c memory_available_bytes")
 @click.option("--since", default="10m", show_default=True, help="How far back, e.g. 10m, 2h.")
 @click.option("--model", default="", help="Only this model (default: all models merged).")
-@click.option("--rollups", is_flag=True, help="Use 1-minute rollups instead of raw batches.")
+@click.option("--rollups", is_flag=True,
+              help="Use 1-minute rollups instead of raw batches (kept longer; a minute is rolled up "
+                   "10-20 s after it ends, so the current one is not in them yet).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @remote_options
 @click.pass_obj

@@ -517,9 +517,10 @@ class Store(abc.ABC):
         """The newest point of every device that has any."""
 
     @abc.abstractmethod
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
+    def dirty_rollups(self, limit: int = 1000, *, max_minute_ms: int | None = None) -> list[tuple[str, int, int]]:
         """(device_id, minute_ms, marks) for minutes whose raw points changed since their rollup was
-        written; `marks` counts the changes, so a write can tell whether more arrived meanwhile."""
+        written, oldest first, those starting at `max_minute_ms` or before (None: all); `marks` counts
+        the changes, so a write can tell whether more arrived meanwhile."""
 
     @abc.abstractmethod
     def write_rollups(self, rollups: list[Rollup], done: list[tuple[str, int, int]]) -> None:

@@ -867,11 +867,11 @@ class PostgresStore(Store):
             ).fetchall() if rows else []
         return {p.device_id: p for p in _points(rows, models)}
 
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
+    def dirty_rollups(self, limit: int = 1000, *, max_minute_ms: int | None = None) -> list[tuple[str, int, int]]:
         rows = self._all(
-            "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id "
-            "LIMIT %s",
-            (limit,),
+            "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes WHERE minute_ms <= %s "
+            "ORDER BY minute_ms, device_id LIMIT %s",
+            (2**62 if max_minute_ms is None else max_minute_ms, limit),
         )
         return [(r["device_id"], r["minute_ms"], r["marks"]) for r in rows]
 

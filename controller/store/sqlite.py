@@ -814,11 +814,11 @@ class SQLiteStore(Store):
             ).fetchall()
         return {p.device_id: p for p in _points(rows, models)}
 
-    def dirty_rollups(self, limit: int = 1000) -> list[tuple[str, int, int]]:
+    def dirty_rollups(self, limit: int = 1000, *, max_minute_ms: int | None = None) -> list[tuple[str, int, int]]:
         with self._reading() as db:
             rows = db.execute(
-                "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes ORDER BY minute_ms, device_id "
-                "LIMIT ?", (limit,)
+                "SELECT device_id, minute_ms, marks FROM telemetry_dirty_minutes WHERE minute_ms <= ? "
+                "ORDER BY minute_ms, device_id LIMIT ?", (2**62 if max_minute_ms is None else max_minute_ms, limit)
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 

@@ -242,11 +242,18 @@ def build_rollups(device_id: str, minute_ms: int, points: list[TelemetryPoint]) 
     return rollups
 
 
-def compute_rollups(store: Store, limit: int = 500) -> int:
-    """Rebuild the rollups of every minute that gained raw points; idempotent, so replicas may race."""
+def compute_rollups(store: Store, limit: int = 500, *, closed_before_ms: int | None = None) -> int:
+    """Rebuild the rollups of every minute that gained raw points; idempotent, so replicas may race.
+
+    `closed_before_ms`: only minutes that ended by then (None: every dirty minute, the open one
+    too). The periodic job passes now less ROLLUP_GRACE_S: a minute still open gains a point every
+    few seconds per device, and rebuilding it on every pass re-read and re-merged all of its points
+    each time (27% of a worker's CPU at 6,000 devices, bench_ingest). A point arriving after its
+    minute was built marks it again, and the next pass rebuilds it."""
     done = 0
+    max_minute_ms = None if closed_before_ms is None else closed_before_ms - MINUTE_MS
     while True:
-        dirty = store.dirty_rollups(limit)
+        dirty = store.dirty_rollups(limit, max_minute_ms=max_minute_ms)
         if not dirty:
             return done
         rollups: list[Rollup] = []

@@ -581,6 +581,9 @@ class TestStoreContract:
                                 point(3, end_ms=minute + MINUTE), point(1, device_id="dev-2", end_ms=minute + 1)])
         assert dirty() == [("dev-1", minute), ("dev-1", minute + MINUTE), ("dev-2", minute)]
         assert len(store.dirty_rollups(limit=2)) == 2
+        assert sorted((d, m) for d, m, _ in store.dirty_rollups(max_minute_ms=minute)) == \
+            [("dev-1", minute), ("dev-2", minute)]  # the minutes started by then, not the one after
+        assert store.dirty_rollups(max_minute_ms=minute - 1) == []
         old = Rollup("dev-1", "det", "3", minute, 1, 0, b"old", 1, 1, 1, 1, 1, 1)
         store.write_rollups([old], [])
         fresh = [

@@ -123,6 +123,18 @@ def test_percentiles_are_recomputed_from_the_histogram_not_trusted(ingest) -> No
     assert store.telemetry_window("d1", 0)[0].models[0].p95_ms == pytest.approx(4.0, rel=0.02)
 
 
+def test_the_periodic_rollup_waits_for_its_minute_to_close(ingest) -> None:  # type: ignore[no-untyped-def]
+    service, store, _ = ingest
+    minute = NOW_MS - NOW_MS % 60_000
+    run(service, [("d1", batch(1, minute - 30_000)), ("d1", batch(2, minute + 5_000))])
+    # The minute before is closed; the current one gains points every few seconds, so it waits.
+    assert telemetry.compute_rollups(store, closed_before_ms=minute + 20_000) == 1
+    assert [r.minute_ms for r in store.rollups("d1", 0) if r.model == ""] == [minute - 60_000]
+    assert telemetry.compute_rollups(store, closed_before_ms=minute + 59_999) == 0
+    assert telemetry.compute_rollups(store, closed_before_ms=minute + 60_000) == 1
+    assert [r.minute_ms for r in store.rollups("d1", 0) if r.model == ""] == [minute - 60_000, minute]
+
+
 def test_rollups_merge_minutes_and_late_points_rebuild_them(ingest) -> None:  # type: ignore[no-untyped-def]
     service, store, _ = ingest
     minute = NOW_MS - NOW_MS % 60_000 - 60_000
