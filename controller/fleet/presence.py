@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgefleet.common.units import format_duration
@@ -254,6 +254,25 @@ class PresenceTracker:
         if silent_s > limit:
             return Presence(False, f"offline: silent for {format_duration(silent_s)}", last_seen)
         return Presence(True, "online", last_seen)
+
+    def online_flags(self, records: Sequence[DeviceRecord | DeviceBrief]) -> list[bool]:
+        """`presence(r).online` for each record, without the reasons: what a /metrics scrape counts
+        over the whole fleet (10,000 calls of `presence` took 40 ms of a 125 ms scrape)."""
+        now = self._now_ms()
+        live, closed = self._live, self._closed
+        here_ms = self.silence_limit_s * 1000
+        elsewhere_ms = (self.silence_limit_s + self.flush_interval_s) * 1000
+        flags: list[bool] = []
+        append = flags.append
+        for record in records:
+            session = live.get(record.device_id)
+            if session is not None:
+                append(now - max(record.last_seen_ms, session.last_seen_ms) <= here_ms)
+            elif not record.connected or record.device_id in closed:
+                append(False)
+            else:
+                append(now - record.last_seen_ms <= elsewhere_ms)
+        return flags
 
     def online_count(self) -> int:
         return len(self._live)

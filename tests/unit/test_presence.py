@@ -154,3 +154,30 @@ def test_a_reconnect_storm_is_written_in_one_batch_and_unchanged_devices_write_o
     assert store.single_writes == 1  # the last record_model, with no open queued
     device = store.get_device("d0")
     assert device is not None and (device.agent_version, device.profile, device.model) == ("1.1", b"profile-bytes", "m")
+
+
+def test_online_flags_agree_with_presence_for_every_kind_of_device(tmp_path: Path) -> None:
+    from edgefleet.controller.store.base import DeviceBrief
+
+    clock = Clock()
+    presence = PresenceTracker(SQLiteStore(tmp_path / "c.db"), heartbeat_interval_s=1.0, clock=clock)
+    now_ms = int(clock.now * 1000)
+    held = presence.session_opened("here", agent_version="t", capability_version=1, hardware_class="c",
+                                   profile=b"", hostname="h")
+    presence._closed["closed"] = now_ms  # a stream closed here whose offline is not written yet (on a loop it waits)
+    # Rows as the store might hold them: streams here, on another worker (fresh, silent, just past
+    # the flush allowance), closed, never connected.
+    rows = [DeviceBrief("here", "c", True, 0),
+            DeviceBrief("closed", "c", True, now_ms),
+            DeviceBrief("elsewhere", "c", True, now_ms - 1000),
+            DeviceBrief("elsewhere-edge", "c", True, now_ms - 5000),
+            DeviceBrief("elsewhere-silent", "c", True, now_ms - 5001),
+            DeviceBrief("offline", "c", False, now_ms),
+            DeviceBrief("never", "c", False, 0)]
+    assert presence.online_flags(rows) == [True, False, True, True, False, False, False]
+    for step_s in (0.0, 2.0, 1.0, 0.5, 3.0):
+        clock.now += step_s
+        expected = [presence.presence(r).online for r in rows]
+        assert presence.online_flags(rows) == expected, (step_s, expected)
+        if step_s == 2.0:
+            presence.seen(held)
