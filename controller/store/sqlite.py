@@ -757,12 +757,18 @@ class SQLiteStore(Store):
     # -- telemetry -------------------------------------------------------------------------
     def ingest_telemetry(self, points: list[TelemetryPoint]) -> list[bool]:
         stored: list[bool] = []
+        dirty: dict[tuple[str, int], int] = {}  # (device, minute) -> points stored in it now
         with self._tx() as db:
+            # One read of the pruned marks for the whole group, not one per point.
+            devices = sorted({p.device_id for p in points})
+            pruned_below: dict[str, int] = {}
+            for start in range(0, len(devices), 500):
+                chunk = devices[start:start + 500]
+                marks = ", ".join("?" * len(chunk))
+                pruned_below.update(db.execute(
+                    f"SELECT device_id, max_seq FROM telemetry_pruned WHERE device_id IN ({marks})", chunk).fetchall())
             for p in points:
-                pruned = db.execute(
-                    "SELECT max_seq FROM telemetry_pruned WHERE device_id = ?", (p.device_id,)
-                ).fetchone()
-                if pruned is not None and p.seq <= pruned[0]:
+                if p.seq <= pruned_below.get(p.device_id, -1):
                     stored.append(False)
                     continue
                 cursor = db.execute(
@@ -779,12 +785,14 @@ class SQLiteStore(Store):
                     [(p.device_id, p.seq, m.model, m.version, m.count, m.errors, m.p50_ms, m.p95_ms, m.p99_ms,
                       m.max_ms, m.latency_hdr, m.energy_mj, m.energy_source, m.runtime) for m in p.models],
                 )
-                db.execute(
-                    "INSERT INTO telemetry_dirty_minutes (device_id, minute_ms, marks) VALUES (?, ?, 1) "
-                    "ON CONFLICT (device_id, minute_ms) DO UPDATE SET marks = marks + 1",
-                    (p.device_id, p.end_ms - p.end_ms % MINUTE_MS),
-                )
+                minute = (p.device_id, p.end_ms - p.end_ms % MINUTE_MS)
+                dirty[minute] = dirty.get(minute, 0) + 1
                 stored.append(True)
+            db.executemany(
+                "INSERT INTO telemetry_dirty_minutes (device_id, minute_ms, marks) VALUES (?, ?, ?) "
+                "ON CONFLICT (device_id, minute_ms) DO UPDATE SET marks = marks + excluded.marks",
+                [(device, minute, marks) for (device, minute), marks in dirty.items()],
+            )
         return stored
 
     def telemetry_window(self, device_id: str, start_ms: int, end_ms: int | None = None) -> list[TelemetryPoint]:
