@@ -294,11 +294,18 @@ def test_healthz_counts_every_worker_and_a_revocation_ends_the_stream_in_the_oth
 
         # /healthz counts both workers' streams whichever worker answers (each answer below is a
         # connection of its own; neither worker holds them all, so `process_sessions` < the total).
+        # Each worker writes its count at most SNAPSHOT_INTERVAL_S after it changed, so wait until 12
+        # answers in a row agree: with fewer, all of them may come from the worker whose peer's count
+        # it reads is already current while the other worker still reads a stale one.
         total = len(streams)
-        wait_until(lambda: all(healthz(controller.http_address)["sessions"] == total  # type: ignore[arg-type]
-                               for _ in range(4)), 10, "/healthz to count every worker's streams")
-        answers = [healthz(controller.http_address) for _ in range(12)]
-        assert all(a["sessions"] == total and a["process_sessions"] < total for a in answers), answers
+        http = str(controller.http_address)
+
+        def every_answer_counts_all() -> list[dict[str, int]] | None:
+            answers = [healthz(http) for _ in range(12)]
+            return answers if all(a["sessions"] == total for a in answers) else None
+
+        answers = wait_until(every_answer_counts_all, 10, "/healthz to count every worker's streams")
+        assert all(a["process_sessions"] < total for a in answers), answers
         assert {a["process_sessions"] for a in answers} <= set(held.values()), (answers, held)
 
         # Revoke every device through one connection, so one worker answers every RevokeDevice: the
