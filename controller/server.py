@@ -181,7 +181,6 @@ class Controller:
         self.shared_live: SharedLiveTelemetry | None = None
         self.session_counts: SharedSessionCounts | None = None
         exposed = registry
-        self.serves_control = config.role in (ROLE_ALL, ROLE_CONTROL)
         self.serves_devices = config.role in (ROLE_ALL, ROLE_DEVICES)
         if self.worker is not None and self.serves_devices:
             # Counters and histograms go to prometheus_client's multiprocess files (the supervisor

@@ -764,9 +764,10 @@ class SQLiteStore(Store):
             pruned_below: dict[str, int] = {}
             for start in range(0, len(devices), 500):
                 chunk = devices[start:start + 500]
-                marks = ", ".join("?" * len(chunk))
+                placeholders = ", ".join("?" * len(chunk))
                 pruned_below.update(db.execute(
-                    f"SELECT device_id, max_seq FROM telemetry_pruned WHERE device_id IN ({marks})", chunk).fetchall())
+                    f"SELECT device_id, max_seq FROM telemetry_pruned WHERE device_id IN ({placeholders})", chunk
+                ).fetchall())
             for p in points:
                 if p.seq <= pruned_below.get(p.device_id, -1):
                     stored.append(False)

@@ -70,9 +70,9 @@ class FleetCollector(Collector):
         devices = self.store.device_briefs()
         self._remember(devices)
         by_class: dict[str, list[int]] = {}  # class -> [online, offline]
-        for device, online in zip(devices, self.presence.online_flags(devices), strict=True):
+        for device, is_online in zip(devices, self.presence.online_flags(devices), strict=True):
             counts = by_class.setdefault(device.hardware_class or UNKNOWN_CLASS, [0, 0])
-            counts[0 if online else 1] += 1
+            counts[0 if is_online else 1] += 1
         gauge = GaugeMetricFamily("edgefleet_devices", "Enrolled devices by presence", labels=["state"])
         gauge.add_metric(["online"], sum(c[0] for c in by_class.values()))
         gauge.add_metric(["offline"], sum(c[1] for c in by_class.values()))
