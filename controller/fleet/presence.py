@@ -238,41 +238,36 @@ class PresenceTracker:
         dirty, self._dirty = self._dirty, {}
         return list(dirty.items())
 
+    def _online(self, record: DeviceRecord | DeviceBrief, now_ms: int) -> bool:
+        """The one rule for online: a stream open here that spoke within the silence limit, or one
+        the store says another controller holds (it flushes last_seen every flush_interval_s,
+        hence the extra allowance), not closed here since."""
+        live = self._live.get(record.device_id)
+        if live is not None:
+            return now_ms - max(record.last_seen_ms, live.last_seen_ms) <= self.silence_limit_s * 1000
+        if not record.connected or record.device_id in self._closed:
+            return False
+        return now_ms - record.last_seen_ms <= (self.silence_limit_s + self.flush_interval_s) * 1000
+
     def presence(self, record: DeviceRecord | DeviceBrief) -> Presence:
         """Online/offline for one device, with the reason an operator would want to see."""
         now = self._now_ms()
         live = self._live.get(record.device_id)
         last_seen = max(record.last_seen_ms, live.last_seen_ms if live else self._closed.get(record.device_id, 0))
+        if self._online(record, now):
+            return Presence(True, "online", last_seen)
         silent_s = max(0.0, (now - last_seen) / 1000)
         if live is None and (not record.connected or record.device_id in self._closed):
             if last_seen == 0:
                 return Presence(False, "offline: never connected", 0)
             return Presence(False, f"offline: stream closed {format_duration(silent_s)} ago", last_seen)
-        # A stream is open here, or on another controller sharing this store (which flushes
-        # last_seen every flush_interval_s, hence the extra allowance).
-        limit = self.silence_limit_s + (0 if live else self.flush_interval_s)
-        if silent_s > limit:
-            return Presence(False, f"offline: silent for {format_duration(silent_s)}", last_seen)
-        return Presence(True, "online", last_seen)
+        return Presence(False, f"offline: silent for {format_duration(silent_s)}", last_seen)
 
     def online_flags(self, records: Sequence[DeviceRecord | DeviceBrief]) -> list[bool]:
-        """`presence(r).online` for each record, without the reasons: what a /metrics scrape counts
-        over the whole fleet (10,000 calls of `presence` took 40 ms of a 125 ms scrape)."""
+        """`presence(r).online` for each record, without building the reasons: what a /metrics
+        scrape counts over the whole fleet (10,000 calls of `presence` took 40 ms of a 125 ms scrape)."""
         now = self._now_ms()
-        live, closed = self._live, self._closed
-        here_ms = self.silence_limit_s * 1000
-        elsewhere_ms = (self.silence_limit_s + self.flush_interval_s) * 1000
-        flags: list[bool] = []
-        append = flags.append
-        for record in records:
-            session = live.get(record.device_id)
-            if session is not None:
-                append(now - max(record.last_seen_ms, session.last_seen_ms) <= here_ms)
-            elif not record.connected or record.device_id in closed:
-                append(False)
-            else:
-                append(now - record.last_seen_ms <= elsewhere_ms)
-        return flags
+        return [self._online(record, now) for record in records]
 
     def online_count(self) -> int:
         return len(self._live)
