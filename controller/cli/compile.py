@@ -135,6 +135,12 @@ class CompileUsageError(click.ClickException):
     type=click.Path(path_type=Path, dir_okay=False),
     help="NPZ of extra unlabeled samples (one array per model input) to distill on, beside --calib.",
 )
+@click.option(
+    "--no-thread-search",
+    is_flag=True,
+    help="Time builds only on one thread per core of the target, not also on fewer threads (tried only "
+    "where candidates are timed on this machine).",
+)
 @click.option("--no-cache", is_flag=True, help="Compile again even if this exact compile is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the only stdout).")
 def compile_command(
@@ -156,6 +162,7 @@ def compile_command(
     retrain_ratios: str,
     student: Path | None,
     retrain_data: Path | None,
+    no_thread_search: bool,
     no_cache: bool,
     as_json: bool,
 ) -> None:
@@ -183,6 +190,7 @@ def compile_command(
             use_cache=not no_cache,
             measure=measure,
             retrain=retrain_spec,
+            thread_search=not no_thread_search,
         )
         report = compile_model(spec, progress=progress, device_measurers=controller_device_measurers(progress))
     except CompileError as exc:

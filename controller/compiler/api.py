@@ -76,6 +76,9 @@ class CompileSpec:
     tie_tolerance: float = 0.03
     measure_rounds: int = 15
     measure_round_ms: float = 40.0
+    # Also time every build that passed the gate on fewer intra-op threads than the target's cores
+    # (--no-thread-search turns it off); only where candidates are timed on this machine.
+    thread_search: bool = True
     max_gate_samples: int = 512
     holdout_fraction: float = 0.25
     # --retrain / --student: pruned and distilled candidates join the search (needs the train extra).
@@ -355,6 +358,10 @@ def compile_model(
             "measured_on": chosen_measurer.measured_on.split(":")[0],
             "min_speedup": spec.min_speedup,
             "tie_tolerance": spec.tie_tolerance,
+            # Only when fewer threads are tried, so estimated and device-timed compiles keep their key.
+            **({"thread_counts": fewer_threads(target.threads)}
+               if spec.thread_search and isinstance(chosen_measurer, LocalMeasurer) and fewer_threads(target.threads)
+               else {}),
             # Only with --retrain, so every other compile keeps the key it had.
             **({"retrain": spec.retrain.describe(train_set)} if spec.retrain and train_set else {}),
         }
@@ -435,6 +442,8 @@ def _run_candidates(
         LocalMeasurer(threads=target.threads, rounds=5, round_ms=20.0) if isinstance(measurer, LocalMeasurer) else None
     )
     candidates = _build_candidates(spec, source, target, recipes, calib, judge, work, progress, sizes, quick)
+    if spec.thread_search and isinstance(measurer, LocalMeasurer):
+        candidates += _thread_variants(candidates, target, judge, work, progress)
     _measure(candidates, measurer, gate_set, progress)
     chosen, baseline, gain, why = _select(spec, candidates, judge)
     report = _report(
@@ -608,6 +617,47 @@ def _build_candidates(
             ),
         )
     return candidates
+
+
+def fewer_threads(threads: int) -> list[int]:
+    """The thread counts tried besides the target's own: one thread, and half the cores on larger parts."""
+    return sorted({n for n in (threads // 2, 1) if 0 < n < threads}, reverse=True)
+
+
+def _thread_variants(
+    candidates: list[_Candidate], target: TargetSpec, judge: _GateJudge, work: Path, progress: Progress | None
+) -> list[_Candidate]:
+    """Each build that passed the gate again, on fewer intra-op threads than the device has cores.
+
+    A small model spends much of a run handing each op's work to the other threads and waiting for
+    them (PP-OCR's direction classifier, ~1 ms: OpenVINO bf16 1.8x faster than onnxruntime on two
+    threads, 2.5x on one). The variant is the same file with the thread count in its runtime, gated
+    again (a thread count can change reduction order) and timed beside the others; the manifest
+    carries the count the chosen build was timed with, and the agent serves it on that many."""
+    counts = fewer_threads(target.threads)
+    passed = [c for c in candidates if c.passed and c.path is not None and not c.recipe.runtime.threads]
+    if not counts or not passed:
+        return []
+    _say(progress, f"gating {len(passed) * len(counts)} variants on {'/'.join(map(str, counts))} of "
+                   f"{target.threads} threads")
+    variants: list[_Candidate] = []
+    for cand in passed:
+        assert cand.path is not None
+        for n in counts:
+            runtime = replace(cand.recipe.runtime, threads=n)
+            recipe = replace(cand.recipe, name=f"{cand.recipe.name}-t{n}", runtime=runtime)
+            variant = _Candidate(recipe, notes=[*cand.notes, f"{cand.recipe.name} on {n} of {target.threads} threads"])
+            variant.path = move_build(cand.path, work / f"{cand.path.stem}-t{n}{cand.path.suffix}", copy=True)
+            variant.compressed = cand.compressed
+            try:
+                result = judge.evaluate(variant.path, runtime)
+            except Exception as exc:  # the runtimes raise their own types; the parent build stays
+                variant.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            else:
+                variant.fidelity, variant.score, variant.passed = result.fidelity, result.score, result.passed
+                variant.cosine = result.cosine
+            variants.append(variant)
+    return variants
 
 
 # An accuracy-aware search (ops back to float until the gate passes) recovers a drop a few times the
@@ -926,16 +976,20 @@ def _report(
 
 def _runtime_of(choice: RuntimeChoice, target: TargetSpec, toolchain: Mapping[str, str]) -> dict[str, Any]:
     if choice.name == "openvino":
-        return {
+        out: dict[str, Any] = {
             "name": "openvino",
             "device": choice.device,
             "inference_precision": choice.inference_precision,
             "version": toolchain.get("openvino"),
         }
-    if choice.name == "litert":
-        return {"name": "litert", "version": toolchain.get("ai-edge-litert")}
-    return {"name": "onnxruntime", "execution_provider": target.execution_provider,
-            "version": toolchain.get("onnxruntime")}
+    elif choice.name == "litert":
+        out = {"name": "litert", "version": toolchain.get("ai-edge-litert")}
+    else:
+        out = {"name": "onnxruntime", "execution_provider": target.execution_provider,
+               "version": toolchain.get("onnxruntime")}
+    if choice.threads:  # written only when set: other manifests keep their exact bytes
+        out["threads"] = choice.threads
+    return out
 
 
 def _op_types(source: SourceModel) -> set[str]:

@@ -27,17 +27,21 @@ class RuntimeChoice:
     name: str = "onnxruntime"  # onnxruntime | litert | openvino
     device: str = "CPU"  # OpenVINO device
     inference_precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT: f32, bf16, f16
+    # Intra-op threads the build was timed with; 0: one per physical core of the device. A small model
+    # can run faster on fewer threads than cores (no hand-off between threads on every op).
+    threads: int = 0
 
     def describe(self) -> str:
+        name = self.name
         if self.name == "openvino":
-            return f"openvino:{self.device}" + (f"/{self.inference_precision}" if self.inference_precision else "")
-        return self.name
+            name = f"openvino:{self.device}" + (f"/{self.inference_precision}" if self.inference_precision else "")
+        return name + (f" x{self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else "")
 
     @classmethod
     def from_manifest(cls, runtime: Mapping[str, Any]) -> RuntimeChoice:
         """From a compile manifest's (or report's) ``runtime`` object."""
         return cls(str(runtime.get("name") or "onnxruntime"), str(runtime.get("device") or "CPU"),
-                   runtime.get("inference_precision"))
+                   runtime.get("inference_precision"), int(runtime.get("threads") or 0))
 
     @classmethod
     def for_file(cls, path: Path) -> RuntimeChoice:
@@ -125,6 +129,7 @@ class ModelRunner:
         self.path = Path(path)
         self.ort_defaults = ort_defaults
         self.runtime = runtime or RuntimeChoice.for_file(self.path)
+        threads = self.runtime.threads or threads  # a build timed on fewer threads runs on those
         self.kind = (
             "openvino" if self.runtime.name == "openvino" else "tflite" if self.path.suffix == ".tflite" else "onnx"
         )

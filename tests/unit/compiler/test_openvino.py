@@ -12,7 +12,8 @@ import onnx
 import pytest
 
 from edgefleet.controller.compiler import CompileError, LatencyStats, TargetSpec
-from edgefleet.controller.compiler.api import CompileSpec, compile_model
+from edgefleet.controller.compiler.api import CompileSpec, compile_model, fewer_threads
+from edgefleet.controller.compiler.measure import LocalMeasurer
 from edgefleet.controller.compiler.passes import PassContext, PassError
 from edgefleet.controller.compiler.passes.openvino_convert import OpenVinoConvert
 from edgefleet.controller.compiler.recipes import recipes_for
@@ -260,3 +261,51 @@ def test_fp16_weights_halve_initializers_and_constant_nodes_and_keep_the_outputs
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(after, before, rtol=1e-2, atol=1e-2)
     assert not np.array_equal(after, before), "the weights really were rounded to fp16"
+
+
+class FewerThreadsWin(LocalMeasurer):
+    """Times nothing: says a build on one thread takes half the time, so the thread search is testable."""
+
+    def measure(
+        self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: object = None
+    ) -> dict[Path, LatencyStats]:
+        chosen = dict(runtimes or {})  # type: ignore[call-overload]
+        return {
+            Path(p): LatencyStats(1.0 if chosen.get(Path(p), RuntimeChoice()).threads == 1 else 2.0, 1.0, 1.0, 9,
+                                  "fake")
+            for p in candidates
+        }
+
+
+def test_fewer_threads_are_tried_gated_and_shipped_when_faster(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    target = replace(local_target(), threads=4)
+    report = compile_model(
+        CompileSpec(model=mlp["model"], target=target, calib=mlp["calib"], out=out, recipes=("ov-fp32",)),
+        measurer=FewerThreadsWin(),
+    )
+    rows = {r["recipe"]: r for r in report.candidates}
+    assert {"ov-fp32-t2", "ov-fp32-t1"} <= set(rows), "half the cores and one thread are tried"
+    assert rows["ov-fp32-t1"]["runtime"] == "openvino:CPU/f32 x1 thread"
+    assert rows["ov-fp32-t1"]["passed_gate"] and rows["ov-fp32-t1"]["metric_score"] is not None, "gated again"
+    assert report.chosen.endswith("-t1") and report.runtime["threads"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["threads"] == 1
+    # The shipped runtime carries the thread count back into a runner, as the bench and agent read it.
+    assert RuntimeChoice.from_manifest(manifest["runtime"]).threads == 1
+
+
+def test_no_thread_search_times_only_the_cores(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    target = replace(local_target(), threads=2)
+    report = compile_model(
+        CompileSpec(model=mlp["model"], target=target, calib=mlp["calib"], out=tmp_path / "o", recipes=("ov-fp32",),
+                    thread_search=False),
+        measurer=FewerThreadsWin(),
+    )
+    assert not [r for r in report.candidates if r["recipe"].endswith("-t1")]
+    assert "threads" not in report.runtime, "a build on the device's own thread count writes no count"
+
+
+def test_thread_counts_tried() -> None:
+    assert fewer_threads(1) == [] and fewer_threads(2) == [1] and fewer_threads(3) == [1]
+    assert fewer_threads(4) == [2, 1] and fewer_threads(16) == [8, 1]
