@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgefleet.firmware.manifest import IOSpec, Manifest, TensorSpec
+from edgefleet.firmware.manifest import IOSpec, Manifest, RuntimeSpec, TensorSpec
 from edgefleet.firmware.selftest import (
     LITERT_RUNTIMES,
     OPENVINO_RUNTIME,
@@ -164,9 +164,19 @@ def _load_tflite(path: Path, delegate: str | None, threads: int) -> tuple[Runner
     return _LiteRTRunner(interpreter), f"{package}:{used}", fallback
 
 
+def serving_threads(runtime: RuntimeSpec, device_threads: int) -> int:
+    """The intra-op thread count to serve a build with: the build's own when it names one (capped at
+    the device's), else the device's (0: the runtime's default)."""
+    if runtime.threads and runtime.threads > 0:
+        return min(runtime.threads, device_threads) if device_threads > 0 else runtime.threads
+    return device_threads
+
+
 def load_model(model_path: Path, manifest: Manifest, threads: int = 0) -> LoadedModel:
-    """Load the payload model with the runtime its manifest names."""
+    """Load the payload model with the runtime its manifest names, on the threads it was timed with
+    when the compiler found fewer threads than cores faster (never more than ``threads``)."""
     runtime = manifest.runtime
+    threads = serving_threads(runtime, threads)
     if runtime.name == "onnxruntime":
         runner, used, fallback = _load_onnx(model_path, runtime.execution_provider, threads)
     elif runtime.name in LITERT_RUNTIMES:

@@ -86,6 +86,7 @@ class RuntimeSpec:
     version: str | None = None  # the runtime version the build was measured with, for provenance
     device: str | None = None  # OpenVINO device
     inference_precision: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT the build was gated and timed with
+    threads: int | None = None  # intra-op threads the build was timed with, when fewer than the device's cores
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -99,6 +100,8 @@ class RuntimeSpec:
             out["device"] = self.device
         if self.inference_precision is not None:
             out["inference_precision"] = self.inference_precision
+        if self.threads:
+            out["threads"] = self.threads
         return out
 
     @classmethod
@@ -110,6 +113,7 @@ class RuntimeSpec:
             version=d.get("version"),
             device=d.get("device"),
             inference_precision=d.get("inference_precision"),
+            threads=int(d["threads"]) if d.get("threads") else None,
         )
 
 

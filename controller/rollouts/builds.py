@@ -105,20 +105,21 @@ def build_for_class(
             golden = load_npz(calib_file, load_source(model_file).inputs, flag="--calib").model_sample(0)
         provider = str(report.target.get("execution_provider") or "CPUExecutionProvider")
         chosen_runtime = report.runtime or {}
+        threads = int(chosen_runtime.get("threads") or 0) or None  # set when timed on fewer threads than cores
         if chosen_runtime.get("name") == "openvino":
             device = str(chosen_runtime.get("device") or "CPU")
             precision = chosen_runtime.get("inference_precision")
             io, self_test = describe_openvino_model(artifact, golden, device=device, inference_precision=precision,
                                                     rtol=1e-2, atol=1e-3)
             runtime = RuntimeSpec(name="openvino", execution_provider="", device=device,
-                                  inference_precision=precision, version=chosen_runtime.get("version"))
+                                  inference_precision=precision, version=chosen_runtime.get("version"), threads=threads)
         elif artifact.suffix == ".tflite":
             # TFLite names its tensors itself, so the golden input is generated from its own spec.
             io, self_test = describe_tflite_model(artifact, rtol=1e-2, atol=1e-3)
-            runtime = RuntimeSpec(name="litert")
+            runtime = RuntimeSpec(name="litert", threads=threads)
         else:
             io, self_test = describe_onnx_model(artifact, golden, rtol=1e-2, atol=1e-3)
-            runtime = RuntimeSpec(name="onnxruntime", execution_provider=provider)
+            runtime = RuntimeSpec(name="onnxruntime", execution_provider=provider, threads=threads)
         provenance = {"compile": {k: report.to_dict()[k] for k in (
             "chosen", "speedup", "cache_key", "toolchain", "baseline", "result")},
             "source_sha256": registered.sha256}

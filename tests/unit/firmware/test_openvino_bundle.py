@@ -18,7 +18,8 @@ from edgefleet.firmware.slots import active_model
 from edgefleet.firmware.sources import FileSource
 
 
-def openvino_bundle(tmp_path: Path, signing_key, *, device: str = "CPU", precision: str | None = "f32") -> Path:
+def openvino_bundle(tmp_path: Path, signing_key, *, device: str = "CPU", precision: str | None = "f32",
+                    threads: int | None = None) -> Path:
     onnx_path = write_affine_model(tmp_path / "affine.onnx", 2.0, 1.0)
     xml = tmp_path / "model.xml"
     ov.save_model(ov.Core().read_model(str(onnx_path)), str(xml), compress_to_fp16=True)
@@ -27,7 +28,7 @@ def openvino_bundle(tmp_path: Path, signing_key, *, device: str = "CPU", precisi
         name="affine", version=1, hardware_class=HARDWARE_CLASS, model_file="model.xml",
         payload={"model.xml": xml, "model.bin": xml.with_suffix(".bin")}, io=io, self_test=self_test,
         runtime=RuntimeSpec(name="openvino", execution_provider="", device=device, inference_precision=precision,
-                            version=ov.get_version()),
+                            version=ov.get_version(), threads=threads),
         provenance={"recipe": "ov-fp32-fp16w"}, created_at=time.time(), expires_at=time.time() + 3600,
     )
     return build_bundle(spec, signing_key, tmp_path / "ov.efb")
@@ -46,6 +47,23 @@ def test_openvino_bundle_installs_self_tests_and_serves(tmp_path: Path, signing_
     assert loaded.runtime == "openvino:CPU/f32" and loaded.fallback == ""
     out = loaded.run({"x": GOLDEN_X})
     np.testing.assert_allclose(next(iter(out.values())), GOLDEN_X * 2.0 + 1.0, rtol=1e-3)
+
+
+def test_a_build_timed_on_fewer_threads_is_served_on_those(tmp_path: Path, signing_key) -> None:
+    from edgefleet.agent.runtime import serving_threads
+
+    state = tmp_path / "device"
+    installer = Installer(state, [signing_key.public_key()], hardware_class=HARDWARE_CLASS,
+                          policy=InstallPolicy(probation_inferences=1))
+    outcome = installer.install(FileSource(openvino_bundle(tmp_path, signing_key, threads=1)))
+    assert outcome.result == "committed", outcome
+    active = active_model(state)
+    assert active is not None and active.manifest.runtime.threads == 1, "the count survives the signed manifest"
+    loaded = load_model(active.model_path, active.manifest, threads=2)
+    assert loaded.runner.session.compiled.get_property("INFERENCE_NUM_THREADS") == 1  # type: ignore[attr-defined]
+    # Never more threads than the device serves with; a build with no count takes the device's.
+    assert serving_threads(RuntimeSpec(threads=4), 2) == 2 and serving_threads(RuntimeSpec(threads=1), 0) == 1
+    assert serving_threads(RuntimeSpec(), 2) == 2
 
 
 def test_a_bundle_for_a_missing_openvino_device_is_refused_and_serving_says_why(
