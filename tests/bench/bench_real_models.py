@@ -187,6 +187,8 @@ def load_shipped(out: Path) -> ShippedBuild:
     payload = tuple(out / f["file"] for f in artifact["files"])
     runtime = manifest["runtime"]
     shown = "/".join(str(runtime[k]) for k in ("name", "device", "inference_precision") if runtime.get(k))
+    if runtime.get("threads"):
+        shown += f" x{runtime['threads']}t"
     return ShippedBuild(out / artifact["file"], payload, shown, {"runtime": RuntimeChoice.from_manifest(runtime)})
 
 
