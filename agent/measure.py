@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.agent.runtime import capped_threads
 from edgefleet.firmware.selftest import (
     LITERT_RUNTIMES,
     OPENVINO_RUNTIME,
@@ -43,6 +44,14 @@ class _Timed:
 
 def _load(path: Path, candidate: fleet_pb2.Candidate, threads: int) -> _Timed:
     runtime = candidate.runtime or "onnxruntime"
+    threads = capped_threads(candidate.threads, threads)  # as it would be served
+    timed = _load_on(path, candidate, runtime, threads)
+    if candidate.threads:
+        timed.used += f" x{threads} threads"
+    return timed
+
+
+def _load_on(path: Path, candidate: fleet_pb2.Candidate, runtime: str, threads: int) -> _Timed:
     if runtime == OPENVINO_RUNTIME:
         device = candidate.device or "CPU"
         ov = OpenVINOSession(path, device, candidate.inference_precision or None, threads)

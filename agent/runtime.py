@@ -164,12 +164,17 @@ def _load_tflite(path: Path, delegate: str | None, threads: int) -> tuple[Runner
     return _LiteRTRunner(interpreter), f"{package}:{used}", fallback
 
 
-def serving_threads(runtime: RuntimeSpec, device_threads: int) -> int:
-    """The intra-op thread count to serve a build with: the build's own when it names one (capped at
-    the device's), else the device's (0: the runtime's default)."""
-    if runtime.threads and runtime.threads > 0:
-        return min(runtime.threads, device_threads) if device_threads > 0 else runtime.threads
+def capped_threads(asked: int | None, device_threads: int) -> int:
+    """The intra-op thread count a build runs on: the one it asks for (capped at the device's), else
+    the device's (0: the runtime's default). Serving and on-device timing both use it."""
+    if asked and asked > 0:
+        return min(asked, device_threads) if device_threads > 0 else asked
     return device_threads
+
+
+def serving_threads(runtime: RuntimeSpec, device_threads: int) -> int:
+    """The thread count to serve a build with: the one its manifest was chosen at, if any."""
+    return capped_threads(runtime.threads, device_threads)
 
 
 def load_model(model_path: Path, manifest: Manifest, threads: int = 0) -> LoadedModel:

@@ -8,7 +8,7 @@ version is older is never sent what it cannot understand (see `lacks`).
 
 from __future__ import annotations
 
-CAPABILITY_VERSION = 7
+CAPABILITY_VERSION = 8
 
 # version -> (date, what it added). Never edit a past line.
 HISTORY: dict[int, tuple[str, str]] = {
@@ -23,6 +23,8 @@ HISTORY: dict[int, tuple[str, str]] = {
     7: ("2026-12-02", "Device certificates: Enroll with a CSR, mutual TLS on Session and FetchArtifact, "
                       "RenewCertificate (by certificate, or by the old secret to move over), the CA bundle "
                       "and a renew hint in SessionAccepted"),
+    8: ("2026-12-03", "Candidate.threads: candidates timed on fewer intra-op threads than the agent serves on; "
+                      "a bundle manifest's runtime names the thread count its build was chosen at"),
 }
 
 MQTT_TRANSPORT = 2
@@ -31,6 +33,7 @@ ARTIFACT_ACKS = 4
 OPENVINO_RUNTIME = 5
 PROFILE_ON_MQTT = 6
 DEVICE_CERTIFICATES = 7
+CANDIDATE_THREADS = 8
 
 
 def negotiate(peer_version: int) -> int:

@@ -335,7 +335,7 @@ class MeasureCandidates(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., warmup: _Optional[int] = ..., runs: _Optional[int] = ..., rounds: _Optional[int] = ..., inputs_are_feed: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz", "weights_sha256", "weights_size", "device", "inference_precision")
+    __slots__ = ("name", "sha256", "size", "runtime", "execution_provider", "inputs_npz", "weights_sha256", "weights_size", "device", "inference_precision", "threads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +346,7 @@ class Candidate(_message.Message):
     WEIGHTS_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size: int
@@ -356,7 +357,8 @@ class Candidate(_message.Message):
     weights_size: int
     device: str
     inference_precision: str
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., runtime: _Optional[str] = ..., execution_provider: _Optional[str] = ..., inputs_npz: _Optional[bytes] = ..., weights_sha256: _Optional[str] = ..., weights_size: _Optional[int] = ..., device: _Optional[str] = ..., inference_precision: _Optional[str] = ...) -> None: ...
+    threads: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., runtime: _Optional[str] = ..., execution_provider: _Optional[str] = ..., inputs_npz: _Optional[bytes] = ..., weights_sha256: _Optional[str] = ..., weights_size: _Optional[int] = ..., device: _Optional[str] = ..., inference_precision: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class CandidateTiming(_message.Message):
     __slots__ = ("name", "latencies_ms", "error", "runtime")

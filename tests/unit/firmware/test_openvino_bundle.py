@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+import pytest
 from bundle_fixtures import GOLDEN_X, HARDWARE_CLASS, write_affine_model
 
 from edgefleet.agent.runtime import load_model
@@ -102,3 +103,34 @@ def test_device_in_the_loop_times_an_openvino_ir_beside_an_onnx_build(tmp_path: 
     timings = time_candidates({"c0": onnx_path, "c1": xml}, spec, threads=1)
     assert [t.error for t in timings] == ["", ""]
     assert timings[1].runtime == "openvino:CPU/f32" and len(timings[1].latencies_ms) == 2
+
+
+def test_device_in_the_loop_times_a_candidate_on_the_threads_it_asks_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capped at the agent's own count, as the manifest's count is when the build is served."""
+    import io
+
+    from edgefleet.agent import measure
+    from edgefleet.protos.v1 import fleet_pb2
+
+    onnx_path = write_affine_model(tmp_path / "affine.onnx", 2.0, 1.0)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=GOLDEN_X)
+    spec = fleet_pb2.MeasureCandidates(warmup=1, runs=3, rounds=2, inputs_are_feed=True)
+    for name, threads in (("c0", 0), ("c1", 1), ("c2", 8)):
+        spec.candidates.add(name=name, runtime="openvino", device="CPU", inference_precision="f32",
+                            inputs_npz=buffer.getvalue(), threads=threads)
+    opened: list[int] = []
+    real = measure.OpenVINOSession
+
+    def recording(path: Path, device: str, precision: str | None, threads: int) -> object:
+        opened.append(threads)
+        return real(path, device, precision, threads)
+
+    monkeypatch.setattr(measure, "OpenVINOSession", recording)
+    timings = measure.time_candidates({"c0": onnx_path, "c1": onnx_path, "c2": onnx_path}, spec, threads=2)
+    assert [t.error for t in timings] == ["", "", ""]
+    assert opened == [2, 1, 2]
+    assert [t.runtime for t in timings] == ["openvino:CPU/f32", "openvino:CPU/f32 x1 threads",
+                                            "openvino:CPU/f32 x2 threads"]
