@@ -77,7 +77,7 @@ class CompileSpec:
     measure_rounds: int = 15
     measure_round_ms: float = 40.0
     # Also time every build that passed the gate on fewer intra-op threads than the target's cores
-    # (--no-thread-search turns it off); only where candidates are timed on this machine.
+    # (--no-thread-search turns it off); only where candidates are really timed (see thread_counts).
     thread_search: bool = True
     max_gate_samples: int = 512
     holdout_fraction: float = 0.25
@@ -358,10 +358,8 @@ def compile_model(
             "measured_on": chosen_measurer.measured_on.split(":")[0],
             "min_speedup": spec.min_speedup,
             "tie_tolerance": spec.tie_tolerance,
-            # Only when fewer threads are tried, so estimated and device-timed compiles keep their key.
-            **({"thread_counts": fewer_threads(target.threads)}
-               if spec.thread_search and isinstance(chosen_measurer, LocalMeasurer) and fewer_threads(target.threads)
-               else {}),
+            # Only when fewer threads are tried, so estimated compiles and older agents keep their key.
+            **({"thread_counts": counts} if (counts := thread_counts(spec, target, chosen_measurer)) else {}),
             # Only with --retrain, so every other compile keeps the key it had.
             **({"retrain": spec.retrain.describe(train_set)} if spec.retrain and train_set else {}),
         }
@@ -442,8 +440,7 @@ def _run_candidates(
         LocalMeasurer(threads=target.threads, rounds=5, round_ms=20.0) if isinstance(measurer, LocalMeasurer) else None
     )
     candidates = _build_candidates(spec, source, target, recipes, calib, judge, work, progress, sizes, quick)
-    if spec.thread_search and isinstance(measurer, LocalMeasurer):
-        candidates += _thread_variants(candidates, target, judge, work, progress)
+    candidates += _thread_variants(candidates, target, thread_counts(spec, target, measurer), judge, work, progress)
     _measure(candidates, measurer, gate_set, progress)
     chosen, baseline, gain, why = _select(spec, candidates, judge)
     report = _report(
@@ -624,8 +621,16 @@ def fewer_threads(threads: int) -> list[int]:
     return sorted({n for n in (threads // 2, 1) if 0 < n < threads}, reverse=True)
 
 
+def thread_counts(spec: CompileSpec, target: TargetSpec, measurer: Measurer) -> list[int]:
+    """The fewer thread counts this compile tries: only where candidates are really timed (here, or
+    on a device whose agent times a candidate on the count it asks for). An estimate cannot tell."""
+    timed = isinstance(measurer, LocalMeasurer) or bool(getattr(measurer, "times_threads", False))
+    return fewer_threads(target.threads) if spec.thread_search and timed else []
+
+
 def _thread_variants(
-    candidates: list[_Candidate], target: TargetSpec, judge: _GateJudge, work: Path, progress: Progress | None
+    candidates: list[_Candidate], target: TargetSpec, counts: list[int], judge: _GateJudge, work: Path,
+    progress: Progress | None,
 ) -> list[_Candidate]:
     """Each build that passed the gate again, on fewer intra-op threads than the device has cores.
 
@@ -634,7 +639,6 @@ def _thread_variants(
     threads, 2.5x on one). The variant is the same file with the thread count in its runtime, gated
     again (a thread count can change reduction order) and timed beside the others; the manifest
     carries the count the chosen build was timed with, and the agent serves it on that many."""
-    counts = fewer_threads(target.threads)
     passed = [c for c in candidates if c.passed and c.path is not None and not c.recipe.runtime.threads]
     if not counts or not passed:
         return []

@@ -21,6 +21,7 @@ from edgefleet.controller.compiler.target import TargetSpec
 def controller_device_measurers(say: Callable[[str], None]) -> DeviceMeasurerFactory:
     def factory(target: TargetSpec) -> Measurer | None:
         from edgefleet.controller.client import Connection, ControlClient, UserError
+        from edgefleet.protos.capability import CANDIDATE_THREADS
         from edgefleet.protos.v1 import control_pb2
 
         try:
@@ -33,12 +34,14 @@ def controller_device_measurers(say: Callable[[str], None]) -> DeviceMeasurerFac
         except UserError as exc:
             say(f"controller not reachable ({exc.message}): latencies for this class will be estimated")
             return None
-        online = [d.device_id for d in devices if d.online and d.hardware_class == target.hardware_class]
+        online = [d for d in devices if d.online and d.hardware_class == target.hardware_class]
         if not online:
             say(f"no online {target.hardware_class} device at the controller: latencies will be estimated")
             return None
-        say(f"timing candidates on device {online[0]} through the controller at {connection.address}")
-        return DeviceMeasurer(online[0], _submitter(connection, target.hardware_class, say))
+        device = online[0]
+        say(f"timing candidates on device {device.device_id} through the controller at {connection.address}")
+        return DeviceMeasurer(device.device_id, _submitter(connection, target.hardware_class, say),
+                              times_threads=device.capability_version >= CANDIDATE_THREADS)
 
     return factory
 
@@ -57,7 +60,8 @@ def _submitter(connection: Any, hardware_class: str, say: Callable[[str], None])
         for path in paths:
             choice = (runtimes or {}).get(Path(path)) or RuntimeChoice.for_file(Path(path))
             files = build_files(Path(path))
-            candidate = fleet_pb2.Candidate(sha256=upload_artifact(client, files[0]), runtime=choice.name)
+            candidate = fleet_pb2.Candidate(sha256=upload_artifact(client, files[0]), runtime=choice.name,
+                                            threads=choice.threads)
             if choice.name == "openvino":
                 candidate.device = choice.device
                 candidate.inference_precision = choice.inference_precision or ""

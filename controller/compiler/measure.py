@@ -218,9 +218,11 @@ class DeviceMeasurer:
     samples}}``. The compiler does not know about gRPC or MQTT; rollouts pass this measurer in.
     """
 
-    def __init__(self, device_id: str, submit: DeviceSubmit) -> None:
+    def __init__(self, device_id: str, submit: DeviceSubmit, times_threads: bool = False) -> None:
         self.device_id = device_id
         self.submit = submit
+        # The device's agent times a candidate on the thread count it asks for (capability 8).
+        self.times_threads = times_threads
         self.measured_on = f"device:{device_id}"
 
     def cannot_measure(self, path: Path) -> str:

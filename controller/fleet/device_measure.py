@@ -21,7 +21,7 @@ from edgefleet.controller.fleet.commands import CommandDispatcher
 from edgefleet.controller.fleet.presence import PresenceTracker
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import DeviceRecord, Store
-from edgefleet.protos.capability import MEASURE_CANDIDATES, OPENVINO_RUNTIME, lacks
+from edgefleet.protos.capability import CANDIDATE_THREADS, MEASURE_CANDIDATES, OPENVINO_RUNTIME, lacks
 from edgefleet.protos.v1 import fleet_pb2
 
 log = logging.getLogger("edgefleet.controller.fleet.device_measure")
@@ -71,6 +71,8 @@ def candidate_for(artifacts: ArtifactStore, path: Path, runtime: Any | None) -> 
     candidate = fleet_pb2.Candidate(
         sha256=artifacts.put_file(files[0]), size=files[0].stat().st_size, runtime=choice.name
     )
+    if choice.threads:
+        candidate.threads = choice.threads
     if choice.name == "openvino":
         candidate.device = choice.device
         candidate.inference_precision = choice.inference_precision or ""
@@ -124,13 +126,20 @@ class DeviceMeasure:
             return f"no device {device_id!r}; see `edgefleet devices list`"
         why = lacks(record.capability_version, MEASURE_CANDIDATES, "timing candidates (MeasureCandidates)")
         for candidate in spec.candidates:
-            if why is None and candidate.runtime == "openvino":
-                why = self._lacks_openvino(record, candidate.name)
+            why = why or self._lacks(record, candidate)
         return why
 
     @staticmethod
-    def _lacks_openvino(record: DeviceRecord, name: str) -> str | None:
-        return lacks(record.capability_version, OPENVINO_RUNTIME, f"OpenVINO candidate {name}")
+    def _lacks(record: DeviceRecord, candidate: fleet_pb2.Candidate) -> str | None:
+        """Why this device's agent cannot time `candidate` as asked (it would not know a field), or None."""
+        if candidate.runtime == "openvino":
+            why = lacks(record.capability_version, OPENVINO_RUNTIME, f"OpenVINO candidate {candidate.name}")
+            if why:
+                return why
+        if candidate.threads:  # an older agent would time it on all its threads, and say nothing
+            return lacks(record.capability_version, CANDIDATE_THREADS,
+                         f"candidate {candidate.name} on {candidate.threads} threads")
+        return None
 
     def submit(self, device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
                runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
@@ -146,9 +155,8 @@ class DeviceMeasure:
         for index, path in enumerate(paths):
             candidate = candidate_for(self.artifacts, Path(path), (runtimes or {}).get(Path(path)))
             candidate.name, candidate.inputs_npz = f"c{index}", inputs_npz
-            why = self._lacks_openvino(record, candidate.name) if (
-                record is not None and candidate.runtime == "openvino") else None
-            if why:  # never sent: the agent would not know what the OpenVINO fields mean
+            why = self._lacks(record, candidate) if record is not None else None
+            if why:  # never sent: the agent would not know what the fields mean
                 if index == 0:
                     raise DeviceMeasurementFailed(f"device {device_id}: the baseline is not measurable: {why}")
                 log.warning("candidate not sent to the device", extra={"device_id": device_id,
@@ -219,6 +227,10 @@ class DeviceMeasure:
 
         def factory(target: Any) -> Any:
             device = self.online_device(target.hardware_class)
-            return DeviceMeasurer(device, self.submit) if device else None
+            record = self.store.get_device(device) if device else None
+            if record is None:
+                return None
+            return DeviceMeasurer(record.device_id, self.submit,
+                                  times_threads=record.capability_version >= CANDIDATE_THREADS)
 
         return factory

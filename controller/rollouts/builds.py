@@ -92,7 +92,8 @@ def build_for_class(
             CompileSpec(model=model_file, target=target, calib=calib_file, budget=registered.budget,
                         eval_data=linked("eval.npz", registered.eval_sha256),
                         eval_labels=linked("eval-labels.npz", registered.eval_labels_sha256),
-                        metric=registered.metric or "cosine", out=work / "out", cache_dir=compile_cache),
+                        metric=registered.metric or "cosine", out=work / "out", cache_dir=compile_cache,
+                        thread_search=serves_build_threads(store, hardware_class)),
             device_measurers=measurers,
         )
         artifact = Path(report.artifact)
@@ -140,6 +141,19 @@ def build_for_class(
     return BuildRecord(model, version, hardware_class, state="ready", bundle_sha256=shas[0],
                        rollback_bundle_sha256=shas[1], report=json.dumps(report.to_dict()),
                        updated_at_ms=now_ms())
+
+def serves_build_threads(store: Store, hardware_class: str) -> bool:
+    """Whether every device of the class serves a build on the thread count its manifest names: an
+    older agent serves every build on all its threads, where a build chosen on fewer does not hold."""
+    from edgefleet.protos.capability import CANDIDATE_THREADS
+
+    older = [d.device_id for d in store.list_devices()
+             if d.hardware_class == hardware_class and d.capability_version < CANDIDATE_THREADS]
+    if older:
+        log.info("no thread-count search for the class: some agents serve every build on all their threads",
+                 extra={"class": hardware_class, "devices": ",".join(older[:5]), "needs_capability": CANDIDATE_THREADS})
+    return not older
+
 
 def compile_target(store: Store, hardware_class: str) -> Any:
     """The profile of an enrolled device of the class makes a better target than the class name."""

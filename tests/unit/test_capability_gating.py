@@ -11,11 +11,12 @@ import pytest
 from edgefleet.controller.errors import FailedPrecondition
 from edgefleet.controller.fleet.device_measure import DeviceMeasure, measure_spec
 from edgefleet.controller.fleet.presence import PresenceTracker
-from edgefleet.controller.rollouts.builds import compile_target
+from edgefleet.controller.rollouts.builds import compile_target, serves_build_threads
 from edgefleet.controller.store.artifacts import ArtifactStore
 from edgefleet.controller.store.base import DeviceRecord, EnrollmentTokenRecord
 from edgefleet.controller.store.sqlite import SQLiteStore
 from edgefleet.protos.capability import (
+    CANDIDATE_THREADS,
     CAPABILITY_VERSION,
     HISTORY,
     MEASURE_CANDIDATES,
@@ -115,3 +116,24 @@ def test_no_openvino_build_for_a_class_with_a_device_that_predates_it(tmp_path: 
         ("CPU", ("FP32", "INT8")),)
     assert openvino_devices(fleet(tmp_path / "mixed", {"d1": CAPABILITY_VERSION, "d2": OPENVINO_RUNTIME - 1})) == ()
 
+
+
+def test_no_thread_count_to_a_device_that_predates_it(tmp_path: Path) -> None:
+    """An older agent would time a candidate that asks for one thread on all of its threads, silently."""
+    store = fleet(tmp_path, {"dev-7": CANDIDATE_THREADS - 1, "dev-8": CANDIDATE_THREADS})
+    device_measure, _ = measure(tmp_path, store, [])
+    spec = measure_spec([("a" * 64, 10), ("b" * 64, 10)], b"")
+    spec.candidates[1].threads = 1
+    why = device_measure.refusal("dev-7", spec)
+    assert why is not None and f"candidate c1 on 1 threads needs capability version {CANDIDATE_THREADS}" in why
+    assert device_measure.refusal("dev-8", spec) is None
+    for version, times_threads in ((CANDIDATE_THREADS - 1, False), (CANDIDATE_THREADS, True)):
+        alone = fleet(tmp_path / str(version), {"dev": version})
+        measurer = measure(tmp_path / str(version), alone, ["dev"])[0].measurer_factory()(compile_target(alone, CLASS))
+        assert (measurer.device_id, measurer.times_threads) == ("dev", times_threads)
+
+
+def test_no_thread_search_for_a_class_with_a_device_that_predates_it(tmp_path: Path) -> None:
+    assert serves_build_threads(fleet(tmp_path / "new", {"d1": CAPABILITY_VERSION, "d2": CANDIDATE_THREADS}), CLASS)
+    assert not serves_build_threads(fleet(tmp_path / "mixed", {"d1": CAPABILITY_VERSION,
+                                                               "d2": CANDIDATE_THREADS - 1}), CLASS)

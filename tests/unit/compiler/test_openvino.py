@@ -13,7 +13,7 @@ import pytest
 
 from edgefleet.controller.compiler import CompileError, LatencyStats, TargetSpec
 from edgefleet.controller.compiler.api import CompileSpec, compile_model, fewer_threads
-from edgefleet.controller.compiler.measure import LocalMeasurer
+from edgefleet.controller.compiler.measure import DeviceMeasurer, LocalMeasurer
 from edgefleet.controller.compiler.passes import PassContext, PassError
 from edgefleet.controller.compiler.passes.openvino_convert import OpenVinoConvert
 from edgefleet.controller.compiler.recipes import recipes_for
@@ -309,3 +309,32 @@ def test_no_thread_search_times_only_the_cores(tmp_path: Path, mlp: dict[str, Pa
 def test_thread_counts_tried() -> None:
     assert fewer_threads(1) == [] and fewer_threads(2) == [1] and fewer_threads(3) == [1]
     assert fewer_threads(4) == [2, 1] and fewer_threads(16) == [8, 1]
+
+
+def test_a_device_that_times_thread_counts_gets_the_search(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    """Device-in-the-loop: the variants go to the device only when its agent times a candidate on the
+    count it asks for; each is sent as a Candidate naming that count."""
+    from edgefleet.controller.fleet.device_measure import candidate_for
+    from edgefleet.controller.store.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    sent: list[int] = []
+
+    def submit(device_id: str, paths: Sequence[Path], inputs: Mapping[str, np.ndarray],
+               runtimes: Mapping[Path, RuntimeChoice] | None = None) -> dict[str, object]:
+        candidates = [candidate_for(artifacts, Path(p), (runtimes or {}).get(Path(p))) for p in paths]
+        sent.extend(c.threads for c in candidates)
+        return {str(p): {"median_ms": 1.0 if c.threads == 1 else 2.0, "samples": 9}
+                for p, c in zip(paths, candidates, strict=True)}
+
+    target = replace(local_target(), threads=2)
+    for times_threads in (False, True):
+        sent.clear()
+        report = compile_model(
+            CompileSpec(model=mlp["model"], target=target, calib=mlp["calib"], out=tmp_path / f"o{times_threads}",
+                        recipes=("ov-fp32",)),
+            measurer=DeviceMeasurer("dev-1", submit, times_threads=times_threads),
+        )
+        assert (1 in sent) == times_threads
+        assert report.chosen.endswith("-t1") == times_threads
+        assert report.runtime.get("threads") == (1 if times_threads else None)
