@@ -4,7 +4,9 @@ and 20,000 devices each sending a batch every 5 s, and a bare drain as the trans
 Run: ``flock /work/bench.lock .venv/bin/pytest -s tests/bench/bench_ingest.py`` (knobs, with their
 defaults: EDGEFLEET_BENCH_INGEST_FLEETS="10000,20000", EDGEFLEET_BENCH_INGEST_WORKERS=the
 controller's default --workers (the cores, at most 4), EDGEFLEET_BENCH_INGEST_SIMULATORS=2,
-EDGEFLEET_BENCH_INGEST_LEVEL_S=15; a quick look: FLEETS=400,800 LEVEL_S=5).
+EDGEFLEET_BENCH_INGEST_LEVEL_S=15, EDGEFLEET_BENCH_INGEST_STORE=sqlite, or postgresql for every
+controller on the PostgreSQL at EDGEFLEET_TEST_POSTGRES, in a schema of its own dropped afterwards;
+a quick look: FLEETS=400,800 LEVEL_S=5).
 
 The devices are played over the real protocol by EDGEFLEET_BENCH_INGEST_SIMULATORS processes of
 their own (asyncio, grpc.aio), so the load generator is not the controller's process: identities
@@ -16,7 +18,8 @@ it has sent nothing else for a heartbeat interval (5 s). Every fleet size is run
   - ``N workers``: ``controller serve --workers N``, the supervisor and its workers;
   - ``bare drain`` (tests/bench/bench_drain.py): the same streams into a grpc.aio server that
     acks every batch and does nothing else; what is left of the controller's figures is its work.
-The controllers share one state dir (SQLite, WAL), enrolled once; each run's seqs are new.
+The controllers share one store (the state dir's SQLite in WAL mode, or one PostgreSQL schema), enrolled once;
+each run's seqs are new.
 
 Each run reports, side by side: batches sent and stored per second (the controller's own
 ``edgefleet_telemetry_batches_total{result="stored"}``, summed over workers by /metrics), the p99
@@ -82,6 +85,8 @@ FLEETS = [int(n) for n in os.environ.get("EDGEFLEET_BENCH_INGEST_FLEETS", "10000
 WORKERS = env_flag("EDGEFLEET_BENCH_INGEST_WORKERS", default_workers())
 SIMULATORS = env_flag("EDGEFLEET_BENCH_INGEST_SIMULATORS", 2)
 LEVEL_S = env_flag("EDGEFLEET_BENCH_INGEST_LEVEL_S", 15)
+STORE = os.environ.get("EDGEFLEET_BENCH_INGEST_STORE", "sqlite")
+POSTGRES_DSN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DEVICE_PERIOD_S = 5.0
 LAG_TARGET_S = 2.0
 STREAMS_PER_CHANNEL = 100
@@ -477,17 +482,53 @@ class DrainProc(Proc):
         return self
 
 
-def stored_in_window(state_dir: Path, seq_base: int) -> int:
+def stored_in_window(state_dir: Path, store_url: str, seq_base: int) -> int:
+    if store_url:
+        import psycopg
+
+        with psycopg.connect(store_url) as conn:
+            found = conn.execute("SELECT COUNT(*) FROM telemetry_batches WHERE seq > %s AND seq <= %s",
+                                 (seq_base, seq_base + SEQS_PER_RUN)).fetchone()
+        assert found is not None
+        return int(found[0])
     with contextlib.closing(sqlite3.connect(state_dir / "controller.db")) as db:
         row = db.execute("SELECT COUNT(*) FROM telemetry_batches WHERE seq > ? AND seq <= ?",
                          (seq_base, seq_base + SEQS_PER_RUN)).fetchone()
     return int(row[0])
 
 
+@contextlib.contextmanager
+def store_for_bench() -> Any:
+    """'' for the state dir's SQLite; for postgresql, a URL whose connections use a fresh schema."""
+    if STORE == "sqlite":
+        yield ""
+        return
+    assert STORE == "postgresql", f"EDGEFLEET_BENCH_INGEST_STORE={STORE!r}: use sqlite or postgresql"
+    import uuid
+
+    import psycopg
+
+    schema = f"edgefleet_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def store_url() -> Any:
+    with store_for_bench() as url:
+        yield url
+
+
 @pytest.mark.timeout(3600)
-def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) -> None:
+def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path, store_url: str) -> None:
     largest = max(FLEETS)
-    first = ControllerProc(tmp_path, heartbeat_s=DEVICE_PERIOD_S, insecure=True, workers=1).start()
+    first = ControllerProc(tmp_path, heartbeat_s=DEVICE_PERIOD_S, insecure=True, workers=1,
+                           extra_args=["--store", store_url] if store_url else None).start()
     try:
         started = time.perf_counter()
         token = first.create_token(uses=largest)
@@ -524,14 +565,14 @@ def test_ingest_one_worker_against_n_workers_and_a_bare_drain(tmp_path: Path) ->
             if isinstance(proc, ControllerProc):
                 # What the store holds of this run's seqs once the controller has stopped (its stop
                 # stores what it had queued): unacked batches that arrive late are not lost.
-                result.lost = result.sent_total - stored_in_window(proc.state_dir, run * SEQS_PER_RUN)
+                result.lost = result.sent_total - stored_in_window(proc.state_dir, store_url, run * SEQS_PER_RUN)
             print(f"{name}, {devices} devices: stored {result.stored_rate:.0f}/s of {result.offered:.0f}/s, "
                   f"p99 lag <= {result.p99_lag:g} s, ctrl CPU {result.ctrl_cpu:.0%}, unacked {result.unacked}",
                   flush=True)
             results.append(result)
     cores = os.cpu_count() or 1
     print_table(f"Telemetry ingest: devices every {DEVICE_PERIOD_S:g} s, {LEVEL_S} s windows, {SIMULATORS} simulator "
-                f"processes; everything shares this machine's {cores} cores",
+                f"processes, store {STORE}; everything shares this machine's {cores} cores",
                 ["target", "devices", "offered/s", "sent/s", "stored/s", "stored/offered", "p99 lag s (bucket)",
                  "ack p99 ms", "ctrl CPU", "ctrl CPU ms/batch", "simulators CPU", "unacked", "lost", "streams ended",
                  "open s", "verdict"],
