@@ -194,3 +194,24 @@ def enroll_request(controller: ControllerProc, request: fleet_pb2.EnrollRequest)
     with controller.channel() as channel:
         reply: fleet_pb2.EnrollResponse = fleet_pb2_grpc.FleetStub(channel).Enroll(request, timeout=10)
         return reply
+
+
+POSTGRES_DSN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str, dsn: str = POSTGRES_DSN) -> Any:
+    """A postgresql:// URL whose connections use a fresh schema (options=-csearch_path=...), dropped
+    afterwards. Raises psycopg.OperationalError when the server is not reachable."""
+    import uuid
+
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -77,7 +77,7 @@ from edgefleet.controller.telemetry import histograms
 from edgefleet.controller.telemetry.ingest import convert
 from edgefleet.protos.capability import CAPABILITY_VERSION
 from edgefleet.protos.v1 import fleet_pb2, fleet_pb2_grpc
-from fleet_harness import ControllerProc, Proc, free_port, wait_until
+from fleet_harness import ControllerProc, Proc, free_port, postgres_schema, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,6 @@ WORKERS = env_flag("EDGEFLEET_BENCH_INGEST_WORKERS", default_workers())
 SIMULATORS = env_flag("EDGEFLEET_BENCH_INGEST_SIMULATORS", 2)
 LEVEL_S = env_flag("EDGEFLEET_BENCH_INGEST_LEVEL_S", 15)
 STORE = os.environ.get("EDGEFLEET_BENCH_INGEST_STORE", "sqlite")
-POSTGRES_DSN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 DEVICE_PERIOD_S = 5.0
 LAG_TARGET_S = 2.0
 STREAMS_PER_CHANNEL = 100
@@ -504,18 +503,8 @@ def store_for_bench() -> Any:
         yield ""
         return
     assert STORE == "postgresql", f"EDGEFLEET_BENCH_INGEST_STORE={STORE!r}: use sqlite or postgresql"
-    import uuid
-
-    import psycopg
-
-    schema = f"edgefleet_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    with postgres_schema("edgefleet_bench") as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ an unreachable server fails the test with how to start one, it never skips.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,38 +13,26 @@ import psycopg
 import pytest
 
 from edgefleet.protos.v1 import control_pb2
-from fleet_harness import AgentProc, ControllerProc, Proc, wait_until
+from fleet_harness import POSTGRES_DSN, AgentProc, ControllerProc, Proc, postgres_schema, wait_until
 
 pytestmark = pytest.mark.integration
-
-POSTGRES_DSN = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture
 def store_url() -> Iterator[str]:
     """A postgresql:// URL whose connections use a fresh schema (options=-csearch_path=...), dropped afterwards."""
     assert POSTGRES_DSN.startswith(("postgresql://", "postgres://")), "EDGEFLEET_TEST_POSTGRES must be a URL here"
-    schema = f"edgefleet_it_{uuid.uuid4().hex[:12]}"
     try:
-        admin = psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
+        with postgres_schema("edgefleet_it") as url:
+            yield url
+    except psycopg.OperationalError as exc:  # pytest never throws the test's own errors in here
         reason = str(exc).strip().splitlines()[0]
-    else:
-        reason = ""
-    if reason:
         pytest.fail(
             f"PostgreSQL is not reachable at {POSTGRES_DSN} ({reason}): start it (`sudo service postgresql start`, "
             "or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15`) "
             "or set EDGEFLEET_TEST_POSTGRES to a reachable postgresql:// URL",
             pytrace=False,
         )
-    with admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def online_ids(controller: ControllerProc) -> set[str]:
