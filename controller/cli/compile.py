@@ -139,7 +139,7 @@ class CompileUsageError(click.ClickException):
     "--no-thread-search",
     is_flag=True,
     help="Time builds only on one thread per core of the target, not also on fewer threads (tried only "
-    "where candidates are timed on this machine).",
+    "where candidates are really timed: here, or on a device whose agent can).",
 )
 @click.option("--no-cache", is_flag=True, help="Compile again even if this exact compile is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (the only stdout).")

@@ -142,6 +142,7 @@ def build_for_class(
                        rollback_bundle_sha256=shas[1], report=json.dumps(report.to_dict()),
                        updated_at_ms=now_ms())
 
+
 def serves_build_threads(store: Store, hardware_class: str) -> bool:
     """Whether every device of the class serves a build on the thread count its manifest names: an
     older agent serves every build on all its threads, where a build chosen on fewer does not hold."""
