@@ -51,7 +51,13 @@ def _submitter(connection: Any, hardware_class: str, say: Callable[[str], None])
                runtimes: Mapping[Path, Any] | None = None) -> dict[str, Any]:
         from edgefleet.controller.client import ControlClient, upload_artifact
         from edgefleet.controller.compiler.runner import RuntimeChoice, build_files
-        from edgefleet.controller.fleet.device_measure import MEASURE_RUNS, feeds_model_shapes, sample_npz, summarize
+        from edgefleet.controller.fleet.device_measure import (
+            MEASURE_RUNS,
+            feeds_model_shapes,
+            sample_npz,
+            summarize,
+            with_runtime,
+        )
         from edgefleet.protos.v1 import control_pb2, fleet_pb2
 
         # Every build goes with the runtime that times it; an OpenVINO IR is two artifacts.
@@ -60,13 +66,9 @@ def _submitter(connection: Any, hardware_class: str, say: Callable[[str], None])
         for path in paths:
             choice = (runtimes or {}).get(Path(path)) or RuntimeChoice.for_file(Path(path))
             files = build_files(Path(path))
-            candidate = fleet_pb2.Candidate(sha256=upload_artifact(client, files[0]), runtime=choice.name,
-                                            threads=choice.threads)
-            if choice.name == "openvino":
-                candidate.device = choice.device
-                candidate.inference_precision = choice.inference_precision or ""
-                if len(files) > 1:
-                    candidate.weights_sha256 = upload_artifact(client, files[1])
+            candidate = with_runtime(fleet_pb2.Candidate(sha256=upload_artifact(client, files[0])), choice)
+            if choice.name == "openvino" and len(files) > 1:  # an IR's weights
+                candidate.weights_sha256 = upload_artifact(client, files[1])
             candidates.append(candidate)
         reply = client.call("MeasureOnDevice", control_pb2.MeasureOnDeviceRequest(
             hardware_class=hardware_class, candidate_sha256=[c.sha256 for c in candidates],

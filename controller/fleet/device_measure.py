@@ -62,23 +62,29 @@ def measure_spec(candidates: Sequence[tuple[str, int]], inputs_npz: bytes) -> fl
     return spec
 
 
+def with_runtime(candidate: fleet_pb2.Candidate, choice: Any) -> fleet_pb2.Candidate:
+    """`candidate` with the runtime fields of the compiler's RuntimeChoice that times it."""
+    candidate.runtime = choice.name
+    if choice.threads:
+        candidate.threads = choice.threads
+    if choice.name == "openvino":
+        candidate.device = choice.device
+        candidate.inference_precision = choice.inference_precision or ""
+    return candidate
+
+
 def candidate_for(artifacts: ArtifactStore, path: Path, runtime: Any | None) -> fleet_pb2.Candidate:
     """Upload one candidate build (an OpenVINO IR is two files) and say which runtime times it."""
     from edgefleet.controller.compiler.runner import RuntimeChoice, build_files
 
     choice = runtime or RuntimeChoice.for_file(path)
     files = build_files(path)
-    candidate = fleet_pb2.Candidate(
-        sha256=artifacts.put_file(files[0]), size=files[0].stat().st_size, runtime=choice.name
+    candidate = with_runtime(
+        fleet_pb2.Candidate(sha256=artifacts.put_file(files[0]), size=files[0].stat().st_size), choice
     )
-    if choice.threads:
-        candidate.threads = choice.threads
-    if choice.name == "openvino":
-        candidate.device = choice.device
-        candidate.inference_precision = choice.inference_precision or ""
-        if len(files) > 1:
-            candidate.weights_sha256 = artifacts.put_file(files[1])
-            candidate.weights_size = files[1].stat().st_size
+    if choice.name == "openvino" and len(files) > 1:  # an IR's weights
+        candidate.weights_sha256 = artifacts.put_file(files[1])
+        candidate.weights_size = files[1].stat().st_size
     return candidate
 
 
