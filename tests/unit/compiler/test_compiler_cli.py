@@ -326,3 +326,47 @@ def test_a_markedly_smaller_build_as_fast_as_fp32_ships_instead(tmp_path: Path) 
     one_us_slower = timed("int8-dynamic", 300, tuple(0.009 * r for r in same))
     assert _smaller_at_par(spec, tiny, [tiny, one_us_slower]) is not None, \
         "1 us on an 8 us model is below any runtime's call overhead: as fast"
+
+
+def test_a_close_call_is_timed_again_against_the_source_before_it_ships(tmp_path: Path) -> None:
+    """The search's figures here claim a small win for a build that is really ~20x slower: the second,
+    two-build timing catches it and the source ships; a real win keeps its pick with the new figure."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.controller.compiler.api import _Candidate, _confirm
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.measure import LatencyStats, LocalMeasurer
+    from edgefleet.controller.compiler.recipes import BASELINE, SOURCE
+
+    def matmuls(name: str, depth: int) -> Path:
+        w = numpy_helper.from_array(np.eye(256, dtype=np.float32) * 0.5, "w")
+        nodes = [helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]) for i in range(depth)]
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [64, 256])],
+            [helper.make_tensor_value_info(f"h{depth}", TensorProto.FLOAT, [64, 256])], [w],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    claimed = LatencyStats(1.0, 1.0, 1.0, 3, "local", rounds_ms=(1.0, 1.0, 1.0))
+    fast, slow = matmuls("fast", 1), matmuls("slow", 20)
+    data = Dataset({"h0": np.ones((64, 256), np.float32)}, {}, "test")
+    spec = CompileSpec(model=fast)
+    measurer = LocalMeasurer(threads=1, rounds=3, round_ms=5.0)
+
+    source = _Candidate(SOURCE, path=fast, passed=True, stats=claimed)
+    slow_pick = _Candidate(BASELINE, path=slow, passed=True, stats=claimed)
+    chosen, gain, why = _confirm(spec, slow_pick, source, 1.05, "fastest", measurer, data, None)
+    assert chosen is source and gain == 1.0, why
+    assert "timed again" in why and "the model as given ships" in why
+    assert any("confirmed against" in n for n in slow_pick.notes)
+
+    source = _Candidate(SOURCE, path=slow, passed=True, stats=claimed)
+    fast_pick = _Candidate(BASELINE, path=fast, passed=True, stats=claimed)
+    chosen, gain, why = _confirm(spec, fast_pick, source, 1.02, "fastest", measurer, data, None)
+    assert chosen is fast_pick and gain > 3, why
+    assert "confirmed against fp32-source over 6 rounds" in why
+
+    untouched = _confirm(spec, fast_pick, source, 1.5, "fastest", measurer, data, None)
+    assert untouched == (fast_pick, 1.5, "fastest"), "a clear win is not timed twice"
