@@ -360,6 +360,8 @@ def compile_model(
             "tie_tolerance": spec.tie_tolerance,
             # Only when fewer threads are tried, so estimated compiles and older agents keep their key.
             **({"thread_counts": counts} if (counts := thread_counts(spec, target, chosen_measurer)) else {}),
+            # Only where a close call is timed again (see _confirm): a build picked without it is re-decided.
+            **({"confirm_below": CONFIRM_BELOW} if isinstance(chosen_measurer, LocalMeasurer) else {}),
             # Only with --retrain, so every other compile keeps the key it had.
             **({"retrain": spec.retrain.describe(train_set)} if spec.retrain and train_set else {}),
         }
