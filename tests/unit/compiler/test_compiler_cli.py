@@ -370,3 +370,31 @@ def test_a_close_call_is_timed_again_against_the_source_before_it_ships(tmp_path
 
     untouched = _confirm(spec, fast_pick, source, 1.5, "fastest", measurer, data, None)
     assert untouched == (fast_pick, 1.5, "fastest"), "a clear win is not timed twice"
+
+
+def test_candidate_table_says_why_each_build_did_not_ship() -> None:
+    from edgefleet.controller.cli.compile import candidate_table
+    from edgefleet.controller.compiler.api import CompileReport
+
+    def row(recipe: str, **kw: object) -> dict[str, object]:
+        return {"recipe": recipe, "runtime": "onnxruntime", "latency_ms": 1.0, "size_bytes": 2000,
+                "passed_gate": True, "metric_score": 0.999, "notes": [], **kw}
+
+    report = CompileReport.from_dict({
+        "artifact": "", "chosen": "fp32-source", "why": "", "baseline": {}, "result": {}, "speedup": 1.0,
+        "size_ratio": 1.0, "target": {}, "gate": {"metric": "cosine"}, "latency": {}, "toolchain": {},
+        "cache_key": "", "source": {},
+        "candidates": [
+            row("fp32-source"),
+            row("int8-qdq", passed_gate=False),
+            row("ov-fp32-fp16w", notes=["confirmed against fp32-source over 30 rounds: x0.91 (search: x1.04)"]),
+            row("fp16"),
+            row("ov-bf16", latency_ms=None, notes=["not measured on local:vm: it did not load here"]),
+        ],
+    })
+    verdicts = {line.split()[0]: line for line in candidate_table(report).splitlines()[1:]}
+    assert verdicts["fp32-source"].endswith("CHOSEN")
+    assert verdicts["int8-qdq"].endswith("failed the gate")
+    assert "picked, then slower when confirmed against fp32-source over 30 rounds: x0.91" in verdicts["ov-fp32-fp16w"]
+    assert verdicts["fp16"].endswith("slower")
+    assert verdicts["ov-bf16"].endswith("it did not load here")
