@@ -856,9 +856,9 @@ def _confirm(
     """Second look at a close call. The search timed every candidate in the same rounds, so a small
     gain (or a "smaller at par" pick) rests on a few per-round ratios among many builds. Here the pick
     and the model as given are timed again, just the two, on twice the rounds. When that shows the pick
-    slower than the source by more than the tie tolerance, the source ships instead, and the report
-    says so; otherwise the pick ships with the confirmed figure. Only on this machine: a device's
-    timing costs a round trip, and an estimate is no measurement."""
+    slower than the source by more than the tie tolerance (or PAR_FLOOR_MS), the source ships instead,
+    and the report says so; otherwise the pick ships with the confirmed figure. Only on this machine:
+    a device's timing costs a round trip, and an estimate is no measurement."""
     if (
         chosen is reference or not isinstance(measurer, LocalMeasurer) or gain >= CONFIRM_BELOW
         or not reference.passed or reference.path is None or chosen.path is None
@@ -878,7 +878,10 @@ def _confirm(
         f"confirmed against {reference.recipe.name} over {again.rounds} rounds: x{confirmed:.2f} (search: x{gain:.2f})"
     )
     chosen.notes.append(note)
-    if confirmed * (1 + spec.tie_tolerance) < 1:
+    # Slower by more than the tie tolerance, or than PAR_FLOOR_MS per inference where that is more:
+    # the same "as fast" the smaller-at-par rule allows, so a pick that rule made is not undone by it.
+    ref_ms = stats[reference.path].median_ms
+    if ref_ms * (1 / max(confirmed, 1e-9) - 1) > max(spec.tie_tolerance * ref_ms, PAR_FLOOR_MS):
         reference.notes.append(f"ships instead of {chosen.recipe.name}: {note}")
         return reference, 1.0, (
             f"{why}; but timed again alone with {reference.recipe.name} over {again.rounds} rounds, "

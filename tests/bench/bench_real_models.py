@@ -20,8 +20,9 @@ then checks the shipped build itself, independently of the compiler's report:
   rounds in this process, median of per-round ratios; a second session of the original, timed in the
   same rounds ("control"), shows what no change measures as, i.e. the noise to read a speedup against;
   "compile x" is the compiler's own figure for the same pair (its report's speedup), which a noisy
-  machine can read differently; "opts" is the ONNX original on the agent's serving options (its pool spin-waits 1 ms after a run,
-  not ~45 ms) against onnxruntime's defaults, the part of a speedup the session options alone give;
+  machine can read differently; "opts" is the ONNX original on the agent's serving options (its pool
+  spin-waits 1 ms after a run, not ~45 ms) against onnxruntime's defaults, the part of a speedup the
+  session options alone give;
 - size ratio: original bytes / every shipped payload file's bytes.
 
 Targets (reported, never asserted: benchmarks fail only on errors): geomean speedup >= 1.8x, no model

@@ -398,3 +398,32 @@ def test_candidate_table_says_why_each_build_did_not_ship() -> None:
     assert "picked, then slower when confirmed against fp32-source over 30 rounds: x0.91" in verdicts["ov-fp32-fp16w"]
     assert verdicts["fp16"].endswith("slower")
     assert verdicts["ov-bf16"].endswith("it did not load here")
+
+
+@pytest.mark.parametrize(("source_ms", "pick_ms", "kept"), [
+    (1.0, 1.02, True),      # within the 3% tie tolerance
+    (1.0, 1.05, False),     # 5% slower: the source ships
+    (0.008, 0.009, True),   # 1 us on an 8 us model: under PAR_FLOOR_MS, as fast (the smaller-at-par rule's own)
+    (0.008, 0.016, False),  # 8 us slower: over it
+])
+def test_the_second_timing_uses_the_same_as_fast_as_the_smaller_at_par_rule(
+    tmp_path: Path, monkeypatch, source_ms: float, pick_ms: float, kept: bool  # type: ignore[no-untyped-def]
+) -> None:
+    from edgefleet.controller.compiler.api import _Candidate, _confirm
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.measure import LatencyStats, LocalMeasurer
+    from edgefleet.controller.compiler.recipes import BASELINE, SOURCE
+
+    src, pick = tmp_path / "src.onnx", tmp_path / "pick.onnx"
+    timings = {src: source_ms, pick: pick_ms}
+
+    def fake(self, paths, inputs, runtimes=None):  # type: ignore[no-untyped-def]
+        return {p: LatencyStats(timings[p], timings[p], timings[p], 6, "local", rounds_ms=(timings[p],) * 6)
+                for p in paths}
+
+    monkeypatch.setattr(LocalMeasurer, "measure", fake)
+    source = _Candidate(SOURCE, path=src, passed=True)
+    chosen_in = _Candidate(BASELINE, path=pick, passed=True)
+    chosen, _, why = _confirm(CompileSpec(model=src), chosen_in, source, 1.0, "smaller at par",
+                              LocalMeasurer(rounds=3), Dataset({}, {}, "test"), None)
+    assert (chosen is chosen_in) is kept, why
