@@ -268,8 +268,8 @@ def candidate_table(report: CompileReport) -> str:
             verdict = "CHOSEN"
         elif latency is None:
             verdict = "; ".join(n for n in row.get("notes", []) if n.startswith("not measured")) or "not measured"
-        elif again := next((n for n in row.get("notes", []) if n.startswith("confirmed against")), None):
-            verdict = f"picked, then slower when {again}"  # the close-call check sent it back
+        elif again := next((n for n in row.get("notes", []) if n.startswith("timed again")), None):
+            verdict = f"sent back, {again}"  # the close-call check (compiler _confirm) found it slower
         else:
             verdict = "slower"
         rows.append([

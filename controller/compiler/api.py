@@ -874,9 +874,8 @@ def _confirm(
     if reference.path not in stats or chosen.path not in stats:
         return chosen, gain, why
     confirmed = paired_speedup(stats[reference.path], stats[chosen.path])
-    note = (
-        f"confirmed against {reference.recipe.name} over {again.rounds} rounds: x{confirmed:.2f} (search: x{gain:.2f})"
-    )
+    note = f"timed again with {reference.recipe.name} over {again.rounds} rounds: x{confirmed:.2f}"
+    note += f" (search: x{gain:.2f})"
     chosen.notes.append(note)
     # Slower by more than the tie tolerance, or than PAR_FLOOR_MS per inference where that is more:
     # the same "as fast" the smaller-at-par rule allows, so a pick that rule made is not undone by it.
@@ -885,7 +884,7 @@ def _confirm(
         reference.notes.append(f"ships instead of {chosen.recipe.name}: {note}")
         return reference, 1.0, (
             f"{why}; but timed again alone with {reference.recipe.name} over {again.rounds} rounds, "
-            f"{chosen.recipe.name} was x{confirmed:.2f} of its speed, so the model as given ships"
+            f"{chosen.recipe.name} was x{confirmed:.2f} of its speed, so {reference.recipe.name} ships"
         )
     return chosen, confirmed, f"{why}; {note}"
 

@@ -359,14 +359,14 @@ def test_a_close_call_is_timed_again_against_the_source_before_it_ships(tmp_path
     slow_pick = _Candidate(BASELINE, path=slow, passed=True, stats=claimed)
     chosen, gain, why = _confirm(spec, slow_pick, source, 1.05, "fastest", measurer, data, None)
     assert chosen is source and gain == 1.0, why
-    assert "timed again" in why and "the model as given ships" in why
-    assert any("confirmed against" in n for n in slow_pick.notes)
+    assert "timed again" in why and "so fp32-source ships" in why
+    assert any(n.startswith("timed again with fp32-source") for n in slow_pick.notes)
 
     source = _Candidate(SOURCE, path=slow, passed=True, stats=claimed)
     fast_pick = _Candidate(BASELINE, path=fast, passed=True, stats=claimed)
     chosen, gain, why = _confirm(spec, fast_pick, source, 1.02, "fastest", measurer, data, None)
     assert chosen is fast_pick and gain > 3, why
-    assert "confirmed against fp32-source over 6 rounds" in why
+    assert "timed again with fp32-source over 6 rounds" in why
 
     untouched = _confirm(spec, fast_pick, source, 1.5, "fastest", measurer, data, None)
     assert untouched == (fast_pick, 1.5, "fastest"), "a clear win is not timed twice"
@@ -387,7 +387,7 @@ def test_candidate_table_says_why_each_build_did_not_ship() -> None:
         "candidates": [
             row("fp32-source"),
             row("int8-qdq", passed_gate=False),
-            row("ov-fp32-fp16w", notes=["confirmed against fp32-source over 30 rounds: x0.91 (search: x1.04)"]),
+            row("ov-fp32-fp16w", notes=["timed again with fp32-source over 30 rounds: x0.91 (search: x1.04)"]),
             row("fp16"),
             row("ov-bf16", latency_ms=None, notes=["not measured on local:vm: it did not load here"]),
         ],
@@ -395,7 +395,7 @@ def test_candidate_table_says_why_each_build_did_not_ship() -> None:
     verdicts = {line.split()[0]: line for line in candidate_table(report).splitlines()[1:]}
     assert verdicts["fp32-source"].endswith("CHOSEN")
     assert verdicts["int8-qdq"].endswith("failed the gate")
-    assert "picked, then slower when confirmed against fp32-source over 30 rounds: x0.91" in verdicts["ov-fp32-fp16w"]
+    assert "sent back, timed again with fp32-source over 30 rounds: x0.91" in verdicts["ov-fp32-fp16w"]
     assert verdicts["fp16"].endswith("slower")
     assert verdicts["ov-bf16"].endswith("it did not load here")
 
