@@ -879,8 +879,7 @@ def _confirm(
     chosen.notes.append(note)
     # Slower by more than the tie tolerance, or than PAR_FLOOR_MS per inference where that is more:
     # the same "as fast" the smaller-at-par rule allows, so a pick that rule made is not undone by it.
-    ref_ms = stats[reference.path].median_ms
-    if ref_ms * (1 / max(confirmed, 1e-9) - 1) > max(spec.tie_tolerance * ref_ms, PAR_FLOOR_MS):
+    if not _as_fast(spec, stats[reference.path].median_ms, confirmed):
         reference.notes.append(f"ships instead of {chosen.recipe.name}: {note}")
         return reference, 1.0, (
             f"{why}; but timed again alone with {reference.recipe.name} over {again.rounds} rounds, "
@@ -897,6 +896,12 @@ SMALLER_AT_PAR = 0.8
 PAR_FLOOR_MS = 0.005
 
 
+def _as_fast(spec: CompileSpec, ref_ms: float, speedup: float) -> bool:
+    """"As fast" as a build taking ``ref_ms``, for one ``speedup`` over it: at most the tie tolerance
+    or PAR_FLOOR_MS per inference slower, whichever allows more."""
+    return ref_ms * (1 / max(speedup, 1e-9) - 1) <= max(spec.tie_tolerance * ref_ms, PAR_FLOOR_MS)
+
+
 def _smaller_at_par(
     spec: CompileSpec, plain: _Candidate, passed: list[_Candidate]
 ) -> tuple[_Candidate, str] | None:
@@ -906,18 +911,12 @@ def _smaller_at_par(
     if plain.path is None or plain.stats is None:
         return None
     plain_stats, plain_size = plain.stats, build_size(plain.path)
-    allowed_ms = max(spec.tie_tolerance * plain_stats.median_ms, PAR_FLOOR_MS)
-
-    def extra_ms(c: _Candidate) -> float:
-        assert c.stats is not None
-        return plain_stats.median_ms * (1 / paired_speedup(plain_stats, c.stats) - 1)
-
     at_par = [
         c for c in passed
         if c is not plain and c.path is not None and c.stats is not None
         and c.recipe.name != "fp32-source"
         and build_size(c.path) <= SMALLER_AT_PAR * plain_size
-        and extra_ms(c) <= allowed_ms
+        and _as_fast(spec, plain_stats.median_ms, paired_speedup(plain_stats, c.stats))
     ]
     if not at_par:
         return None
