@@ -6,6 +6,7 @@ an unreachable server fails the test with how to start one, it never skips.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,20 +20,28 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def store_url() -> Iterator[str]:
-    """A postgresql:// URL whose connections use a fresh schema (options=-csearch_path=...), dropped afterwards."""
+def store_url(procs: list[Proc]) -> Iterator[str]:
+    """A postgresql:// URL whose connections use a fresh schema (options=-csearch_path=...), dropped afterwards.
+
+    The schema is dropped only after every process the test started has stopped: a controller still
+    writing while DROP SCHEMA takes its locks deadlocks with it."""
     assert POSTGRES_DSN.startswith(("postgresql://", "postgres://")), "EDGEFLEET_TEST_POSTGRES must be a URL here"
-    try:
-        with postgres_schema("edgefleet_it") as url:
+    with contextlib.ExitStack() as dropped_last:
+        try:
+            url = dropped_last.enter_context(postgres_schema("edgefleet_it"))
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            pytest.fail(
+                f"PostgreSQL is not reachable at {POSTGRES_DSN} ({reason}): start it (`sudo service postgresql "
+                "start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15`) "
+                "or set EDGEFLEET_TEST_POSTGRES to a reachable postgresql:// URL",
+                pytrace=False,
+            )
+        try:
             yield url
-    except psycopg.OperationalError as exc:  # pytest never throws the test's own errors in here
-        reason = str(exc).strip().splitlines()[0]
-        pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_DSN} ({reason}): start it (`sudo service postgresql start`, "
-            "or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15`) "
-            "or set EDGEFLEET_TEST_POSTGRES to a reachable postgresql:// URL",
-            pytrace=False,
-        )
+        finally:
+            for proc in reversed(procs):
+                proc.stop(timeout_s=5)
 
 
 def online_ids(controller: ControllerProc) -> set[str]:
