@@ -203,6 +203,7 @@ def compile_command(
     kind = "estimated" if report.latency.get("estimated") else "measured"
     runtime = report.result.get("runtime", "")
     click.echo(f"chosen: {report.chosen} on {runtime}  ({report.why})")
+    kind += ", timed again side by side" if res.get("timed_again") else ""
     click.echo(
         f"latency ({kind}): {base['latency_ms']:.3f} ms -> {res['latency_ms']:.3f} ms  speedup {report.speedup:.2f}x"
     )

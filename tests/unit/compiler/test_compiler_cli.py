@@ -367,6 +367,10 @@ def test_a_close_call_is_timed_again_against_the_source_before_it_ships(tmp_path
     chosen, gain, why = _confirm(spec, fast_pick, source, 1.02, "fastest", measurer, data, None)
     assert chosen is fast_pick and gain > 3, why
     assert "timed again with fp32-source over 6 rounds" in why
+    # The pair's second timing replaces the search's claimed 1.0 ms for both, so latencies match the gain.
+    assert fast_pick.timed_again is not None and source.timed_again is not None
+    assert source.timed_again.median_ms / fast_pick.timed_again.median_ms > 3
+    assert fast_pick.stats is claimed, "the candidate rows keep the search's figures"
 
     untouched = _confirm(spec, fast_pick, source, 1.5, "fastest", measurer, data, None)
     assert untouched == (fast_pick, 1.5, "fastest"), "a clear win is not timed twice"
