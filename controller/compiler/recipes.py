@@ -167,8 +167,8 @@ def _ov(name: str, steps: tuple[Step, ...], precision: str, hint: str | None, de
     return Recipe(name, steps, precision, runtime=RuntimeChoice("openvino", device, hint), **extra)
 
 
-_OV_IR = step("openvino_convert", compress_to_fp16=False)
-_OV_IR16 = step("openvino_convert", compress_to_fp16=True)
+_OV_IR = step("openvino_convert", compress_to_fp16=False, keep_tflite=True)
+_OV_IR16 = step("openvino_convert", compress_to_fp16=True, keep_tflite=True)
 _OV_INT8 = step("openvino_int8")
 _OV_INT8_AC = step("openvino_int8", accuracy_control=True)
 

@@ -7,7 +7,11 @@ opsets and fuse on their own when the device compiles the model.
   fixed, and with ``compress_to_fp16`` every float weight is stored as fp16 behind a Cast, the
   pattern OpenVINO itself writes for compressed weights. An IR would hold the same weights plus an
   XML graph that, for a small CNN, outweighs them (0.59 MB of ONNX became 0.75 MB of fp16 IR).
-- A TFLite source is saved as IR (.xml + .bin), with fp16 weights under ``compress_to_fp16``.
+- A TFLite source is saved as IR (.xml + .bin), with fp16 weights under ``compress_to_fp16``,
+  unless that IR is no smaller than the TFLite file and no input shape had to be fixed: then the
+  TFLite file itself ships and OpenVINO's TFLite frontend reads it on the device, the same graph.
+  MediaPipe-style models keep fp16 weights behind DEQUANTIZE, and their IR's XML alone outweighs
+  the whole TFLite file (0.32 MB of TFLite became 0.69 MB of IR).
 
 Either way the device decompresses fp16 weights to its inference precision at load, so accuracy and
 speed follow the precision hint, not the file. A model OpenVINO cannot read (a custom op) fails this
@@ -16,11 +20,13 @@ pass, which drops only the OpenVINO candidates.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgefleet.controller.compiler.passes import Pass, PassContext, PassError, param
+from edgefleet.controller.compiler.runner import build_files, build_size
 
 
 class OpenVinoConvert(Pass["OpenVinoConvert.Params"]):
@@ -29,6 +35,7 @@ class OpenVinoConvert(Pass["OpenVinoConvert.Params"]):
     @dataclass(frozen=True)
     class Params:
         compress_to_fp16: bool = param(False, "store float weights as fp16 in the IR (smaller on disk)")
+        keep_tflite: bool = param(True, "ship a TFLite source as it is when its IR would be no smaller")
 
     def run(self, model: Path, ctx: PassContext) -> Path:
         import openvino as ov
@@ -56,6 +63,15 @@ class OpenVinoConvert(Pass["OpenVinoConvert.Params"]):
             ov_model.reshape(shapes)
         out = ctx.new_path("openvino-fp16w" if self.params.compress_to_fp16 else "openvino", ".xml")
         ov.save_model(ov_model, str(out), compress_to_fp16=self.params.compress_to_fp16)
+        ir_bytes, tflite_bytes = build_size(out), model.stat().st_size
+        if self.params.keep_tflite and not shapes and ir_bytes >= tflite_bytes:
+            for part in build_files(out):
+                part.unlink()
+            shipped = ctx.new_path("openvino-tflite", ".tflite")
+            shutil.copyfile(model, shipped)  # never the user's own file: the chosen build is moved
+            ctx.notes.append(f"the TFLite file ships as it is, read by OpenVINO on the device "
+                             f"(its IR would be {ir_bytes} bytes, the TFLite is {tflite_bytes})")
+            return shipped
         if self.params.compress_to_fp16:
             ctx.notes.append("IR weights stored as fp16")
         return out

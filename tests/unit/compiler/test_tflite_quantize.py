@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +384,33 @@ def test_mediapipe_transpose_conv_bias_becomes_the_builtin_openvino_reads(tmp_pa
     got = np.asarray(next(iter(compiled.create_infer_request().infer({0: x}).values())))
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert builtin_copy(out, tmp_path / "again.tflite") == (out, 0)
+
+
+
+def test_openvino_ships_a_tflite_source_as_it_is_when_its_ir_is_no_smaller(
+    tmp_path: Path, fp16_mlp: dict[str, Any]
+) -> None:
+    """An IR is an XML graph plus the weights. For a model whose graph outweighs its weights (small
+    MediaPipe models with fp16 weights: 0.32 MB of TFLite became 0.69 MB of IR) the TFLite file ships
+    instead, a copy (the chosen build is moved), and OpenVINO reads it on the device."""
+    pytest.importorskip("openvino")
+    from edgefleet.controller.compiler.passes.openvino_convert import OpenVinoConvert
+    from edgefleet.controller.compiler.runner import RuntimeChoice, build_size
+
+    small = tiny_models.tflite_mlp(tmp_path / "small.tflite", din=8, dhidden=8, dout=4)
+    ir = OpenVinoConvert(keep_tflite=False).run(small, _ctx(tmp_path, None))
+    assert ir.suffix == ".xml" and build_size(ir) > small.stat().st_size, "the case this test is about"
+    ctx = _ctx(tmp_path, None)
+    kept = OpenVinoConvert(compress_to_fp16=True).run(small, ctx)
+    assert kept.suffix == ".tflite" and kept != small and small.is_file()
+    assert kept.read_bytes() == small.read_bytes()
+    assert any("TFLite file ships as it is" in n for n in ctx.notes), ctx.notes
+    x = np.random.default_rng(1).random((4, 8)).astype(np.float32)
+    litert, ov = ModelRunner(small, 1), ModelRunner(kept, 1, runtime=RuntimeChoice("openvino", "CPU", "f32"))
+    for i in range(len(x)):
+        want, got = litert.run({"x": x[i : i + 1]}), ov.run({"x": x[i : i + 1]})
+        np.testing.assert_allclose(next(iter(got.values())), next(iter(want.values())), rtol=1e-4, atol=1e-5)
+    # A fixed input shape needs the IR: the file OpenVINO would read on the device has the old one.
+    assert OpenVinoConvert().run(small, replace(ctx, input_shapes={"x": (2, 8)})).suffix == ".xml"
+    # Where the IR is the smaller file (weights that fp16 halves), the IR ships.
+    assert OpenVinoConvert(compress_to_fp16=True).run(fp16_mlp["float"], _ctx(tmp_path, None)).suffix == ".xml"
