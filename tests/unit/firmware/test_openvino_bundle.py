@@ -1,4 +1,4 @@
-"""An OpenVINO build as a bundle: two payload files (IR .xml + .bin), verified, self-tested, served."""
+"""An OpenVINO build as a bundle (IR .xml + .bin, or a TFLite file OpenVINO reads): verified, self-tested, served."""
 
 from __future__ import annotations
 
@@ -134,3 +134,36 @@ def test_device_in_the_loop_times_a_candidate_on_the_threads_it_asks_for(
     assert opened == [2, 1, 2]
     assert [t.runtime for t in timings] == ["openvino:CPU/f32", "openvino:CPU/f32 x1 threads",
                                             "openvino:CPU/f32 x2 threads"]
+
+
+def test_an_openvino_bundle_of_a_tflite_file_installs_self_tests_and_serves(tmp_path: Path, signing_key) -> None:
+    """The compiler ships a TFLite model as it is when its IR would be bigger; OpenVINO reads it here."""
+    from tests.models.tiny_models import tflite_mlp
+
+    model = tflite_mlp(tmp_path / "model.tflite", din=8, dhidden=8, dout=4)
+    x = np.linspace(0, 1, 8, dtype=np.float32).reshape(1, 8)
+    io, self_test = describe_openvino_model(model, {"x": x}, inference_precision="f32")
+    spec = BundleSpec(
+        name="mlp", version=1, hardware_class=HARDWARE_CLASS, model_file="model.tflite",
+        payload={"model.tflite": model}, io=io, self_test=self_test,
+        runtime=RuntimeSpec(name="openvino", execution_provider="", device="CPU", inference_precision="f32",
+                            version=ov.get_version()),
+        provenance={"recipe": "ov-fp32"}, created_at=time.time(), expires_at=time.time() + 3600,
+    )
+    state = tmp_path / "device"
+    installer = Installer(state, [signing_key.public_key()], hardware_class=HARDWARE_CLASS,
+                          policy=InstallPolicy(probation_inferences=2))
+    outcome = installer.install(FileSource(build_bundle(spec, signing_key, tmp_path / "mlp.efb")))
+    assert outcome.result == "committed", outcome
+    active = active_model(state)
+    assert active is not None and active.model_path.suffix == ".tflite"
+    loaded = load_model(active.model_path, active.manifest, threads=1)
+    assert loaded.runtime == "openvino:CPU/f32" and loaded.fallback == ""
+    from ai_edge_litert.interpreter import Interpreter
+
+    litert = Interpreter(model_path=str(model))
+    litert.allocate_tensors()
+    litert.set_tensor(litert.get_input_details()[0]["index"], x)
+    litert.invoke()
+    want = litert.get_tensor(litert.get_output_details()[0]["index"])
+    np.testing.assert_allclose(next(iter(loaded.run({"x": x}).values())), want, rtol=1e-4, atol=1e-5)
