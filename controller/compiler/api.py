@@ -10,6 +10,7 @@ marked estimated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from edgefleet.controller.compiler.measure import (
 )
 from edgefleet.controller.compiler.model_io import SourceModel, load_source, sha256_file
 from edgefleet.controller.compiler.passes import GateProbe, GateResult, PassContext, PassError, check_pass, load_pass
-from edgefleet.controller.compiler.recipes import Recipe, recipes_for
+from edgefleet.controller.compiler.recipes import BASELINE, SOURCE, TFLITE_BASELINE, Recipe, recipes_for
 from edgefleet.controller.compiler.retrain import RetrainedModel, RetrainSpec
 from edgefleet.controller.compiler.runner import ModelRunner, RuntimeChoice, build_files, build_size, move_build
 from edgefleet.controller.compiler.target import TargetSpec
@@ -183,6 +184,16 @@ def _compressed_size(path: Path) -> int:
     About 1 s for a 40 MB fp32 model; zlib lets go of the GIL, so compile_model works it out on
     a thread while it builds the next candidate and while candidates are timed on a device."""
     return sum(len(zlib.compress(p.read_bytes(), 6)) for p in build_files(path))
+
+
+_REFERENCES = frozenset((BASELINE.name, SOURCE.name, TFLITE_BASELINE.name))
+
+
+def _build_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for part in build_files(path):
+        digest.update(part.read_bytes())
+    return digest.hexdigest()
 
 
 def _say(progress: Progress | None, message: str) -> None:
@@ -542,6 +553,10 @@ def _build_candidates(
     shared.mkdir()
     candidates: list[_Candidate] = []
     by_name: dict[str, _Candidate] = {}
+    # (bytes of the build, its runtime) -> the candidate that built it first: two recipes that end in
+    # the same file on the same runtime (fp16 weights of a model whose weights were fp16 already) are
+    # one build, gated and timed once.
+    built: dict[tuple[str, RuntimeChoice], str] = {}
     int8_failed = int8_passed = False
     probe: GateProbe | None = None
     for index, recipe in enumerate(recipes, start=1):
@@ -592,6 +607,9 @@ def _build_candidates(
         try:
             path = _run_steps(recipe, source, target, ctx, prefixes, shared, cand_dir)
             final = move_build(path, work / f"{index:02d}-{recipe.name}{path.suffix}", copy=True)
+            same = built.setdefault((_build_digest(final), recipe.runtime), recipe.name)
+            if same != recipe.name and recipe.name not in _REFERENCES:  # the references are always timed
+                raise PassError(f"skipped: the same build as {same}")
             cand.path = final
             cand.compressed = sizes.submit(_compressed_size, final)
             result = judge.evaluate(final, recipe.runtime)

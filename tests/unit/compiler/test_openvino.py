@@ -97,6 +97,28 @@ def test_openvino_build_is_chosen_when_it_measures_faster(tmp_path: Path, mlp: d
     np.testing.assert_allclose(next(iter(got.values())), next(iter(ref.values())), rtol=1e-2, atol=1e-3)
 
 
+def test_a_tflite_model_ships_as_it_is_on_openvino_and_an_identical_build_is_timed_once(tmp_path: Path) -> None:
+    """A small TFLite model's IR outweighs it, with or without fp16 weights: both OpenVINO recipes end
+    in the TFLite file itself, so the second is the same build and is neither gated nor timed again."""
+    from tests.models.tiny_models import tflite_mlp
+
+    model = tflite_mlp(tmp_path / "small.tflite", din=8, dhidden=8, dout=4)
+    out = tmp_path / "out"
+    report = compile_model(
+        CompileSpec(model=model, target=local_target(), out=out, recipes=("ov-fp32", "ov-fp32-fp16w")),
+        measurer=OpenVinoWinsMeasurer(),
+    )
+    rows = {r["recipe"]: r for r in report.candidates}
+    assert rows["ov-fp32"]["passed_gate"] and rows["ov-fp32"]["latency_ms"] == 1.0
+    assert rows["ov-fp32-fp16w"]["error"] == "skipped: the same build as ov-fp32"
+    assert rows["ov-fp32-fp16w"]["latency_ms"] is None and not rows["ov-fp32-fp16w"]["passed_gate"]
+    assert report.chosen == "ov-fp32" and report.runtime["name"] == "openvino"
+    assert (out / "model.tflite").read_bytes() == model.read_bytes() and not (out / "model.xml").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["file"] for f in manifest["artifact"]["files"]] == ["model.tflite"]
+    assert manifest["runtime"]["name"] == "openvino"
+
+
 def test_openvino_int8_by_nncf_is_gated_and_the_cache_key_names_the_runtime(
     tmp_path: Path, conv: dict[str, Path]
 ) -> None:
