@@ -251,6 +251,25 @@ def test_accuracy_control_runs_after_ov_int8_fails_and_is_gated_like_any_build(
     assert searched["passed_gate"] == (searched["metric_score"] >= 0.99999)
 
 
+def test_accuracy_control_stops_at_its_time_budget_and_says_so(tmp_path: Path, conv: dict[str, Path]) -> None:
+    """NNCF has no time limit (each step back ranks every op again: 9 min on PP-OCRv4 det); the pass
+    stops it at its budget with a one-line reason, and the compile carries on without it."""
+    import time
+
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.passes import GateProbe
+    from edgefleet.controller.compiler.passes.openvino_int8 import OpenVinoInt8
+
+    x = np.load(conv["calib"])["x"]
+    calib = Dataset({"x": x}, {}, "test")
+    probe = GateProbe(feeds=[{"x": x[i : i + 1]} for i in range(8)], score=lambda runs: 0.0, allowed_drop=0.01)
+    ctx = PassContext(target=local_target(), workdir=tmp_path, calib=calib, gate_probe=probe)
+    started = time.monotonic()
+    with pytest.raises(PassError, match=r"accuracy control stopped at its 0 s budget without reaching a drop"):
+        OpenVinoInt8(accuracy_control=True, time_budget_s=0.0).run(conv["model"], ctx)
+    assert time.monotonic() - started < 60
+
+
 def test_fp16_weights_halve_initializers_and_constant_nodes_and_keep_the_outputs() -> None:
     """Exported graphs keep weights as initializers or as Constant nodes (Paddle's exporter does the
     latter): both are stored as fp16 behind a Cast, and what overrides at run time stays fp32."""
