@@ -206,7 +206,7 @@ def _has_fp16(model: Any) -> bool:
 
 
 DeviceSubmit = Callable[
-    [str, Sequence[Path], Mapping[str, np.ndarray], Runtimes], Mapping[str, Mapping[str, float]]
+    [str, Sequence[Path], Mapping[str, np.ndarray], Runtimes], Mapping[str, Mapping[str, Any]]
 ]
 
 
@@ -244,6 +244,8 @@ class DeviceMeasurer:
                 int(row.get("samples", 0)),
                 self.measured_on,
                 method="agent serving session",
+                # Round by round, interleaved on the device: paired speedups, as on this machine.
+                rounds_ms=tuple(float(v) for v in row.get("rounds_ms", ())),
             )
         return out
 

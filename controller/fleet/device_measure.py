@@ -89,7 +89,8 @@ def candidate_for(artifacts: ArtifactStore, path: Path, runtime: Any | None) -> 
 
 
 def summarize(device_id: str, timing: fleet_pb2.CandidateTiming, runs: int) -> dict[str, Any]:
-    """Round means -> the compiler's {median_ms, p90_ms, min_ms, samples}."""
+    """Round means -> the compiler's {median_ms, p90_ms, min_ms, samples, rounds_ms}. The agent times
+    the candidates interleaved, round by round, so ``rounds_ms`` (in round order) pairs them."""
     if timing.error or not timing.latencies_ms:
         raise DeviceMeasurementFailed(f"device {device_id} could not time candidate {timing.name}: {timing.error}")
     values = sorted(timing.latencies_ms)
@@ -98,6 +99,7 @@ def summarize(device_id: str, timing: fleet_pb2.CandidateTiming, runs: int) -> d
         "p90_ms": values[min(len(values) - 1, int(0.9 * len(values)))],
         "min_ms": values[0],
         "samples": len(values) * runs,
+        "rounds_ms": list(timing.latencies_ms),
     }
 
 

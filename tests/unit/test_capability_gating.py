@@ -137,3 +137,18 @@ def test_no_thread_search_for_a_class_with_a_device_that_predates_it(tmp_path: P
     assert serves_build_threads(fleet(tmp_path / "new", {"d1": CAPABILITY_VERSION, "d2": CANDIDATE_THREADS}), CLASS)
     assert not serves_build_threads(fleet(tmp_path / "mixed", {"d1": CAPABILITY_VERSION,
                                                                "d2": CANDIDATE_THREADS - 1}), CLASS)
+
+
+def test_device_timings_keep_their_rounds_in_order_so_candidates_pair_by_round() -> None:
+    """The agent times candidates interleaved, round by round: the compiler pairs them like local ones."""
+    from edgefleet.controller.compiler.measure import DeviceMeasurer, paired_speedup
+    from edgefleet.controller.fleet.device_measure import summarize
+    from edgefleet.protos.v1 import fleet_pb2
+
+    # 5% faster in two rounds of three, one round hit by noise: the ratio of medians would read 0.70x.
+    base = fleet_pb2.CandidateTiming(name="c0", latencies_ms=[1.0, 2.0, 3.0])
+    pick = fleet_pb2.CandidateTiming(name="c1", latencies_ms=[0.95, 2.9, 2.85])
+    rows = {"a.onnx": summarize("d1", base, 10), "b.onnx": summarize("d1", pick, 10)}
+    assert rows["a.onnx"]["rounds_ms"] == [1.0, 2.0, 3.0] and rows["a.onnx"]["median_ms"] == 2.0
+    stats = DeviceMeasurer("d1", lambda *_: rows).measure([Path("a.onnx"), Path("b.onnx")], {})
+    assert abs(paired_speedup(stats[Path("a.onnx")], stats[Path("b.onnx")]) - 1 / 0.95) < 1e-9
