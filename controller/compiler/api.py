@@ -33,6 +33,7 @@ from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, spli
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
 from edgefleet.controller.compiler.measure import (
+    DeviceMeasurer,
     DeviceMeasurerFactory,
     EstimatedMeasurer,
     LatencyStats,
@@ -374,7 +375,7 @@ def compile_model(
             # Only when fewer threads are tried, so estimated compiles and older agents keep their key.
             **({"thread_counts": counts} if (counts := thread_counts(spec, target, chosen_measurer)) else {}),
             # Only where a close call is timed again (see _confirm): a build picked without it is re-decided.
-            **({"confirm_below": CONFIRM_BELOW} if isinstance(chosen_measurer, LocalMeasurer) else {}),
+            **({"confirm_below": CONFIRM_BELOW} if isinstance(chosen_measurer, LocalMeasurer | DeviceMeasurer) else {}),
             # Only with --retrain, so every other compile keeps the key it had.
             **({"retrain": spec.retrain.describe(train_set)} if spec.retrain and train_set else {}),
         }
@@ -875,26 +876,39 @@ def _confirm(
 ) -> tuple[_Candidate, float, str]:
     """Second look at a close call. The search timed every candidate in the same rounds, so a small
     gain (or a "smaller at par" pick) rests on a few per-round ratios among many builds. Here the pick
-    and the model as given are timed again, just the two, on twice the rounds. When that shows the pick
-    slower than the source by more than the tie tolerance (or PAR_FLOOR_MS), the source ships instead,
-    and the report says so; otherwise the pick ships with the confirmed figure. Only on this machine:
-    a device's timing costs a round trip, and an estimate is no measurement."""
+    and the reference are timed again, just the two: on this machine on twice the rounds, on a device
+    in a second measurement (one more round trip, only for a close call). When that shows the pick
+    slower than the reference by more than the tie tolerance (or PAR_FLOOR_MS), the reference ships
+    instead, and the report says so; otherwise the pick ships with the confirmed figure. An estimate is
+    no measurement: estimated compiles are not timed again."""
     if (
-        chosen is reference or not isinstance(measurer, LocalMeasurer) or gain >= CONFIRM_BELOW
+        chosen is reference or not isinstance(measurer, LocalMeasurer | DeviceMeasurer) or gain >= CONFIRM_BELOW
         or not reference.passed or reference.path is None or chosen.path is None
     ):
         return chosen, gain, why
-    again = LocalMeasurer(
-        threads=measurer.threads, rounds=2 * measurer.rounds, round_ms=measurer.round_ms, seed=measurer.seed + 1
-    )
-    _say(progress, f"confirming {chosen.recipe.name} against {reference.recipe.name} ({again.rounds} rounds)")
+    again: Measurer
+    if isinstance(measurer, LocalMeasurer):
+        again = LocalMeasurer(
+            threads=measurer.threads, rounds=2 * measurer.rounds, round_ms=measurer.round_ms, seed=measurer.seed + 1
+        )
+        where = f"over {again.rounds} rounds"
+    else:
+        again, where = measurer, f"on {measurer.measured_on}"
+    _say(progress, f"confirming {chosen.recipe.name} against {reference.recipe.name} ({where})")
     paths = [reference.path, chosen.path]
-    stats = again.measure(paths, gate_set.inputs, runtimes={p: c.recipe.runtime for p, c in
-                                                           ((reference.path, reference), (chosen.path, chosen))})
+    runtimes = {p: c.recipe.runtime for p, c in ((reference.path, reference), (chosen.path, chosen))}
+    try:
+        stats = again.measure(paths, gate_set.inputs, runtimes=runtimes)
+    except CompileError:
+        raise
+    except Exception as exc:  # a device that fails the second look (gone offline) leaves the first figure
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        chosen.notes.append(f"not timed again {where}: {detail}")
+        return chosen, gain, why
     if reference.path not in stats or chosen.path not in stats:
         return chosen, gain, why
     confirmed = paired_speedup(stats[reference.path], stats[chosen.path])
-    note = f"timed again with {reference.recipe.name} over {again.rounds} rounds: x{confirmed:.2f}"
+    note = f"timed again with {reference.recipe.name} {where}: x{confirmed:.2f}"
     note += f" (search: x{gain:.2f})"
     chosen.notes.append(note)
     # Slower by more than the tie tolerance, or than PAR_FLOOR_MS per inference where that is more:
@@ -902,7 +916,7 @@ def _confirm(
     if not _as_fast(spec, stats[reference.path].median_ms, confirmed):
         reference.notes.append(f"ships instead of {chosen.recipe.name}: {note}")
         return reference, 1.0, (
-            f"{why}; but timed again alone with {reference.recipe.name} over {again.rounds} rounds, "
+            f"{why}; but timed again alone with {reference.recipe.name} {where}, "
             f"{chosen.recipe.name} was x{confirmed:.2f} of its speed, so {reference.recipe.name} ships"
         )
     # The report's latencies for the pair then come from the same rounds as its speedup.

@@ -376,6 +376,46 @@ def test_a_close_call_is_timed_again_against_the_source_before_it_ships(tmp_path
     assert untouched == (fast_pick, 1.5, "fastest"), "a clear win is not timed twice"
 
 
+def test_a_device_timed_close_call_is_timed_again_on_the_device(tmp_path: Path) -> None:
+    """On a device the second look is a second measurement of the two builds; its rounds are paired
+    like local ones. A device that fails it leaves the first figure, with a note."""
+    from edgefleet.controller.compiler.api import _Candidate, _confirm
+    from edgefleet.controller.compiler.data import Dataset
+    from edgefleet.controller.compiler.measure import DeviceMeasurer, LatencyStats
+    from edgefleet.controller.compiler.recipes import BASELINE, SOURCE
+
+    ref_path, pick_path = tmp_path / "ref.onnx", tmp_path / "pick.onnx"
+    asked: list[list[str]] = []
+    pick_rounds = [1.2, 1.3, 1.2, 1.25, 1.2, 1.3, 1.2]  # slower than the reference in every round
+
+    def submit(device_id: str, paths, inputs, runtimes):  # type: ignore[no-untyped-def]
+        asked.append([Path(p).name for p in paths])
+        rows = {str(ref_path): [1.0] * 7, str(pick_path): pick_rounds}
+        return {str(p): {"median_ms": sorted(rows[str(p)])[3], "samples": 70, "rounds_ms": rows[str(p)]}
+                for p in paths}
+
+    claimed = LatencyStats(1.0, 1.0, 1.0, 7, "device:d1", rounds_ms=(1.0,) * 7)
+    data = Dataset({"x": np.ones((2, 4), np.float32)}, {}, "test")
+    spec = CompileSpec(model=ref_path)
+    source = _Candidate(SOURCE, path=ref_path, passed=True, stats=claimed)
+    pick = _Candidate(BASELINE, path=pick_path, passed=True, stats=claimed)
+    chosen, gain, why = _confirm(spec, pick, source, 1.06, "fastest", DeviceMeasurer("d1", submit), data, None)
+    assert asked == [["ref.onnx", "pick.onnx"]], "the reference first: the device must be able to run it"
+    assert chosen is source and gain == 1.0 and "timed again alone with fp32-source on device:d1" in why
+
+    pick_rounds[:] = [0.9] * 7
+    chosen, gain, why = _confirm(spec, pick, source, 1.06, "fastest", DeviceMeasurer("d1", submit), data, None)
+    assert chosen is pick and abs(gain - 1 / 0.9) < 1e-6 and "timed again with fp32-source on device:d1" in why
+
+    def offline(*_args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("device d1 did not answer the measurement (expired)")
+
+    kept = _Candidate(BASELINE, path=pick_path, passed=True, stats=claimed)
+    assert _confirm(spec, kept, source, 1.06, "fastest", DeviceMeasurer("d1", offline), data, None) == (
+        kept, 1.06, "fastest")
+    assert kept.notes == ["not timed again on device:d1: device d1 did not answer the measurement (expired)"]
+
+
 def test_candidate_table_says_why_each_build_did_not_ship() -> None:
     from edgefleet.controller.cli.compile import candidate_table
     from edgefleet.controller.compiler.api import CompileReport
