@@ -33,6 +33,7 @@ from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, spli
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
 from edgefleet.controller.compiler.measure import (
+    BUSY_SHARE,
     DeviceMeasurer,
     DeviceMeasurerFactory,
     EstimatedMeasurer,
@@ -785,6 +786,10 @@ def _measure(candidates: list[_Candidate], measurer: Measurer, gate_set: Dataset
     paths = [c.path for c in to_measure if c.path]
     runtimes = {c.path: c.recipe.runtime for c in to_measure if c.path}
     stats = measurer.measure(paths, gate_set.inputs, runtimes=runtimes)
+    busy = float(getattr(measurer, "busy_share", 0.0))  # LocalMeasurer: what others took of the CPU
+    if busy > BUSY_SHARE:
+        _say(progress, f"warning: other processes used {busy:.0%} of the CPU while the candidates were "
+                       "timed; the choice may be wrong: compile on an idle machine")
     for cand in to_measure:
         assert cand.path is not None
         cand.stats = stats.get(cand.path)

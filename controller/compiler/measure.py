@@ -61,6 +61,22 @@ class Measurer(Protocol):
         ...
 
 
+# Local timing assumes the machine is otherwise idle. When other processes (or, on a VM, the
+# hypervisor's steal) took more than this share of all cores while candidates were timed, the
+# figures can rank builds wrongly (a 1-thread build looks best while another job holds a core), and
+# the report says so.
+BUSY_SHARE = 0.25
+
+
+def _others_cpu_s(before: Any, after: Any, own_s: float) -> float:
+    """CPU seconds, over all cores, that something other than this process used between two
+    psutil.cpu_times() readings: busy time (steal included, iowait not) minus our own."""
+    def busy(t: Any) -> float:
+        return float(sum(t)) - float(t.idle) - float(getattr(t, "iowait", 0.0))
+
+    return max(0.0, busy(after) - busy(before) - own_s)
+
+
 class LocalMeasurer:
     """Interleaved, repeated, median timing on this machine with the agent's serving settings."""
 
@@ -79,6 +95,7 @@ class LocalMeasurer:
         self.warmup_runs = warmup_runs
         self.seed = seed
         self.measured_on = f"local:{socket.gethostname()}"
+        self.busy_share = 0.0  # of the last measure(): see BUSY_SHARE
 
     def cannot_measure(self, path: Path) -> str:
         return "it did not load here"
@@ -101,9 +118,13 @@ class LocalMeasurer:
             runner.run(feeds[path])
             one = max(time.perf_counter() - t0, 1e-6)
             reps[path] = int(min(max(1, (self.round_ms / 1000.0) / one), 2000))
+        import psutil
+
         per_run: dict[Path, list[float]] = {p: [] for p in runners}
         order = list(runners)
         rng = random.Random(self.seed)
+        me = psutil.Process()
+        cpu0, own0, wall0 = psutil.cpu_times(), me.cpu_times(), time.monotonic()
         for _ in range(self.rounds):
             rng.shuffle(order)  # interleave: machine noise hits every candidate alike
             for path in order:
@@ -116,6 +137,14 @@ class LocalMeasurer:
                     runner.run(feed)
                 per_run[path].append((time.perf_counter() - t0) * 1000.0 / k)
                 time.sleep(runner.settle_s())  # its pool's spin-wait must not be charged to the next
+        own1, wall = me.cpu_times(), max(time.monotonic() - wall0, 1e-6)
+        own_s = (own1.user - own0.user) + (own1.system - own0.system)
+        self.busy_share = _others_cpu_s(cpu0, psutil.cpu_times(), own_s) / (wall * (psutil.cpu_count() or 1))
+        busy = (
+            f"; other processes used {self.busy_share:.0%} of the CPU while timing, so these figures "
+            "may rank builds wrongly: compile on an idle machine"
+            if self.busy_share > BUSY_SHARE else ""
+        )
         out: dict[Path, LatencyStats] = {}
         for path, values in per_run.items():
             ordered = sorted(values)
@@ -125,7 +154,8 @@ class LocalMeasurer:
                 min_ms=ordered[0],
                 samples=len(ordered) * reps[path],
                 measured_on=self.measured_on,
-                method=f"interleaved: {self.rounds} shuffled rounds x {reps[path]} runs, median of round means",
+                method=f"interleaved: {self.rounds} shuffled rounds x {reps[path]} runs, median of round means"
+                + busy,
                 rounds_ms=tuple(values),
             )
         return out
