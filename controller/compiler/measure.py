@@ -70,9 +70,11 @@ BUSY_SHARE = 0.25
 
 def _others_cpu_s(before: Any, after: Any, own_s: float) -> float:
     """CPU seconds, over all cores, that something other than this process used between two
-    psutil.cpu_times() readings: busy time (steal included, iowait not) minus our own."""
+    psutil.cpu_times() readings: busy time (steal included, iowait not) minus our own. Linux counts
+    guest time inside user time already, so the guest fields are left out of the sum."""
     def busy(t: Any) -> float:
-        return float(sum(t)) - float(t.idle) - float(getattr(t, "iowait", 0.0))
+        left_out = ("idle", "iowait", "guest", "guest_nice")
+        return float(sum(t)) - sum(float(getattr(t, name, 0.0)) for name in left_out)
 
     return max(0.0, busy(after) - busy(before) - own_s)
 

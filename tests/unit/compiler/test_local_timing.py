@@ -14,12 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.controller.compiler.measure import BUSY_SHARE, LocalMeasurer, _others_cpu_s
 
-Times = namedtuple("Times", "user nice system idle iowait irq softirq steal")
+Times = namedtuple("Times", "user nice system idle iowait irq softirq steal guest guest_nice")
 
 
 def test_others_cpu_counts_busy_time_and_steal_but_not_our_own_or_iowait() -> None:
-    before = Times(10.0, 0.0, 5.0, 100.0, 1.0, 0.0, 0.0, 0.0)
-    after = Times(14.0, 0.0, 6.0, 101.0, 9.0, 0.0, 0.0, 2.0)  # +5 busy, +2 steal, +8 iowait, +1 idle
+    before = Times(10.0, 0.0, 5.0, 100.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    # +5 busy (1 of it guest time, which Linux counts in user too), +2 steal, +8 iowait, +1 idle
+    after = Times(14.0, 0.0, 6.0, 101.0, 9.0, 0.0, 0.0, 2.0, 1.0, 0.0)
     assert _others_cpu_s(before, after, own_s=3.0) == 4.0
     assert _others_cpu_s(before, after, own_s=99.0) == 0.0, "never below zero (clock granularity)"
 
