@@ -10,7 +10,6 @@ marked estimated.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,6 @@ from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, spli
 from edgefleet.controller.compiler.errors import CompileError
 from edgefleet.controller.compiler.gate import LABELS_KEY, Gate, fidelity, load_eval_fn
 from edgefleet.controller.compiler.measure import (
-    BUSY_SHARE,
     DeviceMeasurer,
     DeviceMeasurerFactory,
     EstimatedMeasurer,
@@ -189,13 +187,6 @@ def _compressed_size(path: Path) -> int:
 
 
 _REFERENCES = frozenset((BASELINE.name, SOURCE.name, TFLITE_BASELINE.name))
-
-
-def _build_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for part in build_files(path):
-        digest.update(part.read_bytes())
-    return digest.hexdigest()
 
 
 def _say(progress: Progress | None, message: str) -> None:
@@ -558,7 +549,7 @@ def _build_candidates(
     # (bytes of the build, its runtime) -> the candidate that built it first: two recipes that end in
     # the same file on the same runtime (fp16 weights of a model whose weights were fp16 already) are
     # one build, gated and timed once.
-    built: dict[tuple[str, RuntimeChoice], str] = {}
+    built: dict[tuple[tuple[str, ...], RuntimeChoice], str] = {}
     int8_failed = int8_passed = False
     probe: GateProbe | None = None
     for index, recipe in enumerate(recipes, start=1):
@@ -609,7 +600,8 @@ def _build_candidates(
         try:
             path = _run_steps(recipe, source, target, ctx, prefixes, shared, cand_dir)
             final = move_build(path, work / f"{index:02d}-{recipe.name}{path.suffix}", copy=True)
-            same = built.setdefault((_build_digest(final), recipe.runtime), recipe.name)
+            digest = tuple(sha256_file(part) for part in build_files(final))
+            same = built.setdefault((digest, recipe.runtime), recipe.name)
             if same != recipe.name and recipe.name not in _REFERENCES:  # the references are always timed
                 raise PassError(f"skipped: the same build as {same}")
             cand.path = final
@@ -786,10 +778,8 @@ def _measure(candidates: list[_Candidate], measurer: Measurer, gate_set: Dataset
     paths = [c.path for c in to_measure if c.path]
     runtimes = {c.path: c.recipe.runtime for c in to_measure if c.path}
     stats = measurer.measure(paths, gate_set.inputs, runtimes=runtimes)
-    busy = float(getattr(measurer, "busy_share", 0.0))  # LocalMeasurer: what others took of the CPU
-    if busy > BUSY_SHARE:
-        _say(progress, f"warning: other processes used {busy:.0%} of the CPU while the candidates were "
-                       "timed; the choice may be wrong: compile on an idle machine")
+    if isinstance(measurer, LocalMeasurer) and measurer.busy_note:
+        _say(progress, f"warning: {measurer.busy_note}")
     for cand in to_measure:
         assert cand.path is not None
         cand.stats = stats.get(cand.path)

@@ -98,6 +98,7 @@ class LocalMeasurer:
         self.seed = seed
         self.measured_on = f"local:{socket.gethostname()}"
         self.busy_share = 0.0  # of the last measure(): see BUSY_SHARE
+        self.busy_note = ""  # what the report and the compile's progress say when that is too much
 
     def cannot_measure(self, path: Path) -> str:
         return "it did not load here"
@@ -105,6 +106,8 @@ class LocalMeasurer:
     def measure(
         self, candidates: Sequence[Path], inputs: Mapping[str, np.ndarray], runtimes: Runtimes | None = None
     ) -> dict[Path, LatencyStats]:
+        import psutil
+
         from edgefleet.controller.compiler.runner import ModelRunner
 
         runtimes = runtimes or {}
@@ -120,8 +123,6 @@ class LocalMeasurer:
             runner.run(feeds[path])
             one = max(time.perf_counter() - t0, 1e-6)
             reps[path] = int(min(max(1, (self.round_ms / 1000.0) / one), 2000))
-        import psutil
-
         per_run: dict[Path, list[float]] = {p: [] for p in runners}
         order = list(runners)
         rng = random.Random(self.seed)
@@ -142,8 +143,8 @@ class LocalMeasurer:
         own1, wall = me.cpu_times(), max(time.monotonic() - wall0, 1e-6)
         own_s = (own1.user - own0.user) + (own1.system - own0.system)
         self.busy_share = _others_cpu_s(cpu0, psutil.cpu_times(), own_s) / (wall * (psutil.cpu_count() or 1))
-        busy = (
-            f"; other processes used {self.busy_share:.0%} of the CPU while timing, so these figures "
+        self.busy_note = (
+            f"other processes used {self.busy_share:.0%} of the CPU while timing, so these figures "
             "may rank builds wrongly: compile on an idle machine"
             if self.busy_share > BUSY_SHARE else ""
         )
@@ -157,7 +158,7 @@ class LocalMeasurer:
                 samples=len(ordered) * reps[path],
                 measured_on=self.measured_on,
                 method=f"interleaved: {self.rounds} shuffled rounds x {reps[path]} runs, median of round means"
-                + busy,
+                + (f"; {self.busy_note}" if self.busy_note else ""),
                 rounds_ms=tuple(values),
             )
         return out
