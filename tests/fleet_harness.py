@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,38 @@ from edgefleet.protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2, fleet_
 HEARTBEAT_S = 0.3
 
 
+# Ports handed out come from below the kernel's ephemeral range (32768-60999 by default), so an
+# outgoing connection made between picking a port and a daemon binding it cannot take it, and each
+# pytest-xdist worker draws from its own slice, so two workers never pick the same port.
+_PORT_LOW, _PORT_HIGH = 20000, 32768
+_handed_out: set[int] = set()
+
+
+def _port_slice() -> range:
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = (_PORT_HIGH - _PORT_LOW) // count
+    start = _PORT_LOW + (index % count) * width
+    return range(start, start + width)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A localhost port nothing listens on, not handed out before in this process."""
+    ports = _port_slice()
+    offset = random.randrange(len(ports))
+    for i in range(len(ports)):
+        port = ports[(offset + i) % len(ports)]
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free localhost port left in {ports.start}-{ports.stop - 1}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
