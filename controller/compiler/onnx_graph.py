@@ -35,6 +35,37 @@ def ensure_node_names(model: Any) -> Any:
     return model
 
 
+def flatten_gemm_bias(model: Any) -> int:
+    """Give each Gemm a 1-D bias where its C is a constant of shape (1, N), which onnxruntime's
+    MatMul+Add fusion writes. The result is the same (C broadcasts along M either way), but
+    onnxruntime's per-channel quantizer indexes the bias per output channel and fails on a 2-D one.
+    Returns how many biases were reshaped; an initializer shared with another node is copied."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        bias = inits[node.input[2]]
+        if len(bias.dims) != 2 or bias.dims[0] != 1:
+            continue
+        flat = numpy_helper.from_array(numpy_helper.to_array(bias).reshape(-1), bias.name)
+        if readers[bias.name] > 1:
+            flat.name = f"{bias.name}_1d_{changed}"
+            graph.initializer.append(flat)
+            node.input[2] = flat.name
+        else:
+            bias.CopyFrom(flat)
+        changed += 1
+    return changed
+
+
 def topological_sort(model: Any) -> Any:
     """Reorder nodes so producers come first; some converters append Cast nodes at the end."""
     graph = model.graph

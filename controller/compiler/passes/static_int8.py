@@ -138,6 +138,9 @@ class StaticInt8(Pass["StaticInt8.Params"]):
             f"calibrating {tag} ({p.calibration}, {'per-channel' if p.per_channel else 'per-tensor'}, "
             f"{act}/{wt}{', reduce_range' if rr else ''})"
         )
+        source = onnx_graph.load(model)
+        if onnx_graph.flatten_gemm_bias(source):
+            model = onnx_graph.save(source, ctx.new_path(f"{tag}-gemm-bias"))
         try:
             quantize_static(
                 str(model),

@@ -205,3 +205,23 @@ def test_a_source_the_runtime_cannot_run_is_one_clear_error(tmp_path: Path) -> N
     assert "\n" not in message
     assert "custom.onnx does not run on stock onnxruntime" in message and "custom op" in message
     assert not out.exists()
+
+
+def test_per_channel_int8_of_a_gemm_whose_bias_is_two_dimensional(tmp_path: Path, mlp: dict[str, Path]) -> None:
+    """onnxruntime's MatMul+Add fusion writes Gemm biases of shape (1, N); its per-channel quantizer
+    failed on them ("truth value of an array ... is ambiguous"), and the candidate with it."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(mlp["model"]))
+    for init in m.graph.initializer:
+        if init.name in ("b1", "b2"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(1, -1), init.name))
+    model = tmp_path / "mlp-2d-bias.onnx"
+    onnx.save(m, str(model))
+    ctx = ctx_for(tmp_path, VNNI, model, mlp["calib"])
+    out = run_chain([("static_int8", {"per_channel": True})], model, ctx)
+    assert "QuantizeLinear" in ops(out)
+    x = np.load(mlp["eval"])["x"][:64].astype(np.float32)
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.mean(ref.argmax(1) == got.argmax(1)) > 0.9
