@@ -225,3 +225,22 @@ def test_per_channel_int8_of_a_gemm_whose_bias_is_two_dimensional(tmp_path: Path
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.mean(ref.argmax(1) == got.argmax(1)) > 0.9
+
+
+def test_compute_ops_recipe_leaves_everything_else_in_float(tmp_path: Path, conv: dict[str, Path]) -> None:
+    from edgefleet.controller.compiler.recipes import recipes_for
+
+    def dequantized_inputs(name: str) -> set[str]:
+        """Op types that read a DequantizeLinear output: the ops the recipe quantized."""
+        recipe = next(r for r in recipes_for(VNNI, "onnx") if r.name == name)
+        ctx = ctx_for(tmp_path / name, VNNI, conv["model"], conv["calib"])
+        out = run_chain([(step, dict(params)) for step, params in recipe.steps], conv["model"], ctx)
+        graph = onnx.load(str(out)).graph
+        dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return {n.op_type for n in graph.node if set(n.input) & dq}
+
+    (tmp_path / "int8-qdq-perchannel-minmax").mkdir()
+    (tmp_path / "int8-qdq-perchannel-compute").mkdir()
+    assert "GlobalAveragePool" in dequantized_inputs("int8-qdq-perchannel-minmax")  # onnxruntime's default set
+    compute = dequantized_inputs("int8-qdq-perchannel-compute")
+    assert {"Conv", "Gemm"} <= compute and "GlobalAveragePool" not in compute, compute
