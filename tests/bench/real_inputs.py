@@ -223,6 +223,78 @@ def scene_samples(split: str, count: int, size: int = 320) -> dict[str, np.ndarr
     return {"images": np.stack([face_scene(rng, size).transpose(2, 0, 1) for _ in range(count)]).astype(np.float32)}
 
 
+# -- file contents (Magika) -----------------------------------------------------------------------
+MAGIKA_BLOCK, MAGIKA_PAD = 1024, 256
+
+
+def _file_contents(rng: np.random.Generator, words: Sequence[str], kind: str) -> bytes:
+    """One file of the given kind, made here: text formats written out, binary ones by their own
+    libraries (zlib, zipfile, Pillow, numpy), so each carries its real header and structure."""
+    import gzip
+    import io
+    import json
+    import zipfile
+
+    text = " ".join(_phrase(rng, words, int(rng.integers(4, 12))) for _ in range(int(rng.integers(5, 60))))
+    lines = [_phrase(rng, words, int(rng.integers(2, 8))) for _ in range(int(rng.integers(5, 80)))]
+    if kind == "txt":
+        return "\n".join(lines).encode()
+    if kind == "json":
+        return json.dumps({w: [int(rng.integers(0, 999)), w.upper()] for w in lines[:40]}, indent=2).encode()
+    if kind == "csv":
+        return "\n".join(",".join([str(i), *line.split()[:3], f"{rng.random():.3f}"])
+                         for i, line in enumerate(lines)).encode()
+    if kind == "html":
+        body = "".join(f"<p class=\"c{i % 3}\">{line}</p>\n" for i, line in enumerate(lines))
+        return f"<!DOCTYPE html>\n<html><head><title>{lines[0]}</title></head><body>\n{body}</body></html>\n".encode()
+    if kind == "python":
+        names = ["".join(c if c.isalnum() else "_" for c in w) for w in words]
+        funcs = [f"def {name}_{i}(x, y=1):\n    \"\"\"{line}.\"\"\"\n    return x * y + {i}\n"
+                 for i, (name, line) in enumerate(zip(names, lines, strict=False))]
+        return ("import os\nimport sys\n\n\n" + "\n\n".join(funcs[:20])).encode()
+    if kind == "gzip":
+        return gzip.compress(text.encode(), mtime=0)
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for i, line in enumerate(lines[:6]):
+                z.writestr(f"docs/{i}.txt", line * int(rng.integers(1, 20)))
+        return buf.getvalue()
+    if kind in ("png", "jpeg"):
+        from PIL import Image
+
+        img = Image.fromarray((render_page(rng, words, 64, 96)).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format=kind.upper())
+        return buf.getvalue()
+    if kind == "npy":
+        buf = io.BytesIO()
+        np.save(buf, rng.standard_normal((int(rng.integers(4, 64)), 8)).astype(np.float32))
+        return buf.getvalue()
+    raise ValueError(f"unknown file kind {kind!r}")
+
+
+FILE_KINDS = ("txt", "json", "csv", "html", "python", "gzip", "zip", "png", "jpeg", "npy")
+
+
+def magika_features(content: bytes) -> np.ndarray:
+    """Magika v3's model input for one file: the first and the last 1024 bytes after stripping
+    whitespace at both ends, padded with token 256 (the beginning at its end, the end at its start)."""
+    stripped = content.strip()
+    beg = list(stripped[:MAGIKA_BLOCK])
+    end = list(stripped[-MAGIKA_BLOCK:]) if stripped else []
+    beg += [MAGIKA_PAD] * (MAGIKA_BLOCK - len(beg))
+    end = [MAGIKA_PAD] * (MAGIKA_BLOCK - len(end)) + end
+    return np.asarray(beg + end, np.int32)
+
+
+def file_samples(split: str, count: int) -> dict[str, np.ndarray]:
+    """Files of ten kinds for Magika's content-type model: bytes [N, 2048] int32 (see magika_features)."""
+    rng, words = split_rng(split, 70), split_words(split)
+    kinds = [FILE_KINDS[i % len(FILE_KINDS)] for i in range(count)]
+    return {"bytes": np.stack([magika_features(_file_contents(rng, words, k)) for k in kinds])}
+
+
 # -- scenes with faces (TFLite vision) -----------------------------------------------------------
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
     return ((yy - cy) / max(ry, 1e-3)) ** 2 + ((xx - cx) / max(rx, 1e-3)) ** 2 <= 1.0

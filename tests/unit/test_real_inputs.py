@@ -103,3 +103,19 @@ def test_layout_orientation_and_scene_inputs_match_their_models_preprocessing() 
     scenes = ri.scene_samples("eval", 2)["images"]
     assert scenes.shape == (2, 3, 320, 320) and scenes.min() >= 0.0 and scenes.max() <= 1.0
     assert not np.array_equal(ri.scene_samples("calib", 1)["images"], scenes[:1]), "splits are disjoint"
+
+
+def test_magika_features_strip_and_pad_as_magika_does() -> None:
+    feat = ri.magika_features(b"  \n hello world \n\t")
+    assert feat.shape == (2048,) and feat.dtype == np.int32
+    assert bytes(feat[:11].tolist()) == b"hello world" and (feat[11:1024] == 256).all()
+    assert bytes(feat[-11:].tolist()) == b"hello world" and (feat[1024:-11] == 256).all()
+    assert (ri.magika_features(b"   ") == 256).all()  # nothing left after stripping: all padding
+    if importlib.util.find_spec("PIL") is None:  # Pillow (for the images) comes with the realmodels extra
+        return
+    data = ri.file_samples("eval", len(ri.FILE_KINDS))["bytes"]
+    assert data.shape == (len(ri.FILE_KINDS), 2048) and data.min() >= 0 and data.max() <= 256
+    starts = {kind: bytes(row[:4].tolist()) for kind, row in zip(ri.FILE_KINDS, data, strict=True)}
+    assert starts["gzip"][:2] == b"\x1f\x8b" and starts["zip"] == b"PK\x03\x04" and starts["png"] == b"\x89PNG"
+    assert starts["html"] == b"<!DO" and starts["npy"] == b"\x93NUM"
+    assert not np.array_equal(ri.file_samples("calib", 3)["bytes"], data[:3]), "splits are disjoint"
