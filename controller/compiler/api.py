@@ -555,9 +555,9 @@ def _build_candidates(
     for index, recipe in enumerate(recipes, start=1):
         if recipe.fallback and (int8_passed or not int8_failed):
             continue
-        if recipe.after_failure_of and not all(
+        if (must_fail := recipe.after_failure_of + recipe.when_failed) and not all(
             (c := by_name.get(name)) is not None and c.path is not None and not c.passed
-            for name in recipe.after_failure_of
+            for name in must_fail
         ):
             continue
         cand = _Candidate(recipe)

@@ -35,6 +35,9 @@ class Recipe:
     runtime: RuntimeChoice = field(default_factory=RuntimeChoice)
     # Built only when every one of these recipes was built and failed the gate (accuracy-aware search).
     after_failure_of: tuple[str, ...] = ()
+    # Built only when every one of these recipes was built and failed the gate, with no search
+    # around it: a variant that gives up some speed for accuracy, not worth its build otherwise.
+    when_failed: tuple[str, ...] = ()
     # A retrained network (pruned, distilled) the steps start from instead of the source; ``origin``
     # names it (see compiler/retrain). The path is one compile's work file, so it is not compared.
     start_from: Path | None = field(default=None, compare=False)
@@ -88,6 +91,7 @@ CPU_INT8 = [
                      op_types=COMPUTE_OPS)),
         "int8",
         summary="int8 for convolutions and matmuls only; norms, activations and elementwise ops stay float",
+        when_failed=("int8-qdq-perchannel-minmax",),
     ),
     _int8("int8-qdq-perchannel-percentile", quant_format="qdq", per_channel=True, calibration="percentile"),
     _int8("int8-qoperator-perchannel-minmax", quant_format="qoperator", per_channel=True, calibration="minmax"),

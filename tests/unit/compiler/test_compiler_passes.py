@@ -244,3 +244,20 @@ def test_compute_ops_recipe_leaves_everything_else_in_float(tmp_path: Path, conv
     assert "GlobalAveragePool" in dequantized_inputs("int8-qdq-perchannel-minmax")  # onnxruntime's default set
     compute = dequantized_inputs("int8-qdq-perchannel-compute")
     assert {"Conv", "Gemm"} <= compute and "GlobalAveragePool" not in compute, compute
+
+
+def test_compute_ops_candidate_is_built_only_when_default_int8_fails(
+    tmp_path: Path, mlp: dict[str, Path], outlier: dict[str, Path]
+) -> None:
+    from model_factory import local_hardware_class
+
+    both = ("int8-qdq-perchannel-minmax", "int8-qdq-perchannel-compute")
+    built = {}
+    for name, fixture, budget in (("mlp", mlp, 0.99), ("outlier", outlier, 0.999)):
+        spec = CompileSpec(model=fixture["model"], target=local_hardware_class(), calib=fixture["calib"],
+                           budget=budget, recipes=both, measure="estimate", out=tmp_path / name, use_cache=False)
+        report = compile_model(spec)
+        rows = {c["recipe"]: c for c in report.candidates}
+        built[name] = "int8-qdq-perchannel-compute" in rows
+        assert rows["int8-qdq-perchannel-minmax"]["passed_gate"] is (name == "mlp"), rows
+    assert built == {"mlp": False, "outlier": True}
