@@ -118,6 +118,9 @@ CPU_INT8 = [
         "mixed",
         fallback=True,
         summary="full int8 failed the gate: keep the most sensitive nodes in float",
+        # The search starts from this build, so whether it can pay is judged on this build alone
+        # (a faster compute-ops-only build that failed too says nothing about this one).
+        after_failure_of=("int8-qdq-perchannel-minmax",),
     ),
 ]
 
