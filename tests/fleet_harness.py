@@ -25,22 +25,34 @@ HEARTBEAT_S = 0.3
 # Ports handed out come from below the kernel's ephemeral range (32768-60999 by default), so an
 # outgoing connection made between picking a port and a daemon binding it cannot take it, and each
 # pytest-xdist worker draws from its own slice, so two workers never pick the same port.
-_PORT_LOW, _PORT_HIGH = 20000, 32768
 _handed_out: set[int] = set()
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _port_slice() -> range:
+    high = min(32768, _ephemeral_low())
+    low = 20000 if high - 20000 >= 4000 else min(high, max(1024, high - 8000))
     count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-    width = (_PORT_HIGH - _PORT_LOW) // count
-    start = _PORT_LOW + (index % count) * width
+    width = (high - low) // count
+    start = low + (index % count) * width
     return range(start, start + width)
 
 
 def free_port() -> int:
     """A localhost port nothing listens on, not handed out before in this process."""
     ports = _port_slice()
+    if len(ports) < 100:  # the kernel hands out (nearly) every port itself: let it pick one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
     offset = random.randrange(len(ports))
     for i in range(len(ports)):
         port = ports[(offset + i) % len(ports)]
