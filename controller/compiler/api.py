@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgefleet.controller.compiler import cache as cache_mod
+from edgefleet.controller.compiler import onnx_graph
 from edgefleet.controller.compiler import retrain as retrain_mod
 from edgefleet.controller.compiler.data import Dataset, load_npz, read_npz, split_holdout, synthetic
 from edgefleet.controller.compiler.errors import CompileError
@@ -1091,7 +1092,7 @@ def _op_types(source: SourceModel) -> set[str]:
         return set()
     import onnx
 
-    return {n.op_type for n in onnx.load(str(source.path), load_external_data=False).graph.node}
+    return {n.op_type for n in onnx_graph.all_nodes(onnx.load(str(source.path), load_external_data=False).graph)}
 
 
 def _manifest(

@@ -21,6 +21,20 @@ def save(model: Any, path: Path) -> Path:
     return path
 
 
+def all_nodes(graph: Any) -> list[Any]:
+    """Every node of a graph and of the subgraphs inside it (If branches, Loop and Scan bodies):
+    exporters wrap whole networks in control flow (Silero VAD's LSTM sits two Ifs deep)."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out.extend(all_nodes(attr.g))
+            for sub in attr.graphs:
+                out.extend(all_nodes(sub))
+    return out
+
+
 def opset_of(model: Any) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 

@@ -139,6 +139,7 @@ class StaticInt8(Pass["StaticInt8.Params"]):
             f"{act}/{wt}{', reduce_range' if rr else ''})"
         )
         source = onnx_graph.load(model)
+        _require_quantizable(source, p.op_types)
         if onnx_graph.flatten_gemm_bias(source):
             model = onnx_graph.save(source, ctx.new_path(f"{tag}-gemm-bias"))
         try:
@@ -166,3 +167,18 @@ class StaticInt8(Pass["StaticInt8.Params"]):
         ):
             raise PassError("nothing was quantized (no op onnxruntime can quantize); the float model stays")
         return out
+
+
+def _require_quantizable(model: Any, op_types: tuple[str, ...]) -> None:
+    """Fail before calibrating when no node of the main graph is of a type onnxruntime quantizes
+    statically: it does not quantize inside If/Loop bodies, so a network wrapped in control flow
+    (Silero VAD) has nothing to quantize, and its histogram calibrators would fail on the empty set."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    kinds = set(op_types) or set(QDQRegistry) | set(QLinearOpsRegistry)
+    present = {n.op_type for n in model.graph.node}
+    if present & kinds:
+        return
+    nested = {n.op_type for n in onnx_graph.all_nodes(model.graph)} - present
+    where = " (the network is inside If/Loop bodies, which onnxruntime does not quantize)" if nested & kinds else ""
+    raise PassError(f"nothing was quantized (no op onnxruntime can quantize){where}; the float model stays")
