@@ -165,8 +165,11 @@ class StaticInt8(Pass["StaticInt8.Params"]):
             n.op_type in ("QuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm")
             for n in onnx_graph.load(out).graph.node
         ):
-            raise PassError("nothing was quantized (no op onnxruntime can quantize); the float model stays")
+            raise PassError(f"{_NOTHING_QUANTIZED}; the float model stays")
         return out
+
+
+_NOTHING_QUANTIZED = "nothing was quantized (no op onnxruntime can quantize)"
 
 
 def _require_quantizable(model: Any, op_types: tuple[str, ...]) -> None:
@@ -181,4 +184,4 @@ def _require_quantizable(model: Any, op_types: tuple[str, ...]) -> None:
         return
     nested = {n.op_type for n in onnx_graph.all_nodes(model.graph)} - present
     where = " (the network is inside If/Loop bodies, which onnxruntime does not quantize)" if nested & kinds else ""
-    raise PassError(f"nothing was quantized (no op onnxruntime can quantize){where}; the float model stays")
+    raise PassError(f"{_NOTHING_QUANTIZED}{where}; the float model stays")
