@@ -506,6 +506,13 @@ class Store(abc.ABC):
         """Store new points in one transaction; returns, per point, False when (device, seq) was
         already stored (a duplicate: nothing written). Marks the touched minutes for rollup."""
 
+    def ingest_telemetry_now(self, points: list[TelemetryPoint]) -> list[bool] | None:
+        """`ingest_telemetry` on the calling thread if that needs no waiting for another writer, else
+        None (nothing written). The ingest calls it on the event loop: a write in a worker thread
+        beside a busy loop waits for the GIL at every release, often for seconds (see SQLiteStore).
+        A store whose writes always wait on the network returns None."""
+        return None
+
     @abc.abstractmethod
     def telemetry_window(
         self, device_id: str, start_ms: int, end_ms: int | None = None

@@ -641,6 +641,50 @@ def test_sqlite_reopen_keeps_everything_and_uses_wal(tmp_path: Path) -> None:
     second.close()
 
 
+def test_sqlite_ingest_now_writes_only_when_no_writer_holds_the_store(tmp_path: Path) -> None:
+    """The ingest's on-loop write: done at once when the store is free, refused (None, nothing
+    written) while another process's writer or another thread of this one holds it."""
+    store, other = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "s.db")
+    with other._tx():  # another process's transaction: its file lock
+        assert store.ingest_telemetry_now([point(1)]) is None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._tx():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    assert store.ingest_telemetry_now([point(1)]) is None  # this process's writer thread
+    release.set()
+    holder.join()
+    assert store.telemetry_window("dev-1", 0) == []
+    assert store.ingest_telemetry_now([point(1), point(1), point(2)]) == [True, False, True]
+    assert store.ingest_telemetry_now([point(2), point(3)]) == [False, True]
+    assert [p.seq for p in other.telemetry_window("dev-1", 0)] == [1, 2, 3]
+    with other._tx():  # the file lock was released: another writer gets it
+        pass
+    store.close()
+    other.close()
+
+
+def test_sqlite_bulk_ingest_splits_at_the_variable_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups bigger than one statement's bound parameters take several statements, all of a piece."""
+    from edgefleet.controller.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_variable_limit", lambda db: 30)  # 2 rows of 14, 15 of 2
+    store = SQLiteStore(tmp_path / "s.db")
+    points = [point(seq, device_id=f"dev-{d}", end_ms=NOW + seq * 20_000) for d in range(3) for seq in range(1, 12)]
+    assert store.ingest_telemetry(points[:7]) == [True] * 7
+    assert store.ingest_telemetry(points) == [False] * 7 + [True] * 26
+    assert sum(len(store.telemetry_window(f"dev-{d}", 0)) for d in range(3)) == 33
+    assert all(len(p.models) == 2 for p in store.telemetry_window("dev-2", 0))
+    assert sum(marks for _, _, marks in store.dirty_rollups()) == 33
+    store.close()
+
+
 # -- PostgreSQL only ---------------------------------------------------------------------------
 def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
     sqlite = open_store(tmp_path / "c.db")

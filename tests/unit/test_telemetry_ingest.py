@@ -75,6 +75,29 @@ def test_duplicates_are_acked_but_stored_once(ingest) -> None:  # type: ignore[n
     assert value(registry, "edgefleet_telemetry_batches_total", result="duplicate") == 2
 
 
+def test_groups_are_written_on_the_loop_unless_another_writer_holds_the_store(ingest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    service, store, registry = ingest
+    run(service, [("d1", batch(1))])
+    assert value(registry, "edgefleet_telemetry_group_writes_total", path="loop") == 1
+    other = SQLiteStore(tmp_path / "c.db")  # another worker process, mid-write
+
+    async def write_while_held() -> list[fleet_pb2.TelemetryAck]:
+        acks: list[fleet_pb2.TelemetryAck] = []
+        service.submit("d1", batch(2), acks.append)
+        with other._tx():
+            flush = asyncio.ensure_future(service.flush())
+            await asyncio.sleep(0.2)
+            assert acks == []  # waiting for the lock, in a thread: the loop goes on
+        await flush
+        return acks
+
+    acks = asyncio.run(write_while_held())
+    assert [list(a.seqs) for a in acks] == [[2]]
+    assert value(registry, "edgefleet_telemetry_group_writes_total", path="thread") == 1
+    assert [p.seq for p in store.telemetry_window("d1", 0)] == [1, 2]
+    other.close()
+
+
 @pytest.mark.parametrize(
     "mutate,reason",
     [
